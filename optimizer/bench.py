@@ -1,0 +1,94 @@
+"""Latency of one dense denoising step (the transformer call, CFG batch included).
+
+Warm-up first, then `bench.repeats` timed calls; CUDA events on a GPU, perf_counter on the
+CPU; the median is the number; peak GPU memory is read after the timed calls. Later stages
+(compiled, Astraea, peers) add their rows to the same report format.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import trange
+
+from .conditioning import encode_prompt
+from .config import RunConfig
+from .families import LoadedModel
+from .io import atomic_file, write_json
+from .sampling import make_inputs
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@torch.no_grad()
+def dense_step(cfg: RunConfig, model: LoadedModel, progress: bool = True) -> dict:
+    s, dev = cfg.sampling, model.device
+    prompt = encode_prompt(model, s.prompts[0], None)
+    negative = encode_prompt(model, s.negative_prompt, None)
+    inputs = make_inputs(model, cfg.video, s, prompt, negative, s.seeds[0])
+    timesteps = model.family.set_timesteps(model.scheduler, s.steps, dev)
+    static = model.family.static_inputs(model, cfg.video, s)
+    x = inputs.noise.to(dev, model.dtype)
+    x = torch.cat([x, x]) if inputs.cfg else x
+    kwargs = model.family.model_inputs(x, timesteps[0], inputs.cond, static)
+
+    def call():
+        return model.transformer(**kwargs)[0]
+
+    for _ in trange(cfg.bench.warmup, desc="warm-up", disable=not progress):
+        call()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in trange(cfg.bench.repeats, desc="timed", disable=not progress):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = call()
+            end.record()
+            torch.cuda.synchronize(dev)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            out = call()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if not torch.isfinite(out).all():
+        raise RuntimeError("the dense step produced non-finite values")
+    layout = model.family.token_layout(dict(model.transformer.config), cfg.video, model.text_length)
+    return {
+        "config": cfg.name, "family": cfg.model.family, "source": model.identity["source"],
+        "device": device_name(dev), "torch": torch.__version__, "dtype": cfg.model.dtype,
+        "video": f"{cfg.video.width}x{cfg.video.height}x{cfg.video.frames}", "batch": x.shape[0],
+        "video_tokens": layout.video_tokens, "text_tokens": model.text_length,
+        "params": sum(p.numel() for p in model.transformer.parameters()),
+        "warmup": cfg.bench.warmup, "repeats": cfg.bench.repeats, "step_ms": times,
+        "median_ms": statistics.median(times),
+        "peak_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+    }
+
+
+def markdown(reports: list[dict]) -> str:
+    head = "| config | device | video (WxHxF) | tokens | batch | dtype | median step (ms) | peak (GiB) |\n|---|---|---|---|---|---|---|---|\n"
+    rows = []
+    for r in reports:
+        peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.1f}"
+        rows.append(
+            f"| {r['config']} | {r['device']} | {r['video']} | {r['video_tokens']} | {r['batch']} | {r['dtype']} "
+            f"| {r['median_ms']:.1f} | {peak} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def write_report(report: dict, folder: Path) -> None:
+    write_json(folder / "dense-step.json", report)
+    with atomic_file(folder / "dense-step.md") as fh:
+        fh.write(markdown([report]))

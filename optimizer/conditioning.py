@@ -1,0 +1,42 @@
+"""Prompt conditioning: the checkpoint's own text encoder (cached on disk) or pseudo-embeddings.
+
+Without a text encoder (presets, transformer-only checkpoints) every prompt maps to a
+deterministic pseudo-embedding (families/base.py): same prompt, same tensor; different
+prompts differ. With a full checkpoint the family's diffusers pipeline encodes the prompt
+and the result is cached under the run folder, keyed by encoder weights, prompt and length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from .families import Conditioning, LoadedModel
+from .families.base import fingerprint_weights
+from .io import atomic_file, stable_hash
+
+
+def _encoder_identity(model: LoadedModel) -> str:
+    te = getattr(model.pipeline, "text_encoder", None)
+    folder = Path(getattr(getattr(te, "config", None), "_name_or_path", "") or "")
+    return fingerprint_weights(folder) if folder.is_dir() else model.identity["source"]
+
+
+def encode_prompt(model: LoadedModel, prompt: str, cache_dir: Path | None) -> Conditioning:
+    """One prompt -> Conditioning with batch 1, on the model's device and dtype."""
+    config = dict(model.transformer.config)
+    if model.pipeline is None:
+        cond = model.family.pseudo_condition(prompt, config, model.text_length)
+        return cond.to(model.device, model.dtype)
+    key = stable_hash([model.family.name, _encoder_identity(model), prompt, model.text_length, str(model.dtype)])
+    path = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        return Conditioning(**load_file(str(path))).to(model.device, model.dtype)
+    with torch.no_grad():
+        cond = model.family.encode(model.pipeline, [prompt], model.text_length, model.device)
+    if path is not None:
+        with atomic_file(path, "wb") as fh:
+            fh.write(save({k: v.detach().cpu().contiguous() for k, v in cond.tensors().items()}))
+    return cond.to(model.device, model.dtype)

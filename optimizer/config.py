@@ -1,0 +1,250 @@
+"""model.yaml -> RunConfig (frozen dataclasses), with every problem reported by its key path.
+
+The schema is the dataclasses below: a field's type, default and `spec(...)` metadata
+(range, choices, doc) are the whole rule set, checked generically by `_build`. Rules that
+need the model family (frame counts, strides, schedulers) are the adapter's `validate`.
+The README's model.yaml reference documents the same fields key by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DTYPES = ("bf16", "fp16", "fp32")
+BACKENDS = ("eager", "inductor", "aoti", "tensorrt")
+
+
+def spec(default: Any = dataclasses.MISSING, *, lo=None, hi=None, choices=None, doc: str = "", **kw):
+    """A dataclass field carrying its validation rule (lo/hi inclusive bounds, choices)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "doc": doc}
+    if isinstance(default, (list, tuple, dict)):
+        return field(default_factory=lambda: default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str = spec(doc="model family: wan | hunyuan_video | cogvideox")
+    preset: str | None = spec(None, doc="a preset name: random weights at that model's real size, or a tiny one")
+    checkpoint: str | None = spec(None, doc="a local diffusers checkpoint folder (with transformer/)")
+    dtype: str = spec("bf16", choices=DTYPES, doc="weights and activations dtype")
+    device: str = spec("auto", doc="auto | cpu | cuda | cuda:N | meta")
+    weights_seed: int = spec(0, lo=0, doc="seed of the random weights of a preset")
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    frames: int = spec(lo=1, doc="frames of the decoded video")
+    height: int = spec(lo=8, doc="pixels")
+    width: int = spec(lo=8, doc="pixels")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    steps: int = spec(50, lo=1, hi=1000, doc="denoising steps")
+    guidance: float = spec(5.0, lo=1.0, hi=50.0, doc="classifier-free guidance scale; 1 = no CFG batch")
+    embedded_guidance: float | None = spec(None, lo=0.0, hi=50.0, doc="HunyuanVideo's distilled guidance")
+    scheduler: str = spec("default", doc="default | flow_match_euler | unipc | cogvideox_ddim | cogvideox_dpm")
+    shift: float | None = spec(None, lo=0.0, hi=100.0, doc="flow shift of flow-matching schedulers")
+    seeds: tuple[int, ...] = spec((0,), doc="one sample per prompt and seed")
+    prompts: tuple[str, ...] = spec((), doc="prompts (or prompt_file)")
+    prompt_file: str | None = spec(None, doc="text file, one prompt a line, relative to model.yaml")
+    negative_prompt: str = spec("", doc="negative prompt of the CFG branch")
+    text_length: int | None = spec(None, lo=1, hi=4096, doc="text tokens (default: the family's)")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    budget: float | None = spec(None, lo=0.0, hi=1.0, doc="mean token budget over the steps")
+    speedup: float | None = spec(None, lo=1.0, hi=100.0, doc="target speedup over the dense model")
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    population: int = spec(50, lo=2, hi=10000)
+    children: int = spec(30, lo=1, hi=10000, doc="children a generation")
+    generations: int = spec(30, lo=0, hi=10000)
+    levels: int = spec(11, lo=2, hi=101, doc="budget levels 0, 1/(levels-1), ..., 1")
+    mutation_start: float = spec(0.1, lo=0.0, hi=1.0)
+    mutation_end: float = spec(0.01, lo=0.0, hi=1.0)
+    repair_low: float = spec(0.9, lo=0.0, hi=1.0, doc="repair into [low, high] x target")
+    repair_high: float = spec(1.1, lo=1.0, hi=10.0)
+    seed: int = spec(0, lo=0)
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    backend: str = spec("inductor", choices=BACKENDS)
+    precision: str = spec("model", choices=("model",) + DTYPES, doc="engine precision; model = model.dtype")
+    output: str | None = spec(None, doc="run folder (default runs/<config name>), relative to the cwd")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    warmup: int = spec(2, lo=0, hi=1000)
+    repeats: int = spec(5, lo=1, hi=10000)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSpec
+    video: VideoSpec
+    sampling: SamplingSpec
+    target: TargetSpec
+    search: SearchSpec
+    build: BuildSpec
+    bench: BenchSpec
+    name: str = "run"  # the config file's stem
+    source: str = ""  # the config file's path
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.build.output or f"runs/{self.name}")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec,
+    "video": VideoSpec,
+    "sampling": SamplingSpec,
+    "target": TargetSpec,
+    "search": SearchSpec,
+    "build": BuildSpec,
+    "bench": BenchSpec,
+}
+
+
+def _nearest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f"; valid: {', '.join(valid)}"
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(path: str, tp: Any, value: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(path, inner, value, meta)
+    if origin is tuple:
+        (inner, _) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [value]
+        return tuple(_coerce(f"{path}[{i}]", inner, v, meta) for i, v in enumerate(items))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(path, f"expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(path, f"{value!r} is not one of {', '.join(meta['choices'])}")
+    if meta.get("lo") is not None and value < meta["lo"]:
+        raise ConfigError(path, f"{value} is below the minimum {meta['lo']}")
+    if meta.get("hi") is not None and value > meta["hi"]:
+        raise ConfigError(path, f"{value} is above the maximum {meta['hi']}")
+    return value
+
+
+def _build(cls: type, raw: Any, path: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{path}.{key}", f"unknown key{_nearest(str(key), fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _coerce(f"{path}.{name}", hints[name], raw[name], dict(f.metadata))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}.{name}", "is required")
+    return cls(**values)
+
+
+def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
+    m, s, t, se = cfg.model, cfg.sampling, cfg.target, cfg.search
+    if (m.preset is None) == (m.checkpoint is None):
+        raise ConfigError("model", "set exactly one of preset (random weights) and checkpoint (a local folder)")
+    if m.device not in ("auto", "cpu", "meta", "cuda") and not (
+        m.device.startswith("cuda:") and m.device[5:].isdigit()
+    ):
+        raise ConfigError("model.device", f"{m.device!r} is not one of auto, cpu, cuda, cuda:N, meta")
+    if m.checkpoint is not None:
+        ckpt = (base / m.checkpoint).expanduser()
+        if not (ckpt / "transformer" / "config.json").is_file():
+            raise ConfigError("model.checkpoint", f"{ckpt} is not a diffusers checkpoint folder (no transformer/config.json)")
+        m = dataclasses.replace(m, checkpoint=str(ckpt.resolve()))
+    if s.prompt_file is not None:
+        if s.prompts:
+            raise ConfigError("sampling", "set prompts or prompt_file, not both")
+        pf = base / s.prompt_file
+        if not pf.is_file():
+            raise ConfigError("sampling.prompt_file", f"{pf} does not exist")
+        prompts = tuple(line.strip() for line in pf.read_text().splitlines() if line.strip())
+        s = dataclasses.replace(s, prompts=prompts, prompt_file=str(pf.resolve()))
+    if not s.prompts:
+        raise ConfigError("sampling.prompts", "give at least one prompt (or a non-empty prompt_file)")
+    if not s.seeds or len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
+        raise ConfigError("sampling.seeds", "give one or more distinct seeds >= 0")
+    if t.budget is not None and t.speedup is not None:
+        raise ConfigError("target", "set budget or speedup, not both")
+    if t.budget == 0.0:
+        raise ConfigError("target.budget", "must be above 0 (the first step is always dense)")
+    if se.mutation_end > se.mutation_start:
+        raise ConfigError("search.mutation_end", "must not exceed search.mutation_start")
+    if se.children > se.population:
+        raise ConfigError("search.children", "must not exceed search.population")
+    return dataclasses.replace(cfg, model=m, sampling=s)
+
+
+def from_dict(raw: Any, *, name: str = "run", source: str = "", base: Path | None = None) -> RunConfig:
+    """Validate a parsed model.yaml; raises ConfigError naming the first bad key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"model.yaml must be a mapping with sections {', '.join(SECTIONS)}")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(str(key), f"unknown section{_nearest(str(key), SECTIONS)}")
+    for required in ("model", "video"):
+        if required not in raw:
+            raise ConfigError(required, "section is required")
+    sections = {key: _build(cls, raw.get(key), key) for key, cls in SECTIONS.items()}
+    cfg = RunConfig(**sections, name=name, source=source)
+    cfg = _check_cross_fields(cfg, base or Path.cwd())
+    from .families import get_family  # families import config types; import late
+
+    get_family(cfg.model.family, path="model.family").validate(cfg)
+    return cfg
+
+
+def load(path: str | Path) -> RunConfig:
+    """Read and validate a model.yaml file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("", f"{p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return from_dict(raw, name=p.stem, source=str(p.resolve()), base=p.parent)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """The validated config as plain data (for hashing and for the run folder's record)."""
+    return dataclasses.asdict(cfg)

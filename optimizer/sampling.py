@@ -1,0 +1,71 @@
+"""The denoising loop every stage shares: the family's scheduler, CFG as one batch of two.
+
+`denoise` takes any transformer-shaped callable, so the dense reference, the search's
+rewritten graphs and the compiled engines all run through the same loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import SamplingSpec, VideoSpec
+from .families import Conditioning, LoadedModel
+
+
+@dataclass
+class SampleInputs:
+    """What one sample needs besides the model: its noise and its (CFG-batched) conditioning."""
+
+    noise: torch.Tensor  # (1, *latent_shape), float32, before init_noise_sigma
+    cond: Conditioning  # batch 2 ([negative, prompt]) under CFG, else batch 1
+    cfg: bool
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Seeded noise drawn on the CPU, so a seed gives the same latents on every device."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((1, *shape), generator=g, dtype=torch.float32)
+
+
+def make_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, prompt: Conditioning,
+                negative: Conditioning, seed: int) -> SampleInputs:
+    layout = model.family.token_layout(dict(model.transformer.config), video, model.text_length)
+    cfg = sampling.guidance > 1.0
+    cond = Conditioning.cat([negative, prompt]) if cfg else prompt
+    return SampleInputs(initial_noise(layout.latent_shape, seed), cond, cfg)
+
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, timestep, latents after the step)
+
+
+@torch.no_grad()
+def denoise(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, inputs: SampleInputs,
+            transformer: Callable | None = None, on_step: StepHook | None = None) -> torch.Tensor:
+    """Run all steps from the noise; returns the final latents (float32, family layout)."""
+    family, scheduler = model.family, model.scheduler
+    transformer = transformer or model.transformer
+    timesteps = family.set_timesteps(scheduler, sampling.steps, model.device)
+    static = family.static_inputs(model, video, sampling)
+    latents = inputs.noise.to(model.device) * getattr(scheduler, "init_noise_sigma", 1.0)
+    if family.latents_in_model_dtype:
+        latents = latents.to(model.dtype)
+    state: dict = {"timesteps": timesteps}
+    for i, t in enumerate(timesteps):
+        state["i"] = i
+        x = torch.cat([latents, latents]) if inputs.cfg else latents
+        if hasattr(scheduler, "scale_model_input"):
+            x = scheduler.scale_model_input(x, t)
+        kwargs = family.model_inputs(x.to(model.dtype), t, inputs.cond, static)
+        pred = transformer(**kwargs)[0].float()
+        if inputs.cfg:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + sampling.guidance * (cond - uncond)
+        latents = family.scheduler_step(scheduler, pred, t, latents, state)
+        if family.latents_in_model_dtype:
+            latents = latents.to(model.dtype)
+        if on_step is not None:
+            on_step(i, t, latents)
+    return latents.float()
