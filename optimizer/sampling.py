@@ -22,12 +22,20 @@ class SampleInputs:
     noise: torch.Tensor  # (1, *latent_shape), float32, before init_noise_sigma
     cond: Conditioning  # batch 2 ([negative, prompt]) under CFG, else batch 1
     cfg: bool
+    rng_state: torch.Tensor  # the CPU generator after the noise draw: stochastic schedulers continue it
+
+    def generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.set_state(self.rng_state)
+        return g
 
 
-def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Seeded noise drawn on the CPU, so a seed gives the same latents on every device."""
+def initial_noise(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded noise drawn on the CPU (as diffusers' pipelines draw it from a CPU generator), so a
+    seed gives the same latents on every device. Returns (noise, generator state after it)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn((1, *shape), generator=g, dtype=torch.float32)
+    noise = torch.randn((1, *shape), generator=g, dtype=torch.float32)
+    return noise, g.get_state()
 
 
 def make_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, prompt: Conditioning,
@@ -35,7 +43,8 @@ def make_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, pr
     layout = model.family.token_layout(dict(model.transformer.config), video, model.text_length)
     cfg = sampling.guidance > 1.0
     cond = Conditioning.cat([negative, prompt]) if cfg else prompt
-    return SampleInputs(initial_noise(layout.latent_shape, seed), cond, cfg)
+    noise, rng_state = initial_noise(layout.latent_shape, seed)
+    return SampleInputs(noise, cond, cfg, rng_state)
 
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, timestep, latents after the step)
@@ -52,7 +61,7 @@ def denoise(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, inputs
     latents = inputs.noise.to(model.device) * getattr(scheduler, "init_noise_sigma", 1.0)
     if family.latents_in_model_dtype:
         latents = latents.to(model.dtype)
-    state: dict = {"timesteps": timesteps}
+    state: dict = {"timesteps": timesteps, "generator": inputs.generator()}
     for i, t in enumerate(timesteps):
         state["i"] = i
         x = torch.cat([latents, latents]) if inputs.cfg else latents

@@ -113,7 +113,8 @@ class CogVideoX(Family):
         if not isinstance(scheduler, CogVideoXDPMScheduler):
             return scheduler.step(pred, t, latents, return_dict=False)[0]
         i, timesteps = state["i"], state["timesteps"]
-        latents, state["old_pred"] = scheduler.step(
-            pred, state.get("old_pred"), t, timesteps[i - 1] if i > 0 else None, latents, return_dict=False
+        latents, state["old_pred"] = scheduler.step(  # stochastic: noise from the sample's generator
+            pred, state.get("old_pred"), t, timesteps[i - 1] if i > 0 else None, latents,
+            generator=state["generator"], return_dict=False,
         )
         return latents

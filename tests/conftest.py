@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny configs per family (diffusers' pattern: tiny model x feature tests)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from astraea import config
+
+TINY = {
+    "wan": "tiny",
+    "cogvideox": "tiny",
+    "cogvideox-rotary": "tiny-rotary",
+    "hunyuan_video": "tiny",
+}
+
+
+def tiny_raw(family: str = "wan", preset: str = "tiny", **sections) -> dict:
+    """A complete, valid model.yaml as a dict for a tiny preset; `sections` override per key."""
+    raw = {
+        "model": {"family": family, "preset": preset, "dtype": "fp32", "device": "cpu"},
+        "video": {"frames": 9, "height": 32, "width": 48},
+        "sampling": {"steps": 3, "guidance": 4.0, "seeds": [0], "prompts": ["a red circle moving left"]},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return copy.deepcopy(raw)
+
+
+def tiny_config(family: str = "wan", preset: str = "tiny", **sections) -> config.RunConfig:
+    return config.from_dict(tiny_raw(family, preset, **sections))
+
+
+@pytest.fixture(params=sorted(TINY))
+def family_preset(request) -> tuple[str, str]:
+    name = request.param
+    return name.split("-")[0], TINY[name]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run through the device tool)")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT, which cannot be installed in this environment")
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "trt" in item.keywords and not has_trt:
+            item.add_marker(skip_trt)
