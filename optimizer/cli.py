@@ -25,9 +25,21 @@ Stages 4-6 are not in this release; the build stops after the reference.
 """
 
 
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, body: Callable) -> int:
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=f"{prog}: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=f"{prog}: %(message)s", force=True)
+    if args.quiet:
+        _quiet_libraries()
     try:
         body(args)
         return 0

@@ -61,7 +61,7 @@ def load_model(cfg: RunConfig) -> LoadedModel:
 
     ckpt = Path(cfg.model.checkpoint)
     try:
-        transformer = family.model_class.from_pretrained(ckpt, subfolder="transformer", torch_dtype=dtype)
+        transformer = family.model_class.from_pretrained(ckpt, subfolder="transformer", dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise AstraeaError(f"model.checkpoint: cannot load {ckpt / 'transformer'}: {str(e).splitlines()[0]}") from e
     transformer = transformer.to(device).eval().requires_grad_(False)
@@ -71,7 +71,7 @@ def load_model(cfg: RunConfig) -> LoadedModel:
     if (ckpt / "model_index.json").is_file() and (ckpt / "text_encoder").is_dir():
         pipe_cls = getattr(diffusers, family.pipeline_class)
         try:
-            pipe = pipe_cls.from_pretrained(ckpt, transformer=transformer, scheduler=scheduler, torch_dtype=dtype)
+            pipe = pipe_cls.from_pretrained(ckpt, transformer=transformer, scheduler=scheduler, dtype=dtype)
         except (OSError, ValueError, RuntimeError, TypeError) as e:
             raise AstraeaError(f"model.checkpoint: cannot load the {family.pipeline_class} in {ckpt}: {str(e).splitlines()[0]}") from e
         pipe.to(device)

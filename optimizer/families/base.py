@@ -185,7 +185,11 @@ class Family:
     def model_config(self, cfg: RunConfig) -> dict:
         if cfg.model.preset is not None:
             return self.preset(cfg.model.preset).config
-        return json.loads((Path(cfg.model.checkpoint) / "transformer" / "config.json").read_text())
+        path = Path(cfg.model.checkpoint) / "transformer" / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError("model.checkpoint", f"{path} is not valid JSON ({e}); re-export the checkpoint") from None
 
     def default_text_length(self, config: dict) -> int:
         raise NotImplementedError

@@ -1,0 +1,94 @@
+"""`astraea-build` / `astraea-bench`: exit codes, one-line errors, --debug tracebacks, --help."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from astraea.cli import bench_main, build_main
+from conftest import tiny_raw
+
+
+def _write(tmp_path, raw, name="model.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_build_runs_and_reuses(tmp_path, capsys):
+    path = _write(tmp_path, tiny_raw())
+    out = tmp_path / "run"
+    assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
+    assert "dense reference written" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["model"]["family"] == "wan"
+    assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
+    assert "dense reference reused" in capsys.readouterr().err
+
+
+def test_output_folder_from_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, tiny_raw(build={"output": "elsewhere"}), "mine.yaml")
+    assert build_main([str(path), "--quiet"]) == 0
+    assert (tmp_path / "elsewhere" / "config.json").is_file()
+    path = _write(tmp_path, tiny_raw(), "mine.yaml")
+    assert build_main([str(path), "--quiet"]) == 0
+    assert (tmp_path / "runs" / "mine" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        (tiny_raw(video={"frames": 10}), "astraea-build: error: video.frames: wan needs frames = 4k+1"),
+        (tiny_raw(sampling={"stpes": 3}), "astraea-build: error: sampling.stpes: unknown key (did you mean 'steps'?)"),
+    ],
+)
+def test_bad_config_is_one_line_exit_2(tmp_path, capsys, raw, words):
+    path = _write(tmp_path, raw)
+    assert build_main([str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == words or err.startswith(words)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written for an invalid config
+
+
+def test_missing_file(tmp_path, capsys):
+    assert build_main([str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_debug_raises(tmp_path):
+    path = _write(tmp_path, tiny_raw(video={"frames": 10}))
+    with pytest.raises(Exception, match="video.frames"):
+        build_main([str(path), "--debug"])
+
+
+def test_help_describes_every_stage(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for stage in ("validate", "load", "reference", "search", "rewrite", "compile"):
+        assert stage in text
+
+
+def test_bench_writes_report(tmp_path, capsys):
+    path = _write(tmp_path, tiny_raw(bench={"warmup": 1, "repeats": 3}))
+    assert bench_main([str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "run" / "bench" / "dense-step.json").read_text())
+    assert len(report["step_ms"]) == 3 and report["batch"] == 2 and report["video_tokens"] == 3 * 2 * 3
+    assert report["median_ms"] > 0
+    assert "| config | device |" in capsys.readouterr().out
+    assert (tmp_path / "run" / "bench" / "dense-step.md").read_text().count("\n") == 3
+
+
+def test_console_script_in_a_fresh_process(tmp_path):
+    exe = shutil.which("astraea-build") or str(__import__("pathlib").Path(sys.executable).parent / "astraea-build")
+    path = _write(tmp_path, tiny_raw(model={"dtype": "fp64"}))
+    proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "astraea-build: error: model.dtype: 'fp64' is not one of bf16, fp16, fp32"
