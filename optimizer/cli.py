@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,8 +97,10 @@ def _bench(args) -> None:
 
     cfg = config.load(args.config)
     out = args.out or cfg.output_dir
+    start = time.perf_counter()
     model = loader.load_model(cfg)
-    report = bench.dense_step(cfg, model, progress=not args.quiet)
+    load_s = time.perf_counter() - start
+    report = bench.dense_step(cfg, model, progress=not args.quiet) | {"load_s": load_s}
     bench.write_report(report, out / "bench")
     print(bench.markdown([report]))
 

@@ -1,0 +1,47 @@
+"""On a CUDA GPU (device tool): the same samples as on the CPU, and real-size models build there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astraea import loader
+from astraea.conditioning import encode_prompt
+from astraea.families import get_family
+from astraea.sampling import denoise, make_inputs
+from conftest import tiny_config
+
+pytestmark = pytest.mark.gpu
+
+
+def _sample(cfg):
+    model = loader.load_model(cfg)
+    cond = encode_prompt(model, cfg.sampling.prompts[0], None)
+    negative = encode_prompt(model, "", None)
+    return denoise(model, cfg.video, cfg.sampling, make_inputs(model, cfg.video, cfg.sampling, cond, negative, 0)).cpu()
+
+
+def test_cuda_sample_matches_cpu(family_preset):
+    family, preset = family_preset
+    cpu = _sample(tiny_config(family, preset))
+    gpu = _sample(tiny_config(family, preset, model={"device": "cuda"}))
+    err = (gpu - cpu).norm() / cpu.norm()
+    assert err < 1e-2, f"relative error {err:.2e}"  # TF32 convolutions on the GPU
+
+
+def test_bf16_sample_is_finite_and_close(family_preset):
+    family, preset = family_preset
+    ref = _sample(tiny_config(family, preset, model={"device": "cuda"}))
+    bf16 = _sample(tiny_config(family, preset, model={"device": "cuda", "dtype": "bf16"}))
+    assert torch.isfinite(bf16).all()
+    assert (bf16 - ref).norm() / ref.norm() < 0.1
+
+
+@pytest.mark.parametrize("family,preset", [("wan", "wan2.1-t2v-1.3b"), ("cogvideox", "cogvideox-2b")])
+def test_real_size_builds_on_the_device(family, preset):
+    fam = get_family(family)
+    model = fam.build_random(fam.preset(preset), torch.device("cuda"), torch.bfloat16, 0)
+    params = dict(model.named_parameters())
+    assert all(p.is_cuda for p in params.values())
+    weight = next(p for n, p in params.items() if n.endswith("attn1.to_q.weight"))
+    assert weight.dtype == torch.bfloat16 and 0.001 < weight.float().std() < 1  # initialised, not empty
