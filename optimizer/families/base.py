@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, RunConfig, VideoSpec, _nearest
+from .weights import build_random
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -218,20 +219,10 @@ class Family:
 
     # ---- model ---------------------------------------------------------------------------
     def build_random(self, preset: Preset, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-        """Random weights at the preset's size, created directly on `device`.
-
-        Built in fp32 (so buffers and init match a from_pretrained load) and cast parameter by
-        parameter, keeping the class's `_keep_in_fp32_modules` in fp32 as from_pretrained does.
-        """
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = self.model_class.from_config(preset.config)
-        keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if not any(m in name.split(".") for m in keep):
-                    param.data = param.data.to(dtype)
-        return model.eval().requires_grad_(False)
+        """Random weights at the preset's size, created directly on `device`, the same on every
+        device for a seed (families/weights.py); `_keep_in_fp32_modules` stay float32."""
+        keep = tuple(getattr(self.model_class, "_keep_in_fp32_modules", None) or ())
+        return build_random(self.model_class, preset.config, device, dtype, seed, keep).requires_grad_(False)
 
     def make_scheduler(self, name: str, shift: float | None, config: dict, video: VideoSpec):
         raise NotImplementedError
