@@ -64,7 +64,10 @@ def _fill(module: nn.Module, pname: str, shape: torch.Size, full_name: str, seed
     else:
         fan_in = shape[-1] if len(shape) else 1
     values = hashed_uniform(math.prod(shape), _key(seed, full_name), device)
-    return (values / math.sqrt(max(fan_in, 1))).view(shape)
+    # a float32 tensor factor: CUDA turns division by a Python scalar into a multiplication by
+    # its reciprocal, the CPU divides; one float32 product rounds alike on both.
+    scale = torch.tensor(1.0 / math.sqrt(max(fan_in, 1)), dtype=torch.float32, device=device)
+    return (values * scale).view(shape)
 
 
 def build_random(model_class, config: dict, device: torch.device, dtype: torch.dtype, seed: int,
