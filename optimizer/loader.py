@@ -13,6 +13,7 @@ from .config import RunConfig
 from .errors import AstraeaError, ConfigError
 from .families import LoadedModel, get_family
 from .families.base import TORCH_DTYPES, config_hash, fingerprint_weights
+from .families.weights import SCHEME
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def load_model(cfg: RunConfig) -> LoadedModel:
         preset = family.preset(cfg.model.preset)
         transformer = family.build_random(preset, device, dtype, cfg.model.weights_seed)
         identity = {
-            "family": family.name, "source": f"preset:{preset.name}", "weights": f"random:{cfg.model.weights_seed}",
+            "family": family.name, "source": f"preset:{preset.name}", "weights": f"random:{SCHEME}:{cfg.model.weights_seed}",
             "config_hash": config_hash(preset.config),
         }
         return LoadedModel(

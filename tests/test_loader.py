@@ -7,10 +7,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLWan,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    FlowMatchEulerDiscreteScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
 from astraea import config, loader, reference
 from astraea.conditioning import encode_prompt
@@ -21,10 +30,14 @@ from conftest import tiny_raw
 WORDS = "<pad> </s> <unk> a red blue circle square moving left right growing over striped background blurry".split()
 
 
-def _tiny_wan_pipeline() -> WanPipeline:
+def _tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _tiny_wan_pipeline() -> WanPipeline:
+    tokenizer = _tokenizer()
     torch.manual_seed(0)
     te = UMT5EncoderModel(UMT5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
                                      relative_attention_num_buckets=8)).eval()  # no dropout
@@ -40,6 +53,35 @@ def checkpoint(tmp_path_factory):
     pipe = _tiny_wan_pipeline()
     pipe.save_pretrained(folder)
     return folder, pipe
+
+
+def _tiny_cogvideox_pipeline() -> CogVideoXPipeline:
+    torch.manual_seed(0)
+    te = T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=16, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    transformer = CogVideoXTransformer3DModel.from_config(get_family("cogvideox").presets["tiny"].config)
+    scheduler = get_family("cogvideox").make_scheduler("default", None, dict(transformer.config), None)
+    return CogVideoXPipeline(tokenizer=_tokenizer(), text_encoder=te, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
+def test_cogvideox_checkpoint(tmp_path):
+    source = _tiny_cogvideox_pipeline()
+    source.save_pretrained(tmp_path / "ckpt")
+    raw = tiny_raw("cogvideox")
+    raw["model"].pop("preset")
+    raw["model"]["checkpoint"] = str(tmp_path / "ckpt")
+    cfg = config.from_dict(raw)
+    model = loader.load_model(cfg)
+    assert isinstance(model.scheduler, CogVideoXDDIMScheduler) and model.text_length == 16
+    want, _ = source.encode_prompt(["a red circle"], do_classifier_free_guidance=False, max_sequence_length=16)
+    torch.testing.assert_close(encode_prompt(model, "a red circle", None).embeds, want)
+    ref = reference.run(cfg, model, tmp_path / "run", progress=False)
+    strip = np.asarray(Image.open(ref.folder / "frames_p0_s0.png"))
+    assert strip.shape == (cfg.video.height, 8 * cfg.video.width, 3)
 
 
 def _cfg(folder, **sampling):
