@@ -63,7 +63,7 @@ def dense_step(cfg: RunConfig, model: LoadedModel, progress: bool = True) -> dic
             times.append((time.perf_counter() - t0) * 1e3)
     if not torch.isfinite(out).all():
         raise RuntimeError("the dense step produced non-finite values")
-    layout = model.family.token_layout(dict(model.transformer.config), cfg.video, model.text_length)
+    layout = model.layout(cfg.video)
     return {
         "config": cfg.name, "family": cfg.model.family, "source": model.identity["source"],
         "device": device_name(dev), "torch": torch.__version__, "dtype": cfg.model.dtype,

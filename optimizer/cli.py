@@ -74,7 +74,7 @@ def _build(args) -> None:
     out = args.out or cfg.output_dir
     log = logging.getLogger("astraea")
     model = loader.load_model(cfg)
-    layout = model.family.token_layout(dict(model.transformer.config), cfg.video, model.text_length)
+    layout = model.layout(cfg.video)
     log.info("%s %s on %s/%s: latents %s, tokens %s = %d video + %d text",
              cfg.model.family, model.identity["source"], model.device, cfg.model.dtype,
              layout.latent_shape, layout.grid, layout.video_tokens, layout.text_tokens)

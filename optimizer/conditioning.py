@@ -14,28 +14,21 @@ import torch
 from safetensors.torch import load_file, save
 
 from .families import Conditioning, LoadedModel
-from .families.base import fingerprint_weights
 from .io import atomic_file, stable_hash
-
-
-def _encoder_identity(model: LoadedModel) -> str:
-    te = getattr(model.pipeline, "text_encoder", None)
-    folder = Path(getattr(getattr(te, "config", None), "_name_or_path", "") or "")
-    return fingerprint_weights(folder) if folder.is_dir() else model.identity["source"]
 
 
 def encode_prompt(model: LoadedModel, prompt: str, cache_dir: Path | None) -> Conditioning:
     """One prompt -> Conditioning with batch 1, on the model's device and dtype."""
-    config = dict(model.transformer.config)
-    if model.pipeline is None:
-        cond = model.family.pseudo_condition(prompt, config, model.text_length)
+    if model.encoder is None:
+        cond = model.family.pseudo_condition(prompt, dict(model.transformer.config), model.text_length)
         return cond.to(model.device, model.dtype)
-    key = stable_hash([model.family.name, _encoder_identity(model), prompt, model.text_length, str(model.dtype)])
+    encoder_id = model.identity.get("text_encoder", model.identity["weights"])
+    key = stable_hash([model.family.name, encoder_id, prompt, model.text_length, str(model.dtype)])
     path = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         return Conditioning(**load_file(str(path))).to(model.device, model.dtype)
     with torch.no_grad():
-        cond = model.family.encode(model.pipeline, [prompt], model.text_length, model.device)
+        cond = model.encoder([prompt])
     if path is not None:
         with atomic_file(path, "wb") as fh:
             fh.write(save({k: v.detach().cpu().contiguous() for k, v in cond.tensors().items()}))

@@ -11,7 +11,7 @@ import torch
 
 from .config import RunConfig
 from .errors import AstraeaError, ConfigError
-from .families import LoadedModel, get_family
+from .families import Conditioning, LoadedModel, get_family
 from .families.base import TORCH_DTYPES, config_hash, fingerprint_weights
 from .families.weights import SCHEME
 
@@ -50,15 +50,20 @@ def load_model(cfg: RunConfig) -> LoadedModel:
     dtype = TORCH_DTYPES[cfg.model.dtype]
     if cfg.model.preset is not None:
         preset = family.preset(cfg.model.preset)
+        scheduler = _scheduler(cfg, family, preset.config, None)
+        text_length = cfg.sampling.text_length or preset.text_length
+        identity = {"family": family.name, "source": f"preset:{preset.name}", "config_hash": config_hash(preset.config)}
+        if preset.weights is not None:
+            from . import bundled
+
+            transformer, text_encoder, digest = bundled.load(preset, device, dtype)
+            return LoadedModel(
+                family, transformer, scheduler, identity | {"weights": digest}, text_length, preset.geometry,
+                encoder=lambda prompts: Conditioning(text_encoder(prompts)), decoder=bundled.codec.decode,
+            )
         transformer = family.build_random(preset, device, dtype, cfg.model.weights_seed)
-        identity = {
-            "family": family.name, "source": f"preset:{preset.name}", "weights": f"random:{SCHEME}:{cfg.model.weights_seed}",
-            "config_hash": config_hash(preset.config),
-        }
-        return LoadedModel(
-            family, transformer, _scheduler(cfg, family, preset.config, None), identity,
-            cfg.sampling.text_length or preset.text_length,
-        )
+        identity["weights"] = f"random:{SCHEME}:{cfg.model.weights_seed}"
+        return LoadedModel(family, transformer, scheduler, identity, text_length, preset.geometry)
 
     ckpt = Path(cfg.model.checkpoint)
     try:
@@ -68,7 +73,12 @@ def load_model(cfg: RunConfig) -> LoadedModel:
     transformer = transformer.to(device).eval().requires_grad_(False)
     config = dict(transformer.config)
     scheduler = _scheduler(cfg, family, config, ckpt)
-    pipe = vae = None
+    text_length = cfg.sampling.text_length or family.default_text_length(config)
+    identity = {
+        "family": family.name, "source": f"checkpoint:{ckpt}", "weights": fingerprint_weights(ckpt / "transformer"),
+        "config_hash": config_hash(config),
+    }
+    model = LoadedModel(family, transformer, scheduler, identity, text_length, family.geometry(cfg))
     if (ckpt / "model_index.json").is_file() and (ckpt / "text_encoder").is_dir():
         pipe_cls = getattr(diffusers, family.pipeline_class)
         try:
@@ -76,12 +86,12 @@ def load_model(cfg: RunConfig) -> LoadedModel:
         except (OSError, ValueError, RuntimeError, TypeError) as e:
             raise AstraeaError(f"model.checkpoint: cannot load the {family.pipeline_class} in {ckpt}: {str(e).splitlines()[0]}") from e
         pipe.to(device)
+        model.pipeline = pipe
+        model.identity["text_encoder"] = fingerprint_weights(ckpt / "text_encoder")
+        model.encoder = lambda prompts: family.encode(pipe, prompts, text_length, device)
         vae = getattr(pipe, "vae", None)
+        if vae is not None:
+            model.decoder = lambda latents: family.vae_decode(vae, latents.to(vae.dtype))
     else:
         log.info("%s has no text encoder: prompts get deterministic pseudo-embeddings", ckpt)
-    identity = {
-        "family": family.name, "source": f"checkpoint:{ckpt}", "weights": fingerprint_weights(ckpt / "transformer"),
-        "config_hash": config_hash(config),
-    }
-    text_length = cfg.sampling.text_length or family.default_text_length(config)
-    return LoadedModel(family, transformer, scheduler, identity, text_length, vae=vae, pipeline=pipe)
+    return model

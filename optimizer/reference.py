@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .conditioning import encode_prompt
 from .config import RunConfig
 from .families import LoadedModel
-from .families.base import config_hash
+from .families.base import config_hash, decode_frames
 from .io import atomic_dir, stable_hash, write_json
 from .sampling import denoise, make_inputs
 
@@ -93,10 +93,9 @@ def run(cfg: RunConfig, model: LoadedModel, out_dir: Path, progress: bool = True
         save_file(latents, str(tmp / "latents.safetensors"))
         write_json(tmp / "reference.json", record)
         _preview(latents, model.family.layout, tmp / "latents.png")
-        if model.vae is not None:
+        if model.decoder is not None:
             for name, x in latents.items():
-                frames = model.family.decode(model, x.to(model.device))
-                _strip(frames, tmp / f"frames_{name}.png")
+                _strip(decode_frames(model, x), tmp / f"frames_{name}.png")
     return DenseReference(key, folder, latents, reused=False)
 
 

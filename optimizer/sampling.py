@@ -40,7 +40,7 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torc
 
 def make_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, prompt: Conditioning,
                 negative: Conditioning, seed: int) -> SampleInputs:
-    layout = model.family.token_layout(dict(model.transformer.config), video, model.text_length)
+    layout = model.layout(video)
     cfg = sampling.guidance > 1.0
     cond = Conditioning.cat([negative, prompt]) if cfg else prompt
     noise, rng_state = initial_noise(layout.latent_shape, seed)

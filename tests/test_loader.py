@@ -95,7 +95,7 @@ def _cfg(folder, **sampling):
 def test_full_checkpoint_uses_its_own_components(checkpoint, tmp_path):
     folder, source = checkpoint
     model = loader.load_model(_cfg(folder))
-    assert model.pipeline is not None and model.vae is not None
+    assert model.pipeline is not None and model.decoder is not None
     assert isinstance(model.scheduler, FlowMatchEulerDiscreteScheduler) and model.scheduler.config.shift == 2.0
     for (name, ours), theirs in zip(model.transformer.state_dict().items(), source.transformer.state_dict().values()):
         assert torch.equal(ours, theirs), name
@@ -135,7 +135,7 @@ def test_transformer_only_checkpoint(checkpoint, tmp_path):
     folder, _ = checkpoint
     shutil.copytree(folder / "transformer", tmp_path / "transformer")
     model = loader.load_model(_cfg(tmp_path))
-    assert model.pipeline is None and model.vae is None
+    assert model.pipeline is None and model.decoder is None and model.encoder is None
     cond = encode_prompt(model, "a red circle", None)
     pseudo = model.family.pseudo_condition("a red circle", dict(model.transformer.config), model.text_length)
     torch.testing.assert_close(cond.embeds, pseudo.embeds)

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -24,12 +25,25 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 
 
 @dataclass(frozen=True)
+class Geometry:
+    """The latent codec's compression: pixels per latent cell in space and frames in time."""
+
+    spatial: int = 8
+    temporal: int = 4
+
+    def latent_frames(self, frames: int) -> int:
+        return (frames - 1) // self.temporal + 1
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     config: dict[str, Any]  # the transformer's diffusers config (constructor kwargs)
     text_length: int  # text tokens the family's encoder produces
     video: tuple[int, int, int]  # the model's native (frames, height, width)
     note: str = ""
+    geometry: Geometry = Geometry()  # the family's VAE; the bundled model has its own codec
+    weights: str | None = None  # shipped weights (a file in astraea/bundled); None = random
 
 
 @dataclass(frozen=True)
@@ -77,15 +91,21 @@ class Conditioning:
 
 @dataclass
 class LoadedModel:
-    """A transformer with what sampling needs around it; `pipeline` holds a checkpoint's text encoder."""
+    """A transformer with what sampling needs around it: its scheduler, and where the source has
+    them a text encoder (prompts -> Conditioning) and a decoder (latents -> pixels in [-1, 1])."""
 
     family: Family
     transformer: nn.Module
     scheduler: Any
-    identity: dict[str, Any]  # family, source, config hash, weights fingerprint
+    identity: dict[str, Any]  # family, source, config hash, weights (and text encoder) fingerprints
     text_length: int
-    vae: nn.Module | None = None
-    pipeline: Any = None
+    geometry: Geometry = Geometry()
+    encoder: Callable[[list[str]], Conditioning] | None = None
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    pipeline: Any = None  # a full checkpoint's diffusers pipeline
+
+    def layout(self, video: VideoSpec) -> TokenLayout:
+        return self.family.token_layout(dict(self.transformer.config), video, self.text_length, self.geometry)
 
     @property
     def device(self) -> torch.device:
@@ -152,21 +172,16 @@ class Family:
     block_containers: ClassVar[tuple[str, ...]]  # module names of the transformer block lists
     joint_attention: ClassVar[bool] = False  # text rows inside the self-attention sequence
     embedded_guidance: ClassVar[bool] = False  # guidance-distilled: a guidance input, no CFG batch needed
-    vae_spatial: ClassVar[int] = 8
-    vae_temporal: ClassVar[int] = 4
 
     # ---- shapes --------------------------------------------------------------------------
     @staticmethod
     def patch(config: dict) -> tuple[int, int, int]:
         raise NotImplementedError
 
-    def latent_frames(self, frames: int) -> int:
-        return (frames - 1) // self.vae_temporal + 1
-
-    def token_layout(self, config: dict, video: VideoSpec, text_length: int) -> TokenLayout:
+    def token_layout(self, config: dict, video: VideoSpec, text_length: int, geometry: Geometry = Geometry()) -> TokenLayout:
         pt, ph, pw = self.patch(config)
-        f = self.latent_frames(video.frames)
-        h, w = video.height // self.vae_spatial, video.width // self.vae_spatial
+        f = geometry.latent_frames(video.frames)
+        h, w = video.height // geometry.spatial, video.width // geometry.spatial
         c = config.get("in_channels", 16)
         shape = (c, f, h, w) if self.layout == "BCFHW" else (f, c, h, w)
         grid = (f // pt, h // ph, w // pw)
@@ -195,10 +210,22 @@ class Family:
     def default_text_length(self, config: dict) -> int:
         raise NotImplementedError
 
+    def geometry(self, cfg: RunConfig) -> Geometry:
+        if cfg.model.preset is not None:
+            return self.preset(cfg.model.preset).geometry
+        vae = Path(cfg.model.checkpoint) / "vae" / "config.json"
+        if vae.is_file():
+            c = json.loads(vae.read_text())
+            spatial = c.get("scale_factor_spatial") or c.get("spatial_compression_ratio") or 2 ** (len(c.get("block_out_channels", [0] * 4)) - 1)
+            temporal = c.get("scale_factor_temporal") or c.get("temporal_compression_ratio") or 4
+            return Geometry(int(spatial), int(temporal))
+        return Geometry()
+
     def validate(self, cfg: RunConfig) -> None:
         config = self.model_config(cfg)
         v, s = cfg.video, cfg.sampling
-        t = self.vae_temporal
+        geo = self.geometry(cfg)
+        t = geo.temporal
         if (v.frames - 1) % t:
             lo = (v.frames - 1) // t * t + 1
             raise ConfigError(
@@ -206,12 +233,12 @@ class Family:
                 f"{self.name} needs frames = {t}k+1 (VAE temporal compression {t}): {v.frames} is not; try {lo} or {lo + t}",
             )
         pt, ph, pw = self.patch(config)
-        if self.latent_frames(v.frames) % pt:
-            raise ConfigError("video.frames", f"latent frames {self.latent_frames(v.frames)} are not a multiple of the temporal patch {pt}")
+        if geo.latent_frames(v.frames) % pt:
+            raise ConfigError("video.frames", f"latent frames {geo.latent_frames(v.frames)} are not a multiple of the temporal patch {pt}")
         for key, size, p in (("height", v.height, ph), ("width", v.width, pw)):
-            stride = self.vae_spatial * p
+            stride = geo.spatial * p
             if size % stride:
-                raise ConfigError(f"video.{key}", f"{size} is not divisible by {stride} (VAE stride {self.vae_spatial} x patch {p})")
+                raise ConfigError(f"video.{key}", f"{size} is not divisible by {stride} (VAE stride {geo.spatial} x patch {p})")
         if s.scheduler != "default" and s.scheduler not in self.schedulers:
             raise ConfigError("sampling.scheduler", f"{s.scheduler!r} is not one of default, {', '.join(self.schedulers)} for {self.name}")
         if s.embedded_guidance is not None and not self.embedded_guidance:
@@ -261,8 +288,10 @@ class Family:
         """Final latents (family layout) -> pixels (B, 3, F, H, W) in [-1, 1], as the pipeline does."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def decode(self, model: LoadedModel, latents: torch.Tensor):
-        """One sample's latents -> frames (F, H, W, 3), float numpy in [0, 1]."""
-        video = self.vae_decode(model.vae, latents.to(model.vae.dtype))
-        return ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) / 2).cpu().numpy()
+
+
+@torch.no_grad()
+def decode_frames(model: LoadedModel, latents: torch.Tensor):
+    """One sample's latents -> frames (F, H, W, 3), float numpy in [0, 1]."""
+    video = model.decoder(latents.to(model.device))
+    return ((video[0].permute(1, 2, 3, 0).float().clamp(-1, 1) + 1) / 2).cpu().numpy()

@@ -88,9 +88,9 @@ class CogVideoX(Family):
         config = model.transformer.config
         if not config.use_rotary_positional_embeddings:
             return {"image_rotary_emb": None}
-        p, stride = config.patch_size, self.vae_spatial
+        p, stride = config.patch_size, model.geometry.spatial
         gh, gw = video.height // (stride * p), video.width // (stride * p)
-        frames = self.latent_frames(video.frames)
+        frames = model.geometry.latent_frames(video.frames)
         base_w, base_h = config.sample_width // p, config.sample_height // p
         if config.patch_size_t is None:  # CogVideoX 1.0, as the pipeline computes it
             crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)

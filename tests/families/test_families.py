@@ -26,7 +26,7 @@ def test_forward_shape_and_token_count(family_preset):
     family, preset = family_preset
     cfg = tiny_config(family, preset)
     model = loader.load_model(cfg)
-    layout = model.family.token_layout(dict(model.transformer.config), cfg.video, model.text_length)
+    layout = model.layout(cfg.video)
     seen = {}
     first_block = getattr(model.transformer, model.family.block_containers[0])[0]
     first_block.register_forward_pre_hook(lambda m, args, kwargs: seen.update(x=(args or [kwargs["hidden_states"]])[0]), with_kwargs=True)
