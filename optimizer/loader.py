@@ -30,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _scheduler(cfg: RunConfig, family, config: dict, checkpoint: Path | None):
+def _scheduler(cfg: RunConfig, family, config: dict, checkpoint: Path | None, default_shift: float | None = None):
     s = cfg.sampling
     if s.scheduler == "default" and checkpoint is not None and (checkpoint / "scheduler").is_dir():
         sched_cfg = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())
@@ -40,7 +40,7 @@ def _scheduler(cfg: RunConfig, family, config: dict, checkpoint: Path | None):
             key = "shift" if "shift" in scheduler.config else "flow_shift"
             scheduler = cls.from_config(scheduler.config, **{key: s.shift})
         return scheduler
-    return family.make_scheduler(s.scheduler, s.shift, config, cfg.video)
+    return family.make_scheduler(s.scheduler, default_shift if s.shift is None else s.shift, config, cfg.video)
 
 
 def load_model(cfg: RunConfig) -> LoadedModel:
@@ -50,7 +50,7 @@ def load_model(cfg: RunConfig) -> LoadedModel:
     dtype = TORCH_DTYPES[cfg.model.dtype]
     if cfg.model.preset is not None:
         preset = family.preset(cfg.model.preset)
-        scheduler = _scheduler(cfg, family, preset.config, None)
+        scheduler = _scheduler(cfg, family, preset.config, None, preset.shift)
         text_length = cfg.sampling.text_length or preset.text_length
         identity = {"family": family.name, "source": f"preset:{preset.name}", "config_hash": config_hash(preset.config)}
         if preset.weights is not None:

@@ -44,6 +44,7 @@ class Preset:
     note: str = ""
     geometry: Geometry = Geometry()  # the family's VAE; the bundled model has its own codec
     weights: str | None = None  # shipped weights (a file in astraea/bundled); None = random
+    shift: float | None = None  # default flow shift of the preset's scheduler
 
 
 @dataclass(frozen=True)

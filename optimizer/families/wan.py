@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
 
+from .. import bundled
 from . import FAMILIES
-from .base import Conditioning, Family, Preset
+from .base import Conditioning, Family, Geometry, Preset
 
 _WAN = dict(
     patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
@@ -30,7 +31,13 @@ class Wan(Family):
         "tiny": Preset(
             "tiny",
             dict(_WAN, num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64),
-            16, (17, 64, 64), "2 blocks, 2 heads x 16: tests and the CPU demo",
+            16, (17, 64, 64), "2 blocks, 2 heads x 16, random weights: tests",
+        ),
+        "bundled": Preset(
+            "bundled", bundled.CONFIG, bundled.TEXT_LENGTH, bundled.VIDEO,
+            "the reference model trained here (docs/reference-model.md): pixel-patchify codec",
+            geometry=Geometry(bundled.codec.SPATIAL, bundled.codec.TEMPORAL), weights=str(bundled.WEIGHTS),
+            shift=bundled.SHIFT,
         ),
     }
 

@@ -1,0 +1,185 @@
+"""Train the bundled reference model (astraea.bundled) from scratch with flow matching.
+
+Run on the GPU (device tool): `python3 tools/train_reference.py --out $OUT/train --minutes 8`.
+Deterministic for a seed on a given device: the data pool is rendered from a seeded scene
+list, each step draws its batch, noise and timesteps from generators seeded by (seed, step),
+so a resumed run continues exactly where a checkpoint stopped. Writes, atomically:
+  ckpt.pt                     model, text encoder, EMA, optimiser, step (resume with --resume)
+  log.jsonl                   loss, lr, throughput every --log-every steps
+  astraea-tiny-t2v.safetensors  the EMA weights in fp16 (what ships)
+  loss.png                    the loss curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from astraea import bundled  # noqa: E402
+from astraea.bundled import codec, data  # noqa: E402
+from astraea.bundled.text import TextEncoder  # noqa: E402
+from astraea.families import get_family  # noqa: E402
+from astraea.io import atomic_file  # noqa: E402
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=100_000, help="stop after this many steps")
+    p.add_argument("--minutes", type=float, default=8.0, help="or after this wall time (then save)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--decay-steps", type=int, default=12_000, help="cosine decay horizon")
+    p.add_argument("--pool", type=int, default=40_000, help="videos rendered once, drawn with replacement")
+    p.add_argument("--drop-text", type=float, default=0.1, help="caption dropout (for CFG)")
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=2000)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args()
+
+
+def render_pool(count: int, seed: int, device) -> tuple[torch.Tensor, list[str]]:
+    frames, height, _ = bundled.VIDEO
+    scenes = data.scenes_for(seed, count)
+    latents = []
+    for start in tqdm(range(0, count, 256), desc="render data", unit="chunk"):
+        video = data.render(scenes[start : start + 256], frames, height, device)
+        latents.append(codec.encode(video).to(torch.bfloat16))
+    return torch.cat(latents), [s.caption for s in scenes]
+
+
+def lr_at(step: int, args) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.decay_steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def export(ema: dict, path: Path) -> None:
+    tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in ema.items()}
+    with atomic_file(path, "wb") as fh:
+        from safetensors.torch import save
+
+        fh.write(save(tensors, metadata={"format": "pt", "model": "astraea-tiny-t2v"}))
+
+
+def plot_loss(log: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching MSE")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title("astraea-tiny-t2v training loss")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse()
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    preset = get_family("wan").preset("bundled")
+    model = get_family("wan").build_random(preset, device, torch.float32, args.seed).train().requires_grad_(True)
+    torch.manual_seed(args.seed)
+    text = TextEncoder(bundled.TEXT_DIM, bundled.TEXT_LENGTH).to(device)
+    params = {f"transformer.{k}": v for k, v in model.named_parameters()} | {
+        f"text_encoder.{k}": v for k, v in text.named_parameters()
+    }
+    ema = {k: v.detach().clone() for k, v in params.items()}
+    decay, no_decay = [v for v in params.values() if v.ndim >= 2], [v for v in params.values() if v.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.99), fused=device.type == "cuda")
+    step = 0
+    ckpt = args.out / "ckpt.pt"
+    if args.resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device)
+        model.load_state_dict(state["model"])
+        text.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        ema = state["ema"]
+        step = state["step"]
+        print(f"resumed at step {step}")
+    pool, captions = render_pool(args.pool, args.seed, device)
+    forward = torch.compile(model) if args.compile else model
+    log = args.out / "log.jsonl"
+    start, window, last_t = time.time(), [], time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step")
+
+    def save():
+        with atomic_file(ckpt, "wb") as fh:
+            torch.save({"model": model.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                        "ema": ema, "step": step, "args": vars(args) | {"out": str(args.out)}}, fh)
+
+    while step < args.steps and (time.time() - start) < args.minutes * 60:
+        rng = np.random.default_rng([args.seed, step])
+        idx = torch.from_numpy(rng.integers(0, len(captions), size=args.batch)).to(device)
+        prompts = ["" if rng.random() < args.drop_text else captions[i] for i in idx.tolist()]
+        g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
+        x0 = pool[idx].float()
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        sigma = torch.sigmoid(torch.randn(args.batch, generator=g, device=device))
+        sigma = bundled.SHIFT * sigma / (1 + (bundled.SHIFT - 1) * sigma)  # the sampling shift
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = forward(xt, sigma * 1000, text(prompts), return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        step += 1
+        d = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.values()), [p.detach() for p in params.values()], 1 - d)
+        window.append(loss.detach())
+        if step % args.log_every == 0:
+            now = time.time()
+            row = {"step": step, "loss": torch.stack(window).mean().item(), "lr": lr_at(step, args),
+                   "steps_per_s": args.log_every / (now - last_t), "elapsed_s": now - start}
+            with log.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            window, last_t = [], now
+        if step % args.save_every == 0:
+            save()
+        bar.update()
+    bar.close()
+    save()
+    export(ema, args.out / bundled.WEIGHTS.name)
+    if log.is_file():
+        plot_loss(log, args.out / "loss.png")
+    print(json.dumps({"step": step, "minutes": (time.time() - start) / 60, "out": str(args.out)}))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    main()
