@@ -1,0 +1,109 @@
+"""The bundled reference model: data, codec, text encoder, judge, golden sample, training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from astraea import bundled, config, loader
+from astraea.bundled import codec, data, judge
+from astraea.bundled.text import TextEncoder
+from astraea.conditioning import encode_prompt
+from astraea.sampling import denoise, make_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).with_name("golden_p0_s0_4steps.safetensors")
+PROMPT = "a red circle moving left over a striped background"
+
+
+def test_scenes_are_seeded_and_captions_say_what_is_drawn():
+    a, b = data.scenes_for(7, 20), data.scenes_for(7, 20)
+    assert a == b and a != data.scenes_for(8, 20)
+    for scene in a:
+        words = scene.caption.split()
+        assert words[-1] == "background" and scene.background in words
+        assert all(s.colour in words and s.shape in words for s in scene.shapes)
+        assert set(words) <= set(data.vocabulary())
+    video = data.render(a[:3], 9, 32)
+    assert video.shape == (3, 3, 9, 32, 32) and video.min() >= -1 and video.max() <= 1
+    assert torch.equal(video, data.render(a[:3], 9, 32))
+
+
+def test_codec_is_invertible_and_has_the_adapter_geometry():
+    video = torch.rand(2, 3, 17, 64, 64) * 2 - 1
+    latents = codec.encode(video)
+    assert latents.shape == (2, codec.CHANNELS, 9, 32, 32)
+    assert torch.equal(codec.decode(latents), video)
+    with pytest.raises(ValueError, match="2k\\+1"):
+        codec.encode(torch.zeros(1, 3, 16, 64, 64))
+
+
+def test_text_encoder_pads_and_masks():
+    enc = TextEncoder(8, 6)
+    ids = enc.tokenize(["a red circle zebra", ""])
+    assert ids[0, :4].tolist() == [enc.index["a"], enc.index["red"], enc.index["circle"], 1] and ids[0, 4:].sum() == 0
+    out = enc(["a red circle", ""])
+    assert out[1].abs().sum() == 0 and out[0, 3:].abs().sum() == 0 and out[0, :3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("motion", ["moving left", "moving right", "moving up", "moving down", "growing", "shrinking"])
+def test_judge_on_rendered_truth(motion):
+    scene = data.Scene((data.Shape("red", "square", motion, 0.0, 0.0, 0.26),), "striped", 0, 0.0)
+    video = data.render([scene], 17, 64)[0]
+    assert judge.judge(video, scene.caption).passed
+    opposite = {"moving left": "moving right", "moving right": "moving left", "moving up": "moving down",
+                "moving down": "moving up", "growing": "shrinking", "shrinking": "growing"}[motion]
+    assert not judge.judge(video, scene.caption.replace(motion, opposite)).passed
+    assert not judge.judge(video, scene.caption.replace("red", "blue")).colour
+
+
+def _bundled_config(steps=4, **sampling):
+    return config.from_dict({
+        "model": {"family": "wan", "preset": "bundled", "dtype": "fp32", "device": "cpu"},
+        "video": {"frames": 17, "height": 64, "width": 64},
+        "sampling": {"steps": steps, "guidance": 5.0, "prompts": [PROMPT], "seeds": [0], **sampling},
+    })
+
+
+def _sample(cfg, model):
+    inputs = make_inputs(model, cfg.video, cfg.sampling, encode_prompt(model, PROMPT, None), encode_prompt(model, "", None), 0)
+    return denoise(model, cfg.video, cfg.sampling, inputs)
+
+
+def test_bundled_preset_samples_the_golden_output():
+    cfg = _bundled_config()
+    model = loader.load_model(cfg)
+    assert model.layout(cfg.video).video_tokens == 2304 and model.identity["weights"] != "random"
+    out = _sample(cfg, model)
+    assert torch.equal(out, _sample(cfg, model))  # deterministic
+    golden = load_file(str(GOLDEN))["latents"]
+    err = (out - golden).norm() / golden.norm()
+    assert err < 1e-4, f"relative error {err:.2e} against the stored golden sample"
+
+
+def test_bundled_weights_are_small_and_complete():
+    assert bundled.WEIGHTS.stat().st_size < 25 * 2**20
+    tstate, xstate = bundled.split_state(load_file(str(bundled.WEIGHTS)))
+    assert set(xstate) == {"embed.weight", "position"}
+    assert len(tstate) == len(dict(loader.load_model(_bundled_config()).transformer.named_parameters()))
+
+
+def test_training_resumes_to_the_same_weights(tmp_path):
+    script = [sys.executable, str(ROOT / "tools" / "train_reference.py"), "--device", "cpu", "--batch", "1",
+              "--pool", "2", "--log-every", "1", "--warmup", "2", "--decay-steps", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run([*script, "--out", str(straight), "--steps", "3"], check=True, capture_output=True, timeout=600)
+    subprocess.run([*script, "--out", str(resumed), "--steps", "2"], check=True, capture_output=True, timeout=600)
+    subprocess.run([*script, "--out", str(resumed), "--steps", "3", "--resume"], check=True, capture_output=True, timeout=600)
+    a = load_file(str(straight / bundled.WEIGHTS.name))
+    b = load_file(str(resumed / bundled.WEIGHTS.name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [np.float64(line.split('"loss": ')[1].split(",")[0]) for line in (straight / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert (straight / "loss.png").is_file()
