@@ -1,5 +1,14 @@
-"""astraea.plugins: the `astraea::` custom ops (token selection, query-only attention, cache
-update), one file per op with its reference, fake, Triton and TensorRT faces.
+"""astraea.plugins: the `astraea::` custom ops, one file per op.
 
-The ops land with the kernels issue.
+- `token_select`     score = LSE x ||x - x_ref|| + w_beta exp(skips); top-k per batch row
+- `sparse_attention` query-only attention over all keys, with the row LSE (Triton on CUDA)
+- `cache_update`     fresh rows, LSE, reference input and skip counters, in place
+
+Each op has a PyTorch reference (CPU and the tests' definition) and a fake kernel, so it
+works in eager mode, under torch.compile and through torch.export. Kernels live in
+`kernels/`, free of registration side effects. Importing this package registers the ops.
 """
+
+from . import cache_update, sparse_attention, token_select  # noqa: F401  (registration)
+
+__all__ = ["cache_update", "sparse_attention", "token_select"]  # the op modules; call torch.ops.astraea.*

@@ -50,3 +50,29 @@ def test_real_size_builds_on_the_device(family, preset):
     assert all(p.is_cuda for p in params.values())
     weight = next(p for n, p in params.items() if n.endswith("attn1.to_q.weight"))
     assert weight.dtype == torch.bfloat16 and 0.001 < weight.float().std() < 1  # initialised, not empty
+
+
+GPU_SHAPES = [  # (batch, heads, M, N, head dim): odd sizes, and real-size head layouts
+    (2, 3, 1, 37, 64), (2, 12, 1000, 4099, 128), (2, 30, 333, 1777, 64), (1, 2, 130, 130, 16), (2, 12, 2652, 26520, 128),
+]
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_sparse_attention_on_cuda(shape, dtype, masked):
+    import astraea.plugins  # noqa: F401
+    from astraea.plugins import sparse_attention as sa
+
+    b, h, m, n, d = shape
+    q, k, v = (torch.randn(b, h, r, d, device="cuda", dtype=dtype) for r in (m, n, n))
+    mask = ((torch.rand(b, n, device="cuda") > 0.3) | (torch.arange(n, device="cuda") == 0)) if masked else None
+    out, lse = torch.ops.astraea.sparse_attention(q, k, v, mask, None)
+    ref, ref_lse = sa.reference(q, k, v, mask)
+    rel = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 1e-2, f"relative error {rel:.2e}"
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)
+    poisoned_out = torch.full_like(out, float("nan"))
+    poisoned_lse = torch.full_like(lse, float("nan"))
+    sa.launch(q, k, v, mask, 1 / d**0.5, poisoned_out, poisoned_lse)
+    assert torch.isfinite(poisoned_out).all() and torch.isfinite(poisoned_lse).all()

@@ -1,0 +1,201 @@
+"""The astraea ops against float64 references and the block oracle; the Triton kernel
+under TRITON_INTERPRET=1 on the CPU (on CUDA in the `gpu` tests); export and compile."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import astraea.plugins  # noqa: F401  (registers the ops)
+from astraea.plugins import sparse_attention as sa
+from astraea.plugins.token_select import scores
+
+ops = torch.ops.astraea
+
+
+def _attention64(q, k, v, mask=None):
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.softmax(s, -1) @ v.double(), lse
+
+
+SHAPES = [  # (batch, heads, M query rows, N keys, head dim)
+    (1, 1, 1, 1, 16), (2, 3, 5, 37, 16), (2, 2, 33, 70, 64), (2, 1, 130, 130, 16), (1, 2, 7, 200, 128),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+def test_reference_matches_float64(shape, masked):
+    b, h, m, n, d = shape
+    q, k, v = torch.randn(b, h, m, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    mask = None
+    if masked:
+        mask = torch.rand(b, n) > 0.4
+        mask[:, -1] = True
+    out, lse = ops.sparse_attention(q, k, v, mask, None)
+    ref, ref_lse = _attention64(q, k, v, mask)
+    assert out.shape == (b, h, m, d) and lse.shape == (b, h, m) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (17, 1), (17, 5), (17, 17), (64, 23)])
+def test_query_only_attention_is_the_dense_rows(n, k):
+    """The oracle: attention of the selected queries equals those rows of dense attention."""
+    b, h, d = 2, 3, 16
+    q, kk, v = torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    idx = torch.stack([torch.randperm(n)[:k] for _ in range(b)])  # unsorted, per CFG branch
+    q_sel = torch.gather(q, 2, idx[:, None, :, None].expand(b, h, k, d))
+    out, _ = ops.sparse_attention(q_sel, kk, v, None, None)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, kk, v)
+    torch.testing.assert_close(out, torch.gather(dense, 2, idx[:, None, :, None].expand(b, h, k, d)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(sa._kernels is None, reason="triton is not installed")
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_kernel_matches_reference(shape, dtype, masked, request):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter run is for CPU machines; tests/test_gpu covers CUDA")
+    b, h, m, n, d = shape
+    q, k, v = (torch.randn(b, h, r, d).to(dtype) for r in (m, n, n))
+    mask = (torch.rand(b, n) > 0.4) | (torch.arange(n) == 0) if masked else None
+    out = torch.full((b, h, m, d), float("nan"), dtype=dtype)  # poisoned: every element must be written
+    lse = torch.full((b, h, m), float("nan"))
+    sa.launch(q, k, v, mask, 1 / math.sqrt(d), out, lse, tuned=False)
+    ref, ref_lse = _attention64(q, k, v, mask)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def _select64(lse, x, x_ref, skips, k, w_beta, forced):
+    s = lse.double() * (x.double() - x_ref.double()).norm(dim=-1) + w_beta * torch.exp(skips.double())
+    if forced is not None:
+        s[:, forced] = float("inf")
+    out = []
+    for row in s:  # descending score, ties to the lower index
+        order = sorted(range(len(row)), key=lambda i: (-row[i].item(), i))
+        out.append(sorted(order[:k]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (13, 1), (13, 6), (13, 13), (50, 17)])
+@pytest.mark.parametrize("with_forced", [False, True])
+def test_token_select_matches_float64(n, k, with_forced):
+    b, d = 2, 8
+    lse, x, x_ref = torch.rand(b, n) * 5, torch.randn(b, n, d), torch.randn(b, n, d)
+    skips = torch.randint(0, 4, (b, n), dtype=torch.int32)
+    forced = None
+    if with_forced:
+        forced = torch.zeros(n, dtype=torch.bool)
+        forced[: min(k, 2)] = True
+    idx = ops.token_select(lse, x, x_ref, skips, k, 0.5, forced)
+    assert idx.dtype == torch.int64 and idx.shape == (b, k)
+    assert torch.equal(idx, _select64(lse, x, x_ref, skips, k, 0.5, forced))
+    if forced is not None:
+        assert all(set(forced.nonzero().flatten().tolist()) <= set(row.tolist()) for row in idx)
+
+
+def test_token_select_ties_and_staleness():
+    b, n, d = 1, 6, 4
+    x = torch.zeros(b, n, d)
+    skips = torch.tensor([[0, 3, 0, 3, 0, 0]], dtype=torch.int32)
+    idx = ops.token_select(torch.ones(b, n), x, x, skips, 3, 0.5, None)  # delta 0: staleness decides
+    assert idx.tolist() == [[0, 1, 3]]  # the two stale rows, then the lowest-index tie
+    assert torch.isfinite(scores(torch.ones(b, n), x, x, skips, 0.5)).all()
+
+
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_cache_update_in_place(with_ref):
+    b, n, d, k = 2, 9, 5, 4
+    cache, lse_cache = torch.randn(b, n, d), torch.randn(b, n)
+    skips = torch.randint(0, 3, (b, n), dtype=torch.int32)
+    ref_cache = torch.randn(b, n, d) if with_ref else None
+    idx = torch.stack([torch.randperm(n)[:k] for _ in range(b)])
+    rows, lse_rows, ref_rows = torch.randn(b, k, d), torch.randn(b, k), torch.randn(b, k, d) if with_ref else None
+    want = [t.clone() if t is not None else None for t in (cache, lse_cache, skips, ref_cache)]
+    for bi, (j, i) in itertools.product(range(b), enumerate(range(k))):
+        r = idx[bi, j]
+        want[0][bi, r] = rows[bi, j]
+        want[1][bi, r] = lse_rows[bi, j]
+        if with_ref:
+            want[3][bi, r] = ref_rows[bi, j]
+    want[2] += 1
+    want[2][torch.arange(b)[:, None], idx] = 0
+    ptrs = [cache.data_ptr(), lse_cache.data_ptr(), skips.data_ptr()]
+    ops.cache_update(cache, lse_cache, skips, idx, rows, lse_rows, ref_cache, ref_rows)
+    assert ptrs == [cache.data_ptr(), lse_cache.data_ptr(), skips.data_ptr()]  # no copy
+    for got, exp in zip((cache, lse_cache, skips, ref_cache), want):
+        if exp is not None:
+            assert torch.equal(got, exp)
+
+
+class _TokenBlock(torch.nn.Module):
+    """The three ops wired as a block would wire them: select, attend, update."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x, x_ref, lse, skips, cache, lse_cache, q, kk, v):
+        idx = ops.token_select(lse, x, x_ref, skips, self.k, 0.5, None)
+        b, h, _, d = q.shape
+        q_sel = torch.gather(q, 2, idx[:, None, :, None].expand(b, h, self.k, d))
+        out, row_lse = ops.sparse_attention(q_sel, kk, v, None, None)
+        rows = out.transpose(1, 2).reshape(b, self.k, h * d)
+        ops.cache_update(cache, lse_cache, skips, idx, rows, row_lse.mean(1), None, None)
+        return cache + 0
+
+
+def _block_inputs(b=2, n=12, h=2, d=16):
+    return (torch.randn(b, n, h * d), torch.randn(b, n, h * d), torch.rand(b, n), torch.zeros(b, n, dtype=torch.int32),
+            torch.zeros(b, n, h * d), torch.zeros(b, n), torch.randn(b, h, n, d), torch.randn(b, h, n, d),
+            torch.randn(b, h, n, d))
+
+
+def test_export_and_compile(tmp_path):
+    block = _TokenBlock(5)
+    args = _block_inputs()
+    eager_args = [a.clone() for a in args]
+    want = block(*eager_args)
+    ep = torch.export.export(block, tuple(a.clone() for a in args))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert {"astraea.token_select.default", "astraea.sparse_attention.default"} <= targets
+    torch.export.save(ep, tmp_path / "block.pt2")
+    loaded = torch.export.load(tmp_path / "block.pt2")
+    got_args = [a.clone() for a in args]
+    torch.testing.assert_close(loaded.module()(*got_args), want)
+    assert torch.equal(got_args[3], eager_args[3])  # the skip counters were updated in place
+    compiled = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled(*[a.clone() for a in args]), want)
+
+
+def test_fake_kernels_have_the_real_strides():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
+    real = ops.sparse_attention(q, k, v, None, None)
+    x = torch.randn(2, 9, 8)
+    real_idx = ops.token_select(torch.rand(2, 9), x, x, torch.zeros(2, 9, dtype=torch.int32), 4, 0.5, None)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fx = (mode.from_tensor(t) for t in (q, k, v, x))
+        fake = ops.sparse_attention(fq, fk, fv, None, None)
+        fake_idx = ops.token_select(mode.from_tensor(torch.rand(2, 9)), fx, fx,
+                                    mode.from_tensor(torch.zeros(2, 9, dtype=torch.int32)), 4, 0.5, None)
+    for r, f in zip((*real, real_idx), (*fake, fake_idx)):
+        assert (r.shape, r.stride(), r.dtype) == (f.shape, f.stride(), f.dtype)
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="sparse_attention: q"):
+        ops.sparse_attention(torch.randn(1, 2, 3, 16), torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16), None, None)
+    with pytest.raises(ValueError, match="token_select"):
+        ops.token_select(torch.rand(1, 4), torch.randn(1, 4, 2), torch.randn(1, 4, 2), torch.zeros(1, 4), 5, 0.5, None)
