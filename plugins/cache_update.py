@@ -24,8 +24,10 @@ def _scatter_rows(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> No
 @torch.library.custom_op("astraea::cache_update", mutates_args=("cache", "lse_cache", "skips", "ref_cache"))
 def cache_update(
     cache: torch.Tensor, lse_cache: torch.Tensor, skips: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor,
-    lse_rows: torch.Tensor, ref_cache: torch.Tensor | None = None, ref_rows: torch.Tensor | None = None,
+    lse_rows: torch.Tensor, ref_cache: torch.Tensor | None, ref_rows: torch.Tensor | None,
 ) -> None:
+    # ref_cache and ref_rows have no defaults on purpose: torch 2.11 drops trailing defaulted
+    # arguments when boxing and then misses the mutated optional one (IndexError).
     if rows.shape[:2] != idx.shape or lse_rows.shape != idx.shape or (ref_cache is None) != (ref_rows is None):
         raise ValueError(f"cache_update: idx {tuple(idx.shape)}, rows {tuple(rows.shape)}, lse_rows {tuple(lse_rows.shape)} "
                          "do not agree (and ref_cache needs ref_rows)")
@@ -38,5 +40,5 @@ def cache_update(
 
 
 @cache_update.register_fake
-def _(cache, lse_cache, skips, idx, rows, lse_rows, ref_cache=None, ref_rows=None):
+def _(cache, lse_cache, skips, idx, rows, lse_rows, ref_cache, ref_rows):
     return None

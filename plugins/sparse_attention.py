@@ -22,10 +22,12 @@ from torch.library import triton_op, wrap_triton
 
 try:
     import triton
-
-    from .kernels import attention as _kernels
 except ImportError:  # no triton: the reference serves every device
-    triton = _kernels = None
+    triton = None
+if triton is not None:
+    from .kernels import attention as _kernels
+else:
+    _kernels = None
 
 
 def reference(q, k, v, key_mask=None, scale=None):

@@ -1,0 +1,158 @@
+"""Benchmark the astraea ops on a GPU: query-only attention against torch SDPA, selection cost.
+
+For each real-size head layout and budget k/N in 10% ... 100% it checks the Triton kernel
+against SDPA's rows first, then times (triton.testing.do_bench, median, warm-up first):
+  astraea      torch.ops.astraea.sparse_attention(q_sel, k, v)          (Triton, with LSE)
+  sdpa         F.scaled_dot_product_attention(q_sel, k, v)             (flash; no LSE)
+  gather_sdpa  gather q rows from the full Q, SDPA, scatter into a full output (PyTorch)
+and token_select at the same (B, N, hidden) against one dense diffusers Wan block.
+Writes bench_kernels.json, bench_kernels.md and bench_kernels.png under --out.
+
+    python3 tools/bench_kernels.py --out $OUT/kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import astraea.plugins  # noqa: E402,F401
+
+SHAPES = {  # name: (batch, heads, N keys, head dim, hidden)
+    "wan2.1-1.3b 832x480x65": (2, 12, 26520, 128, 1536),
+    "wan2.1-1.3b 832x480x81": (2, 12, 32760, 128, 1536),
+    "cogvideox-2b 720x480x49": (2, 30, 17776, 64, 1920),
+}
+BUDGETS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+
+
+def bench(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def attention_rows(name: str, shape, budgets) -> list[dict]:
+    b, h, n, d, _ = shape
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    rows = []
+    for frac in budgets:
+        m = max(1, round(frac * n))
+        idx = torch.sort(torch.stack([torch.randperm(n, device="cuda")[:m] for _ in range(b)]), dim=-1).values
+        gather_idx = idx[:, None, :, None].expand(b, h, m, d)
+        q_sel = torch.gather(q, 2, gather_idx).contiguous()
+        out, _ = torch.ops.astraea.sparse_attention(q_sel, k, v, None, None)
+        ref = F.scaled_dot_product_attention(q_sel, k, v)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+        def gather_sdpa():
+            sel = torch.gather(q, 2, gather_idx)
+            full = torch.zeros_like(q)
+            return full.scatter_(2, gather_idx, F.scaled_dot_product_attention(sel, k, v))
+
+        t = {
+            "astraea": bench(lambda: torch.ops.astraea.sparse_attention(q_sel, k, v, None, None)),
+            "sdpa": bench(lambda: F.scaled_dot_product_attention(q_sel, k, v)),
+            "gather_sdpa": bench(gather_sdpa),
+        }
+        flops = 4 * b * h * m * n * d
+        rows.append({"shape": name, "budget": frac, "k": m, "n": n, "rel_err_vs_sdpa": err,
+                     **{f"{k}_ms": v for k, v in t.items()},
+                     **{f"{k}_tflops": flops / v / 1e9 for k, v in t.items()},
+                     "astraea_over_sdpa": t["sdpa"] / t["astraea"]})
+        print(f"{name:26s} k/N={frac:.1f} astraea {t['astraea']:7.3f} ms  sdpa {t['sdpa']:7.3f} ms  "
+              f"gather+sdpa {t['gather_sdpa']:7.3f} ms  ratio {t['sdpa'] / t['astraea']:.2f}  err {err:.1e}", flush=True)
+    return rows
+
+
+def selection_rows(name: str, shape) -> dict:
+    from diffusers import WanTransformer3DModel
+
+    b, h, n, d, hidden = shape
+    x, x_ref = (torch.randn(b, n, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    lse = torch.rand(b, n, device="cuda")
+    skips = torch.randint(0, 5, (b, n), device="cuda", dtype=torch.int32)
+    k = n // 2
+    select_ms = bench(lambda: torch.ops.astraea.token_select(lse, x, x_ref, skips, k, 0.5, None))
+    row = {"shape": name, "select_ms": select_ms}
+    if name.startswith("wan"):  # one dense diffusers Wan 2.1 1.3B block at this token count
+        frames = {26520: 17, 32760: 21}[n]
+        with torch.device("cuda"):
+            model = WanTransformer3DModel.from_config(dict(
+                patch_size=(1, 2, 2), num_attention_heads=h, attention_head_dim=d, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=1, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)).to(torch.bfloat16).eval()
+        captured = {}
+        model.blocks[0].register_forward_pre_hook(lambda m, a, kw: captured.update(args=a, kwargs=kw), with_kwargs=True)
+        latents = torch.randn(b, 16, frames, 60, 104, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            model(latents, torch.tensor([500.0] * b, device="cuda"), torch.randn(b, 512, 4096, device="cuda", dtype=torch.bfloat16))
+            block_ms = bench(lambda: model.blocks[0](*captured["args"], **captured["kwargs"]))
+        row |= {"block_ms": block_ms, "block_over_select": block_ms / select_ms}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown(rows: list[dict], sel: list[dict], device: str) -> str:
+    lines = [f"Card: {device}, torch {torch.__version__}; bf16, batch 2 (CFG); median of do_bench.", "",
+             "| shape | k/N | astraea (ms) | SDPA flash (ms) | gather+SDPA+scatter (ms) | astraea / SDPA speed | astraea TFLOP/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['budget']:.1f} | {r['astraea_ms']:.3f} | {r['sdpa_ms']:.3f} | "
+                     f"{r['gather_sdpa_ms']:.3f} | {r['astraea_over_sdpa']:.2f}x | {r['astraea_tflops']:.0f} |")
+    lines += ["", "| shape | token_select, k = N/2 (ms) | one dense block (ms) | block / select |", "|---|---|---|---|"]
+    for s in sel:
+        lines.append(f"| {s['shape']} | {s['select_ms']:.3f} | {s.get('block_ms', float('nan')):.2f} | "
+                     f"{s.get('block_over_select', float('nan')):.0f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sub = [r for r in rows if r["shape"] == name]
+        for variant, style in (("astraea", "-o"), ("sdpa", "--s"), ("gather_sdpa", ":^")):
+            ax.plot([r["budget"] for r in sub], [r[f"{variant}_ms"] for r in sub], style, ms=3, label=variant)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("budget k/N")
+        ax.set_ylabel("ms")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budgets", type=float, nargs="*", default=BUDGETS)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    rows = [r for name, shape in SHAPES.items() for r in attention_rows(name, shape, args.budgets)]
+    sel = [selection_rows(name, shape) for name, shape in SHAPES.items()]
+    device = torch.cuda.get_device_name()
+    (args.out / "bench_kernels.json").write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                                             "attention": rows, "selection": sel}, indent=1))
+    md = markdown(rows, sel, device)
+    (args.out / "bench_kernels.md").write_text(md)
+    plot(rows, args.out / "bench_kernels.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
