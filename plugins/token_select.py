@@ -9,17 +9,32 @@
 
     score = lse * ||x - x_ref||_2 + w_beta * exp(skips)        (w_alpha = 1)
 
-Top-k by score with ties broken by the lower row index (a stable sort), so the choice is
-the same on every device. k is static (one engine per budget); values are data-dependent.
-The skip counters are updated by astraea::cache_update, where the selection is applied.
+Top-k by score with ties broken by the lower row index, so the choice is the same on every
+device: the float32 score is mapped to an order-preserving integer and combined with the
+row index into one int64 key for torch.topk. On CUDA the scores come from one Triton pass
+over x and x_ref (kernels/select.py); elsewhere from the reference below. k is static (one
+engine per budget); values are data-dependent. The skip counters are updated by
+astraea::cache_update, where the selection is applied.
 """
 
 from __future__ import annotations
 
 import torch
 
+try:
+    import triton
+except ImportError:
+    triton = None
+if triton is not None:
+    from torch.library import wrap_triton
+
+    from .kernels import select as _kernels
+else:
+    _kernels = None
+
 
 def scores(lse, x, x_ref, skips, w_beta: float, forced=None) -> torch.Tensor:
+    """The reference scores, (B, N) float32."""
     delta = torch.linalg.vector_norm((x.float() - x_ref.float()), dim=-1)
     s = lse.float() * delta + w_beta * torch.exp(skips.float())
     if forced is not None:
@@ -27,7 +42,28 @@ def scores(lse, x, x_ref, skips, w_beta: float, forced=None) -> torch.Tensor:
     return s
 
 
-@torch.library.custom_op("astraea::token_select", mutates_args=())
+def _scores_triton(lse, x, x_ref, skips, w_beta, forced) -> torch.Tensor:
+    b, n, d = x.shape
+    out = torch.empty((b, n), dtype=torch.float32, device=x.device)
+    forced_arg = forced if forced is not None else out  # unread when HAS_FORCED is False
+    grid = (triton.cdiv(b * n, 32),)
+    wrap_triton(_kernels.score_kernel)[grid](
+        x.contiguous(), x_ref.contiguous(), lse.contiguous(), skips.contiguous(), forced_arg, out, w_beta, b * n, n, d,
+        HAS_FORCED=forced is not None, BLOCK_R=32, BLOCK_D=128,
+    )
+    return out
+
+
+def top_k_rows(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending indices of the k best rows per batch row; ties go to the lower index."""
+    bits = score.contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # float order as int order
+    n = score.shape[-1]
+    key = ordered * (1 << 32) + (n - 1 - torch.arange(n, device=score.device))
+    return torch.sort(torch.topk(key, k, dim=-1, sorted=False).indices, dim=-1).values
+
+
+@torch.library.triton_op("astraea::token_select", mutates_args=())
 def token_select(
     lse: torch.Tensor, x: torch.Tensor, x_ref: torch.Tensor, skips: torch.Tensor, k: int, w_beta: float,
     forced: torch.Tensor | None = None,
@@ -36,10 +72,8 @@ def token_select(
     if x.shape[:2] != (b, n) or x_ref.shape != x.shape or skips.shape != (b, n) or not 1 <= k <= n:
         raise ValueError(f"token_select: lse {tuple(lse.shape)}, x {tuple(x.shape)}, x_ref {tuple(x_ref.shape)}, "
                          f"skips {tuple(skips.shape)}, k={k} do not agree")
-    order = torch.sort(scores(lse, x, x_ref, skips, w_beta, forced), dim=-1, descending=True, stable=True).indices
-    return torch.sort(order[:, :k], dim=-1).values.contiguous()
-
-
-@token_select.register_fake
-def _(lse, x, x_ref, skips, k, w_beta, forced=None):
-    return lse.new_empty((lse.shape[0], k), dtype=torch.int64)
+    if x.device.type == "cuda" and _kernels is not None:
+        s = _scores_triton(lse, x, x_ref, skips, w_beta, forced)
+    else:
+        s = scores(lse, x, x_ref, skips, w_beta, forced)
+    return top_k_rows(s, k).contiguous()

@@ -76,3 +76,17 @@ def test_triton_sparse_attention_on_cuda(shape, dtype, masked):
     poisoned_lse = torch.full_like(lse, float("nan"))
     sa.launch(q, k, v, mask, 1 / d**0.5, poisoned_out, poisoned_lse)
     assert torch.isfinite(poisoned_out).all() and torch.isfinite(poisoned_lse).all()
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 5), (26520, 13260)])
+def test_token_select_on_cuda_matches_cpu(n, k):
+    import astraea.plugins  # noqa: F401
+
+    b, d = 2, 1536 if n > 1000 else 64
+    x, x_ref = torch.randn(b, n, d), torch.randn(b, n, d)
+    lse, skips = torch.rand(b, n), torch.randint(0, 4, (b, n), dtype=torch.int32)
+    cpu = torch.ops.astraea.token_select(lse, x, x_ref, skips, k, 0.5, None)
+    gpu = torch.ops.astraea.token_select(*(t.cuda() for t in (lse, x, x_ref, skips)), k, 0.5, None)
+    # scores agree to float32 rounding; a swap of two near-equal neighbours is the only allowed difference
+    overlap = len(set(cpu[0].tolist()) & set(gpu[0].cpu().tolist())) / k
+    assert overlap > 0.999

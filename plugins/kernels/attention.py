@@ -11,15 +11,33 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 4)]
 ]
+
+
+@triton.jit
+def _tile(q, k_ptrs, v_ptrs, key_ok, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr):
+    """One BLOCK_N tile of keys: the online-softmax update. Unmasked tiles skip every where()."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+        qk = tl.where(key_ok[None, :], tl.dot(q, k) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid key yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+        qk = tl.dot(q, k)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -36,29 +54,25 @@ def sparse_attention_kernel(
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < M
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd
+    v_base = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 domain
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < N
+    n_full = 0 if HAS_MASK else (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # full tiles: no masks
+        m_i, l_i, acc = _tile(q, k_base + start_n * skn, v_base + start_n * svn, offs_n < BLOCK_N,
+                              m_i, l_i, acc, qk_scale, False)
+    for start_n in range(n_full, N, BLOCK_N):  # the ragged tail, or every tile under a key mask
+        key_ok = start_n + offs_n < N
         if HAS_MASK:
-            keep = tl.load(MASK + b * smb + offs_n * smn, mask=key_ok, other=0)
+            keep = tl.load(MASK + b * smb + (start_n + offs_n) * smn, mask=key_ok, other=0)
             key_ok = key_ok & (keep != 0)
-        k = tl.load(K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=key_ok[None, :], other=0.0)
-        qk = tl.dot(q, k) * qk_scale
-        qk = tl.where(key_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with no valid key so far
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=key_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _tile(q, k_base + start_n * skn, v_base + start_n * svn, key_ok, m_i, l_i, acc, qk_scale, True)
     out = acc / l_i[:, None]
     tl.store(OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None])

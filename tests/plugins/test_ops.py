@@ -199,3 +199,22 @@ def test_bad_shapes_are_named():
         ops.sparse_attention(torch.randn(1, 2, 3, 16), torch.randn(1, 3, 4, 16), torch.randn(1, 3, 4, 16), None, None)
     with pytest.raises(ValueError, match="token_select"):
         ops.token_select(torch.rand(1, 4), torch.randn(1, 4, 2), torch.randn(1, 4, 2), torch.zeros(1, 4), 5, 0.5, None)
+
+
+@pytest.mark.skipif(sa._kernels is None, reason="triton is not installed")
+@pytest.mark.parametrize("n,d", [(1, 8), (37, 200), (64, 128)])
+def test_triton_scores_match_reference(n, d):
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter run is for CPU machines; tests/test_gpu covers CUDA")
+    from astraea.plugins import token_select as ts
+
+    b = 2
+    x, x_ref = torch.randn(b, n, d), torch.randn(b, n, d)
+    lse, skips = torch.rand(b, n) * 3, torch.randint(0, 4, (b, n), dtype=torch.int32)
+    forced = torch.zeros(n, dtype=torch.bool)
+    forced[n // 2] = True
+    got = ts._scores_triton(lse, x, x_ref, skips, 0.5, forced)
+    want = ts.scores(lse.double(), x.double(), x_ref.double(), skips, 0.5, forced)
+    assert torch.isinf(got[:, n // 2]).all()
+    keep = ~forced
+    torch.testing.assert_close(got[:, keep].double(), want[:, keep], atol=1e-5, rtol=1e-5)
