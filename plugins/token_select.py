@@ -34,9 +34,10 @@ else:
 
 
 def scores(lse, x, x_ref, skips, w_beta: float, forced=None) -> torch.Tensor:
-    """The reference scores, (B, N) float32."""
-    delta = torch.linalg.vector_norm((x.float() - x_ref.float()), dim=-1)
-    s = lse.float() * delta + w_beta * torch.exp(skips.float())
+    """The reference scores, (B, N), in float32 (float64 for float64 inputs)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    delta = torch.linalg.vector_norm(x.to(acc) - x_ref.to(acc), dim=-1)
+    s = lse.to(acc) * delta + w_beta * torch.exp(skips.to(acc))
     if forced is not None:
         s = s.masked_fill(forced.bool()[None, :], float("inf"))
     return s
@@ -76,4 +77,4 @@ def token_select(
         s = _scores_triton(lse, x, x_ref, skips, w_beta, forced)
     else:
         s = scores(lse, x, x_ref, skips, w_beta, forced)
-    return top_k_rows(s, k).contiguous()
+    return top_k_rows(s.float(), k).contiguous()
