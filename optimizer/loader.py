@@ -56,7 +56,7 @@ def load_model(cfg: RunConfig) -> LoadedModel:
         if preset.weights is not None:
             from . import bundled
 
-            transformer, text_encoder, digest = bundled.load(preset, device, dtype)
+            transformer, text_encoder, digest = bundled.load_model(preset, device, dtype)
             return LoadedModel(
                 family, transformer, scheduler, identity | {"weights": digest}, text_length, preset.geometry,
                 encoder=lambda prompts: Conditioning(text_encoder(prompts)), decoder=bundled.codec.decode,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea import config, loader  # noqa: E402
+from astraea import bundled, config, loader  # noqa: E402
 from astraea.bundled import data, judge  # noqa: E402
 from astraea.conditioning import encode_prompt  # noqa: E402
 from astraea.sampling import denoise, make_inputs  # noqa: E402
@@ -44,7 +44,7 @@ PROMPTS = [
 def sample_videos(prompts: list[str], steps: int, guidance: float, device: str, seed: int = 0) -> list[torch.Tensor]:
     cfg = config.from_dict({
         "model": {"family": "wan", "preset": "bundled", "dtype": "fp32", "device": device},
-        "video": dict(zip(("frames", "height", "width"), data_video())),
+        "video": dict(zip(("frames", "height", "width"), bundled.VIDEO)),
         "sampling": {"steps": steps, "guidance": guidance, "prompts": prompts, "seeds": [seed]},
     })
     model = loader.load_model(cfg)
@@ -54,12 +54,6 @@ def sample_videos(prompts: list[str], steps: int, guidance: float, device: str, 
         inputs = make_inputs(model, cfg.video, cfg.sampling, encode_prompt(model, prompt, None), negative, seed)
         videos.append(model.decoder(denoise(model, cfg.video, cfg.sampling, inputs))[0].cpu())
     return videos
-
-
-def data_video() -> tuple[int, int, int]:
-    from astraea import bundled
-
-    return bundled.VIDEO
 
 
 def grid(videos: list[torch.Tensor], captions: list[str], path: Path, frames: int = 6, scale: int = 2) -> None:
@@ -93,7 +87,7 @@ def main() -> None:
     prompts = PROMPTS[: args.prompts]
     videos = sample_videos(prompts, args.steps, args.guidance, args.device)
     verdicts = [judge.judge(v, c) for v, c in zip(videos, prompts)]
-    rendered = data.render([_scene(c) for c in prompts], *data_video()[:2])
+    rendered = data.render([_scene(c) for c in prompts], *bundled.VIDEO[:2])
     truth = [judge.judge(v, c) for v, c in zip(rendered, prompts)]
     args.out.mkdir(parents=True, exist_ok=True)
     grid(videos, prompts, args.out / "samples.png")

@@ -14,7 +14,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from . import codec, data
 from .text import TextEncoder
@@ -38,7 +38,7 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return transformer, text
 
 
-def load(preset, device: torch.device, dtype: torch.dtype, path: Path | None = None):
+def load_model(preset, device: torch.device, dtype: torch.dtype, path: Path | None = None):
     """-> (transformer, text encoder, sha256 of the weights file); errors name the file to fix."""
     from ..errors import AstraeaError
     from ..families import get_family
@@ -48,7 +48,7 @@ def load(preset, device: torch.device, dtype: torch.dtype, path: Path | None = N
         raise AstraeaError(f"model.preset: the bundled weights {path} are missing; reinstall astraea")
     blob = path.read_bytes()
     try:
-        state = load_file(str(path))
+        state = load(blob)
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise AstraeaError(f"model.preset: {path} is not a valid safetensors file ({e}); reinstall astraea") from None
     tstate, xstate = split_state(state)
@@ -65,4 +65,4 @@ def load(preset, device: torch.device, dtype: torch.dtype, path: Path | None = N
     return transformer.to(device), text, hashlib.sha256(blob).hexdigest()[:16]
 
 
-__all__ = ["CONFIG", "TEXT_LENGTH", "VIDEO", "WEIGHTS", "codec", "data", "load"]
+__all__ = ["CONFIG", "TEXT_LENGTH", "VIDEO", "WEIGHTS", "codec", "data", "load_model"]

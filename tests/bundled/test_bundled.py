@@ -107,3 +107,17 @@ def test_training_resumes_to_the_same_weights(tmp_path):
     losses = [np.float64(line.split('"loss": ')[1].split(",")[0]) for line in (straight / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert (straight / "loss.png").is_file()
+
+
+def test_missing_or_corrupt_bundled_weights_are_one_line(tmp_path):
+    from astraea.errors import AstraeaError
+    from astraea.families import get_family
+
+    preset = get_family("wan").preset("bundled")
+    with pytest.raises(AstraeaError, match="bundled weights .* are missing; reinstall astraea"):
+        bundled.load_model(preset, torch.device("cpu"), torch.float32, tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bundled.WEIGHTS.read_bytes()[:1000])
+    with pytest.raises(AstraeaError, match="is not a valid safetensors file") as e:
+        bundled.load_model(preset, torch.device("cpu"), torch.float32, bad)
+    assert "\n" not in str(e.value)
