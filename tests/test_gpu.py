@@ -90,3 +90,28 @@ def test_token_select_on_cuda_matches_cpu(n, k):
     # scores agree to float32 rounding; a swap of two near-equal neighbours is the only allowed difference
     overlap = len(set(cpu[0].tolist()) & set(gpu[0].cpu().tolist())) / k
     assert overlap > 0.999
+
+
+def test_ops_compile_on_cuda_with_the_triton_kernels():
+    """The three ops in one graph under torch.compile(fullgraph) on CUDA: Inductor takes the
+    Triton kernels in (triton_op) and the result matches eager."""
+    import astraea.plugins  # noqa: F401
+
+    ops = torch.ops.astraea
+
+    def block(x, x_ref, lse, skips, cache, lse_cache, q, k, v):
+        idx = ops.token_select(lse, x, x_ref, skips, 300, 0.5, None)
+        b, h, _, d = q.shape
+        q_sel = torch.gather(q, 2, idx[:, None, :, None].expand(b, h, 300, d))
+        out, row_lse = ops.sparse_attention(q_sel, k, v, None, None)
+        ops.cache_update(cache, lse_cache, skips, idx, out.transpose(1, 2).reshape(b, 300, h * d), row_lse.mean(1), None, None)
+        return cache * 1
+
+    b, n, h, d = 2, 1000, 4, 64
+    args = [torch.randn(b, n, h * d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    args += [torch.rand(b, n, device="cuda"), torch.zeros(b, n, dtype=torch.int32, device="cuda"),
+             torch.zeros(b, n, h * d, device="cuda", dtype=torch.bfloat16), torch.zeros(b, n, device="cuda")]
+    args += [torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    want = block(*[a.clone() for a in args])
+    got = torch.compile(block, fullgraph=True)(*[a.clone() for a in args])
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
