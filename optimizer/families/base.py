@@ -171,6 +171,7 @@ class Family:
     layout: ClassVar[str]  # "BCFHW" or "BFCHW"
     schedulers: ClassVar[tuple[str, ...]]  # allowed sampling.scheduler values besides "default"
     block_containers: ClassVar[tuple[str, ...]]  # module names of the transformer block lists
+    self_attention: ClassVar[tuple[str, ...]]  # attention module names (in a block) over the video tokens
     joint_attention: ClassVar[bool] = False  # text rows inside the self-attention sequence
     embedded_guidance: ClassVar[bool] = False  # guidance-distilled: a guidance input, no CFG batch needed
 
@@ -270,6 +271,10 @@ class Family:
     def encode(self, pipe, prompts: list[str], text_length: int, device) -> Conditioning:
         """The checkpoint's own text encoder, through the family's diffusers pipeline."""
         raise NotImplementedError
+
+    # ---- capture ---------------------------------------------------------------------------
+    def prepare_capture(self, model: LoadedModel, video: VideoSpec) -> None:
+        """Make the transformer traceable at this video's static shapes (same numbers as eager)."""
 
     # ---- one denoising step ---------------------------------------------------------------
     def static_inputs(self, model: LoadedModel, video: VideoSpec, sampling) -> dict[str, Any]:

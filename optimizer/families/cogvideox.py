@@ -39,6 +39,7 @@ class CogVideoX(Family):
     layout = "BFCHW"
     schedulers = ("cogvideox_ddim", "cogvideox_dpm")
     block_containers = ("transformer_blocks",)
+    self_attention = ("attn1",)  # the token-mixing attention of a block (others attend to text)
     joint_attention = True
     latents_in_model_dtype = True
     presets = {
@@ -80,6 +81,20 @@ class CogVideoX(Family):
     def encode(self, pipe, prompts, text_length, device):
         embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=text_length, device=device)
         return Conditioning(embeds)
+
+    def prepare_capture(self, model, video):
+        """CogVideoX-2B recomputes its sincos table in forward (numpy) when the video is not the
+        config's sample size, which torch.export cannot trace: store the table for this size."""
+        pe = model.transformer.patch_embed
+        if not pe.use_positional_embeddings or pe.use_learned_positional_embeddings:
+            return
+        frames = model.geometry.latent_frames(video.frames)
+        height, width = video.height // model.geometry.spatial, video.width // model.geometry.spatial  # latent units
+        pre = (frames - 1) * pe.temporal_compression_ratio + 1
+        if (pe.sample_height, pe.sample_width, pe.sample_frames) != (height, width, pre):
+            table = pe._get_positional_embeddings(height, width, pre, device=model.device)
+            pe.register_buffer("pos_embedding", table, persistent=False)
+            pe.sample_height, pe.sample_width, pe.sample_frames = height, width, pre
 
     def vae_decode(self, vae, latents):
         return vae.decode(latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).sample

@@ -28,6 +28,7 @@ class HunyuanVideo(Family):
     layout = "BCFHW"
     schedulers = ("flow_match_euler",)
     block_containers = ("transformer_blocks", "single_transformer_blocks")
+    self_attention = ("attn",)  # the token-mixing attention of a block (others attend to text)
     joint_attention = True
     embedded_guidance = True  # distilled guidance (sampling.embedded_guidance, default 6.0)
     presets = {

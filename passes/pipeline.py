@@ -1,0 +1,70 @@
+"""The pass pipeline: an explicit ordered list, each pass counting what it changed.
+
+A pass is `verb_object(gm, ctx) -> dict[str, int]` (its counts). `run` lints the graph
+after every pass, logs the counts, dumps the graph before and after each pass when
+`ctx.dump_dir` is set, and turns any failure into a `PassError` naming the pass and those
+that ran before it. Passes land one per file; this list is the table of contents.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.fx as fx
+
+from astraea.errors import AstraeaError
+from astraea.families import Family, TokenLayout
+
+from .annotate_blocks import annotate_blocks
+
+log = logging.getLogger("astraea.passes")
+
+
+@dataclass
+class PassContext:
+    family: Family
+    layout: TokenLayout
+    dump_dir: Path | None = None
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+Pass = Callable[[fx.GraphModule, PassContext], dict[str, int]]
+
+PIPELINE: list[tuple[str, Pass]] = [
+    ("annotate_blocks", annotate_blocks),
+]
+
+
+class PassError(AstraeaError):
+    def __init__(self, name: str, before: list[str], error: Exception):
+        self.pass_name = name
+        ran = ", ".join(before) or "none"
+        super().__init__(f"pass {name} failed (passes run before it: {ran}): {type(error).__name__}: {error}")
+
+
+def _dump(gm: fx.GraphModule, ctx: PassContext, name: str) -> None:
+    if ctx.dump_dir is not None:
+        ctx.dump_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.dump_dir / f"{name}.txt").write_text(str(gm.graph))
+
+
+def run(gm: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, Pass]] | None = None) -> fx.GraphModule:
+    done: list[str] = []
+    for i, (name, fn) in enumerate(PIPELINE if passes is None else passes):
+        _dump(gm, ctx, f"{i:02d}-{name}-before")
+        try:
+            counts = fn(gm, ctx)
+            gm.graph.lint()
+            gm.recompile()
+        except AstraeaError as e:
+            raise PassError(name, done, e) from e
+        except Exception as e:  # a bug in a pass: still named
+            raise PassError(name, done, e) from e
+        ctx.stats[name] = counts
+        log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in counts.items()) or "no change")
+        _dump(gm, ctx, f"{i:02d}-{name}-after")
+        done.append(name)
+    return gm
