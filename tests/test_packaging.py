@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 TOP = {"optimizer": "astraea", "passes": "astraea.passes", "plugins": "astraea.plugins"}

@@ -5,11 +5,10 @@ import sys
 import torch
 
 sys.path.insert(0, "tests")
-from conftest import tiny_config  # noqa: E402
-
 from astraea import loader  # noqa: E402
 from astraea.conditioning import encode_prompt  # noqa: E402
 from astraea.sampling import make_inputs  # noqa: E402
+from conftest import tiny_config  # noqa: E402
 
 family, preset = sys.argv[1], sys.argv[2]
 outs = {}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -71,7 +71,8 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # (B, P), families with pooled projections
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        # not dataclasses.asdict: it deep-copies every tensor
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
