@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import trange
 
-from .conditioning import encode_prompt
 from .config import RunConfig
 from .families import LoadedModel
 from .io import atomic_file, write_json
-from .sampling import make_inputs
+from .sampling import first_step_kwargs
 
 
 def device_name(device: torch.device) -> str:
@@ -30,15 +29,9 @@ def device_name(device: torch.device) -> str:
 
 @torch.no_grad()
 def dense_step(cfg: RunConfig, model: LoadedModel, progress: bool = True) -> dict:
-    s, dev = cfg.sampling, model.device
-    prompt = encode_prompt(model, s.prompts[0], None)
-    negative = encode_prompt(model, s.negative_prompt, None)
-    inputs = make_inputs(model, cfg.video, s, prompt, negative, s.seeds[0])
-    timesteps = model.family.set_timesteps(model.scheduler, s.steps, dev)
-    static = model.family.static_inputs(model, cfg.video, s)
-    x = inputs.noise.to(dev, model.dtype)
-    x = torch.cat([x, x]) if inputs.cfg else x
-    kwargs = model.family.model_inputs(x, timesteps[0], inputs.cond, static)
+    dev = model.device
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    batch = kwargs["hidden_states"].shape[0]
 
     def call():
         return model.transformer(**kwargs)[0]
@@ -67,7 +60,7 @@ def dense_step(cfg: RunConfig, model: LoadedModel, progress: bool = True) -> dic
     return {
         "config": cfg.name, "family": cfg.model.family, "source": model.identity["source"],
         "device": device_name(dev), "torch": torch.__version__, "dtype": cfg.model.dtype,
-        "video": f"{cfg.video.width}x{cfg.video.height}x{cfg.video.frames}", "batch": x.shape[0],
+        "video": f"{cfg.video.width}x{cfg.video.height}x{cfg.video.frames}", "batch": batch,
         "video_tokens": layout.video_tokens, "text_tokens": model.text_length,
         "params": sum(p.numel() for p in model.transformer.parameters()),
         "warmup": cfg.bench.warmup, "repeats": cfg.bench.repeats, "step_ms": times,

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .conditioning import encode_prompt
 from .config import RunConfig
 from .errors import AstraeaError
 from .families import LoadedModel, TokenLayout
-from .sampling import make_inputs
+from .sampling import first_step_kwargs
 
 
 class CaptureError(AstraeaError):
@@ -31,20 +30,9 @@ class Captured:
     layout: TokenLayout
 
 
-def example_inputs(model: LoadedModel, cfg: RunConfig) -> dict:
-    """The transformer's kwargs of the first denoising step of the first prompt and seed."""
-    s = cfg.sampling
-    inputs = make_inputs(model, cfg.video, s, encode_prompt(model, s.prompts[0], None),
-                         encode_prompt(model, s.negative_prompt, None), s.seeds[0])
-    x = inputs.noise.to(model.device, model.dtype)
-    x = torch.cat([x, x]) if inputs.cfg else x
-    t = model.family.set_timesteps(model.scheduler, s.steps, model.device)[0]
-    return model.family.model_inputs(x, t, inputs.cond, model.family.static_inputs(model, cfg.video, s))
-
-
 def capture(model: LoadedModel, cfg: RunConfig) -> Captured:
     model.family.prepare_capture(model, cfg.video)
-    example = example_inputs(model, cfg)
+    example = first_step_kwargs(model, cfg.video, cfg.sampling)
     try:
         with torch.no_grad():
             program = torch.export.export(model.transformer, (), example, strict=False).run_decompositions({})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .conditioning import encode_prompt
 from .config import SamplingSpec, VideoSpec
 from .families import Conditioning, LoadedModel
 
@@ -45,6 +46,23 @@ def make_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, pr
     cond = Conditioning.cat([negative, prompt]) if cfg else prompt
     noise, rng_state = initial_noise(layout.latent_shape, seed)
     return SampleInputs(noise, cond, cfg, rng_state)
+
+
+def prompt_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, prompt: str, seed: int,
+                  cache_dir=None) -> SampleInputs:
+    """One prompt and seed: the prompt and the config's negative prompt encoded, the noise drawn."""
+    return make_inputs(model, video, sampling, encode_prompt(model, prompt, cache_dir),
+                       encode_prompt(model, sampling.negative_prompt, cache_dir), seed)
+
+
+def first_step_kwargs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec) -> dict:
+    """The transformer's kwargs at the first denoising step of the first prompt and seed
+    (what benchmarks time and what the graph is captured at)."""
+    inputs = prompt_inputs(model, video, sampling, sampling.prompts[0], sampling.seeds[0])
+    x = inputs.noise.to(model.device, model.dtype)
+    x = torch.cat([x, x]) if inputs.cfg else x
+    t = model.family.set_timesteps(model.scheduler, sampling.steps, model.device)[0]
+    return model.family.model_inputs(x, t, inputs.cond, model.family.static_inputs(model, video, sampling))
 
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, timestep, latents after the step)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from astraea import loader
-from astraea.capture import capture, example_inputs
+from astraea.capture import capture
+from astraea.sampling import first_step_kwargs
 from conftest import tiny_config
 
 
@@ -14,7 +15,7 @@ def test_captured_graph_equals_eager_and_is_functional(family_preset):
     cfg = tiny_config(family, preset)
     model = loader.load_model(cfg)
     with torch.no_grad():  # eager before capture touches the model (CogVideoX stores its table)
-        want = model.transformer(**example_inputs(model, cfg))[0]
+        want = model.transformer(**first_step_kwargs(model, cfg.video, cfg.sampling))[0]
     captured = capture(model, cfg)
     nodes = list(captured.program.graph.nodes)
     sdpa = [n for n in nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from astraea import loader
-from astraea.conditioning import encode_prompt
 from astraea.families import get_family
-from astraea.sampling import denoise, make_inputs
+from astraea.sampling import denoise, prompt_inputs
 from conftest import tiny_config
 
 pytestmark = pytest.mark.gpu
@@ -16,9 +15,7 @@ pytestmark = pytest.mark.gpu
 
 def _sample(cfg):
     model = loader.load_model(cfg)
-    cond = encode_prompt(model, cfg.sampling.prompts[0], None)
-    negative = encode_prompt(model, "", None)
-    return denoise(model, cfg.video, cfg.sampling, make_inputs(model, cfg.video, cfg.sampling, cond, negative, 0)).cpu()
+    return denoise(model, cfg.video, cfg.sampling, prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)).cpu()
 
 
 def test_cuda_sample_matches_cpu(family_preset):

@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffusers.models.transformers.transformer_wan as wan_module  # noqa: E402
 
 from astraea import config, loader  # noqa: E402
-from astraea.conditioning import encode_prompt  # noqa: E402
-from astraea.sampling import denoise, make_inputs  # noqa: E402
+from astraea.sampling import denoise, prompt_inputs  # noqa: E402
 
 THRESHOLDS = {"stable_fraction": 0.01, "stable_fraction_5pct": 0.05, "stable_fraction_10pct": 0.10}
 PROMPTS = ["a red circle moving left over a striped background", "a green ring growing over a gradient background"]
@@ -62,7 +61,7 @@ def measure(prompt: str, steps: int, device: str) -> dict:
     outputs: list[torch.Tensor] = []
     hooks = [b.register_forward_hook(lambda m, a, o: outputs.append(o.detach().float().cpu())) for b in blocks]
     lse: list[torch.Tensor] = []
-    inputs = make_inputs(model, cfg.video, cfg.sampling, encode_prompt(model, prompt, None), encode_prompt(model, "", None), 0)
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, prompt, 0)
     with record_self_attention_lse(lse):
         denoise(model, cfg.video, cfg.sampling, inputs)
     for h in hooks:

@@ -22,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from astraea import bundled, config, loader  # noqa: E402
 from astraea.bundled import data, judge  # noqa: E402
-from astraea.conditioning import encode_prompt  # noqa: E402
-from astraea.sampling import denoise, make_inputs  # noqa: E402
+from astraea.sampling import denoise, prompt_inputs  # noqa: E402
 
 PROMPTS = [
     "a red circle moving left over a striped background",
@@ -48,10 +47,9 @@ def sample_videos(prompts: list[str], steps: int, guidance: float, device: str, 
         "sampling": {"steps": steps, "guidance": guidance, "prompts": prompts, "seeds": [seed]},
     })
     model = loader.load_model(cfg)
-    negative = encode_prompt(model, "", None)
     videos = []
     for prompt in tqdm(prompts, desc="sample", unit="prompt"):
-        inputs = make_inputs(model, cfg.video, cfg.sampling, encode_prompt(model, prompt, None), negative, seed)
+        inputs = prompt_inputs(model, cfg.video, cfg.sampling, prompt, seed)
         videos.append(model.decoder(denoise(model, cfg.video, cfg.sampling, inputs))[0].cpu())
     return videos
 

@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 from astraea import bundled, config, loader
 from astraea.bundled import codec, data, judge
 from astraea.bundled.text import TextEncoder
-from astraea.conditioning import encode_prompt
-from astraea.sampling import denoise, make_inputs
+from astraea.sampling import denoise, prompt_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).with_name("golden_p0_s0_4steps.safetensors")
@@ -72,7 +71,7 @@ def _bundled_config(steps=4, **sampling):
 
 
 def _sample(cfg, model):
-    inputs = make_inputs(model, cfg.video, cfg.sampling, encode_prompt(model, PROMPT, None), encode_prompt(model, "", None), 0)
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, PROMPT, 0)
     return denoise(model, cfg.video, cfg.sampling, inputs)
 
 

@@ -12,14 +12,12 @@ from astraea import loader
 from astraea.conditioning import encode_prompt
 from astraea.families import get_family
 from astraea.families.base import pseudo_embedding
-from astraea.sampling import denoise, make_inputs
+from astraea.sampling import denoise, make_inputs, prompt_inputs
 from conftest import tiny_config
 
 
 def _sample(cfg, model, prompt="a red circle moving left", seed=0):
-    cond = encode_prompt(model, prompt, None)
-    negative = encode_prompt(model, cfg.sampling.negative_prompt, None)
-    return denoise(model, cfg.video, cfg.sampling, make_inputs(model, cfg.video, cfg.sampling, cond, negative, seed))
+    return denoise(model, cfg.video, cfg.sampling, prompt_inputs(model, cfg.video, cfg.sampling, prompt, seed))
 
 
 def test_forward_shape_and_token_count(family_preset):
