@@ -9,9 +9,13 @@ in-place K-side write landed in a gathered copy and gave silently wrong numbers)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+import astraea.plugins  # noqa: F401  (registers astraea::token_mark)
 
 from .config import RunConfig
 from .errors import AstraeaError
@@ -30,11 +34,34 @@ class Captured:
     layout: TokenLayout
 
 
+@contextmanager
+def marked_token_streams(model: LoadedModel) -> Iterator[int]:
+    """While active, every block's `hidden_states` (the adapter's token stream) passes through
+    astraea::token_mark(x, block index); yields the number of blocks."""
+    blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
+
+    def hook(index):
+        def mark(module, args, kwargs):
+            if args:
+                return (torch.ops.astraea.token_mark(args[0], index), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": torch.ops.astraea.token_mark(kwargs["hidden_states"], index)}
+
+        return mark
+
+    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        yield len(blocks)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def capture(model: LoadedModel, cfg: RunConfig) -> Captured:
+    """The transformer as a functional ExportedProgram, each block's token stream marked."""
     model.family.prepare_capture(model, cfg.video)
     example = first_step_kwargs(model, cfg.video, cfg.sampling)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), marked_token_streams(model):
             program = torch.export.export(model.transformer, (), example, strict=False).run_decompositions({})
     except Exception as e:  # export failures are long; the first line names the construct
         raise CaptureError(f"torch.export of the {cfg.model.family} transformer failed: {str(e).splitlines()[0]}") from e

@@ -3,12 +3,13 @@
 - `token_select`     score = LSE x ||x - x_ref|| + w_beta exp(skips); top-k per batch row
 - `sparse_attention` query-only attention over all keys, with the row LSE (Triton on CUDA)
 - `cache_update`     fresh rows, LSE, reference input and skip counters, in place
+- `token_mark`       identity that marks a block's token stream in a captured graph
 
 Each op has a PyTorch reference (CPU and the tests' definition) and a fake kernel, so it
 works in eager mode, under torch.compile and through torch.export. Kernels live in
 `kernels/`, free of registration side effects. Importing this package registers the ops.
 """
 
-from . import cache_update, sparse_attention, token_select  # noqa: F401  (registration)
+from . import cache_update, sparse_attention, token_mark, token_select  # noqa: F401  (registration)
 
-__all__ = ["cache_update", "sparse_attention", "token_select"]  # the op modules; call torch.ops.astraea.*
+__all__ = ["cache_update", "sparse_attention", "token_mark", "token_select"]  # the op modules; call torch.ops.astraea.*
