@@ -9,6 +9,7 @@ in-place K-side write landed in a gathered copy and gave silently wrong numbers)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,14 +38,25 @@ class Captured:
 @contextmanager
 def marked_token_streams(model: LoadedModel) -> Iterator[int]:
     """While active, every block's `hidden_states` (the adapter's token stream) passes through
-    astraea::token_mark(x, block index); yields the number of blocks."""
+    astraea::token_mark(x, block index) and each of its token-indexed tables (the adapter's
+    `token_tables`, e.g. rotary cos/sin) through astraea::token_table(t, dim); yields the
+    number of blocks. The passes find token sources by these ops, never by sizes."""
     blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
+    tables = model.family.token_tables
+
+    def table(value, dim):
+        if isinstance(value, torch.Tensor):
+            return torch.ops.astraea.token_table(value, dim)
+        return type(value)(table(v, dim) for v in value) if isinstance(value, (tuple, list)) else value
 
     def hook(index):
         def mark(module, args, kwargs):
-            if args:
-                return (torch.ops.astraea.token_mark(args[0], index), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": torch.ops.astraea.token_mark(kwargs["hidden_states"], index)}
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            bound.arguments["hidden_states"] = torch.ops.astraea.token_mark(bound.arguments["hidden_states"], index)
+            for name, dim in tables.items():
+                if bound.arguments.get(name) is not None:
+                    bound.arguments[name] = table(bound.arguments[name], dim)
+            return bound.args, bound.kwargs
 
         return mark
 

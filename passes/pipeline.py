@@ -35,6 +35,8 @@ Pass = Callable[[fx.GraphModule, PassContext], dict[str, int]]
 
 PIPELINE: list[tuple[str, Pass]] = [
     ("annotate_blocks", annotate_blocks),
+    # next: classify_rows (passes/classify_rows.py; Wan today, joint attention pending), then
+    # insert_selection, gather_subset, replace_attention, write_cache, cleanup
 ]
 
 

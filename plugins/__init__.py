@@ -3,7 +3,8 @@
 - `token_select`     score = LSE x ||x - x_ref|| + w_beta exp(skips); top-k per batch row
 - `sparse_attention` query-only attention over all keys, with the row LSE (Triton on CUDA)
 - `cache_update`     fresh rows, LSE, reference input and skip counters, in place
-- `token_mark`       identity that marks a block's token stream in a captured graph
+- `token_mark`, `token_table`  identities that mark a block's token stream and its token-indexed
+                     tables (rotary cos/sin) in a captured graph
 
 Each op has a PyTorch reference (CPU and the tests' definition) and a fake kernel, so it
 works in eager mode, under torch.compile and through torch.export. Kernels live in

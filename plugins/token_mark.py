@@ -21,3 +21,15 @@ def token_mark(x: torch.Tensor, block: int) -> torch.Tensor:
 @token_mark.register_fake
 def _(x, block):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("astraea::token_table", mutates_args=())
+def token_table(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Marks a table indexed by token along `dim` that a block takes from outside (rotary
+    cos/sin): the rewrite gathers its rows wherever a selected-rows node reads it."""
+    return t.clone()
+
+
+@token_table.register_fake
+def _(t, dim):
+    return torch.empty_like(t)

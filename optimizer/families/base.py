@@ -173,6 +173,7 @@ class Family:
     schedulers: ClassVar[tuple[str, ...]]  # allowed sampling.scheduler values besides "default"
     block_containers: ClassVar[tuple[str, ...]]  # module names of the transformer block lists
     self_attention: ClassVar[tuple[str, ...]]  # attention module names (in a block) over the video tokens
+    token_tables: ClassVar[dict[str, int]] = {}  # block arguments indexed by token (rotary tables): name -> dim
     joint_attention: ClassVar[bool] = False  # text rows inside the self-attention sequence
     embedded_guidance: ClassVar[bool] = False  # guidance-distilled: a guidance input, no CFG batch needed
 

@@ -40,6 +40,7 @@ class CogVideoX(Family):
     schedulers = ("cogvideox_ddim", "cogvideox_dpm")
     block_containers = ("transformer_blocks",)
     self_attention = ("attn1",)  # the token-mixing attention of a block (others attend to text)
+    token_tables = {"image_rotary_emb": 0}  # block arguments indexed by token (argument name: token dim)
     joint_attention = True
     latents_in_model_dtype = True
     presets = {

@@ -29,6 +29,7 @@ class HunyuanVideo(Family):
     schedulers = ("flow_match_euler",)
     block_containers = ("transformer_blocks", "single_transformer_blocks")
     self_attention = ("attn",)  # the token-mixing attention of a block (others attend to text)
+    token_tables = {"image_rotary_emb": 0, "freqs_cis": 0}  # block arguments indexed by token (argument name: token dim)
     joint_attention = True
     embedded_guidance = True  # distilled guidance (sampling.embedded_guidance, default 6.0)
     presets = {

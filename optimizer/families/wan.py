@@ -26,6 +26,7 @@ class Wan(Family):
     schedulers = ("flow_match_euler", "unipc")
     block_containers = ("blocks",)
     self_attention = ("attn1",)  # the token-mixing attention of a block (others attend to text)
+    token_tables = {"rotary_emb": 1}  # block arguments indexed by token (argument name: token dim)
     presets = {
         "wan2.1-t2v-1.3b": Preset("wan2.1-t2v-1.3b", dict(_WAN, num_attention_heads=12, ffn_dim=8960, num_layers=30), 512, (81, 480, 832)),
         "wan2.1-t2v-14b": Preset("wan2.1-t2v-14b", dict(_WAN, num_attention_heads=40, ffn_dim=13824, num_layers=40), 512, (81, 720, 1280)),
