@@ -19,6 +19,12 @@ from astraea.errors import AstraeaError
 from astraea.families import Family, TokenLayout
 
 from .annotate_blocks import annotate_blocks
+from .classify_rows import classify_rows
+from .cleanup import cleanup
+from .gather_subset import gather_subset
+from .insert_selection import insert_selection
+from .replace_attention import replace_attention
+from .write_cache import write_cache
 
 log = logging.getLogger("astraea.passes")
 
@@ -29,14 +35,21 @@ class PassContext:
     layout: TokenLayout
     dump_dir: Path | None = None
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    budget: int | None = None  # k, the rows each block recomputes (the rewrite passes)
+    w_beta: float = 0.5  # staleness weight of the selection score
+    blocks: dict[str, dict] = field(default_factory=dict)  # per block: its mark, index and state nodes
 
 
 Pass = Callable[[fx.GraphModule, PassContext], dict[str, int]]
 
 PIPELINE: list[tuple[str, Pass]] = [
     ("annotate_blocks", annotate_blocks),
-    # next: classify_rows (passes/classify_rows.py; Wan today, joint attention pending), then
-    # insert_selection, gather_subset, replace_attention, write_cache, cleanup
+    ("classify_rows", classify_rows),  # Wan today; joint attention (offsets along the token axis) pending
+    ("insert_selection", insert_selection),
+    ("gather_subset", gather_subset),
+    ("replace_attention", replace_attention),
+    ("write_cache", write_cache),
+    ("cleanup", cleanup),
 ]
 
 

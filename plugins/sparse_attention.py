@@ -3,7 +3,8 @@
     out, lse = sparse_attention(q, k, v, key_mask, scale)
     q (B, H, M, D): the M selected query rows; k, v (B, H, N, D): all N rows
     key_mask (B, N) bool or None: False removes a key (padded text)
-    out (B, H, M, D) in q's dtype, contiguous; lse (B, H, M) float32, natural log
+    out (B, H, M, D) in q's dtype, laid out in memory like q (as SDPA does: a graph that
+    permutes SDPA's output back and views it relies on that); lse (B, H, M) float32
 
 The queries arrive already gathered: the graph gathers the block input's selected rows
 before the Q projection, so Q is only ever computed for M rows (gathering inside the
@@ -72,7 +73,7 @@ def sparse_attention(
     if k.shape[:2] != (b, h) or k.shape[-1] != d or v.shape != k.shape:
         raise ValueError(f"sparse_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    out = torch.empty((b, h, m, d), dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.preserve_format)
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
     if q.device.type == "cuda" and kernel_supported(q):
         launch(q, k, v, key_mask, scale, out, lse)

@@ -218,3 +218,13 @@ def test_triton_scores_match_reference(n, d):
     assert torch.isinf(got[:, n // 2]).all()
     keep = ~forced
     torch.testing.assert_close(got[:, keep].double(), want[:, keep], atol=1e-5, rtol=1e-5)
+
+
+def test_output_is_laid_out_like_the_query():
+    """As SDPA does: a graph that permutes the output back and views it depends on it."""
+    q = torch.randn(2, 7, 3, 16).permute(0, 2, 1, 3)  # (B, H, M, D) over (B, M, H, D) memory
+    k, v = torch.randn(2, 3, 11, 16), torch.randn(2, 3, 11, 16)
+    out, _ = ops.sparse_attention(q, k, v, None, None)
+    assert out.stride() == q.stride()
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    out.permute(0, 2, 1, 3).view(2, 7, 48)  # what the Wan graph does next

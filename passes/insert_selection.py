@@ -1,0 +1,41 @@
+"""insert_selection: token selection at every block's input, with the block state as inputs.
+
+For each block's `astraea::token_mark` adds four graph inputs, the state the runtime owns
+across steps (cache (B, N, D) in the stream's dtype, lse (B, N) float32, ref (B, N, D), skips
+(B, N) int32), and `idx = astraea::token_select(lse, x, ref, skips, k, w_beta)` right after
+the mark. State is explicit (inputs in, new state out): AOTInductor packages and TensorRT
+engines both take it that way, and the runtime donates the buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .graph_util import add_placeholder
+
+MARK = torch.ops.astraea.token_mark.default
+
+
+def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
+    if ctx.budget is None or not 1 <= ctx.budget <= ctx.layout.video_tokens:
+        raise ValueError(f"budget {ctx.budget} must be in 1..{ctx.layout.video_tokens}")
+    marks = [n for n in gm.graph.nodes if n.target is MARK]
+    for mark in marks:
+        x = mark.meta["val"]
+        b, n, _ = x.shape
+        block = next(iter(mark.users)).meta["astraea_block"]
+        i = mark.args[1]
+        state = {
+            "cache": add_placeholder(gm, f"state_{i}_cache", x.new_empty(x.shape)),
+            "lse": add_placeholder(gm, f"state_{i}_lse", x.new_empty((b, n), dtype=torch.float32)),
+            "ref": add_placeholder(gm, f"state_{i}_ref", x.new_empty(x.shape)),
+            "skips": add_placeholder(gm, f"state_{i}_skips", x.new_empty((b, n), dtype=torch.int32)),
+        }
+        with gm.graph.inserting_after(mark):
+            idx = gm.graph.call_function(torch.ops.astraea.token_select.default,
+                                         (state["lse"], mark, state["ref"], state["skips"], ctx.budget, ctx.w_beta, None))
+        idx.meta["val"] = x.new_empty((b, ctx.budget), dtype=torch.int64)
+        idx.meta["astraea_block"] = block
+        ctx.blocks[block] = {"mark": mark, "idx": idx, "index": i, **state}
+    return {"selections": len(marks), "state_inputs": 4 * len(marks)}

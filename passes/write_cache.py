@@ -1,0 +1,48 @@
+"""write_cache: each block's fresh rows into its state; the next block reads the full cache.
+
+At the block's output (its subset node used outside the block) the k fresh rows are
+scattered into the cached output, their LSE and input rows into the state, the skip
+counters advanced and reset at the selected rows, all functionally (aten scatter; new
+state becomes graph outputs, in block order: cache, lse, ref, skips). Every use of the
+block output outside the block now reads the full new cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from .graph_util import add_outputs, call, gather_rows
+
+aten = torch.ops.aten
+
+
+def _block_output(gm: fx.GraphModule, block: str) -> fx.Node:
+    outs = [n for n in gm.graph.nodes if n.meta.get("astraea_block") == block and n.meta.get("astraea_rows") == "subset"
+            and any(u.meta.get("astraea_block") != block and u.target is not aten._assert_tensor_metadata.default
+                    for u in n.users)]
+    if len(outs) != 1:
+        raise ValueError(f"{block}: expected one token-carrying block output, found {[n.name for n in outs]}")
+    return outs[0]
+
+
+def write_cache(gm: fx.GraphModule, ctx) -> dict[str, int]:
+    new_state = []
+    for block, st in ctx.blocks.items():
+        rows = _block_output(gm, block)
+        outside = [u for u in rows.users if u.meta.get("astraea_block") != block]
+        idx, g = st["idx"], gm.graph
+        b, k = idx.meta["val"].shape
+        d = rows.meta["val"].shape[-1]
+        with g.inserting_before(rows.next):  # in creation order, right after the rows
+            index = call(g, aten.expand.default, call(g, aten.view.default, idx, [b, k, 1]), [b, k, d])
+            cache = call(g, aten.scatter.src, st["cache"], 1, index, rows)
+            lse = call(g, aten.scatter.src, st["lse"], 1, idx, st["row_lse"])
+            x_sel = st.get("x_sel") or gather_rows(g, st["mark"], idx, 1)
+            ref = call(g, aten.scatter.src, st["ref"], 1, index, x_sel)
+            skips = call(g, aten.scatter.value, call(g, aten.add.Tensor, st["skips"], 1), 1, idx, 0)
+        for user in outside:
+            user.replace_input_with(rows, cache)
+        new_state += [cache, lse, ref, skips]
+    add_outputs(gm, new_state)
+    return {"caches": len(ctx.blocks), "state_outputs": len(new_state)}
