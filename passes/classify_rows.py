@@ -14,9 +14,9 @@ guess; sizes are only asserted. Then:
 Writes node.meta["astraea_token_dim"] and node.meta["astraea_rows"], and records the gather
 edges in node.meta["astraea_gather"] (argument positions); changes no node.
 
-Scope today: blocks whose token stream stays one tensor (Wan). Concatenating or slicing
-along the token axis (joint text + video attention: CogVideoX, HunyuanVideo) stops with a
-clear error until offsets are tracked.
+Joint attention: the axis is (dim, start), so text rows concatenated before or after the
+video rows (CogVideoX, HunyuanVideo) are tracked through cat, slice, split and
+slice_scatter; text rows are never subset.
 """
 
 from __future__ import annotations
@@ -49,62 +49,133 @@ def _shape(node) -> tuple[int, ...]:
     return tuple(node.meta["val"].shape)
 
 
-def _keep(node, dim, arg0):
-    return dim
+# A token axis is (dim, start): rows [start, start + N) of `dim` are the video tokens, the
+# rest (joint attention's text rows) are never subset. A rule maps the axis of a node's
+# token-carrying input to the node's own axis (None: the output carries no tokens; a list:
+# one per element of a list output).
 
 
-def _view(node, dim, arg0):
-    src, dst = _shape(arg0), _shape(node)
-    prefix = math.prod(src[:dim])
-    for e in range(len(dst)):
-        if math.prod(dst[:e]) == prefix and dst[e] == src[dim]:
-            return e
-    raise UnsupportedOp(f"{node.name}: {node.target} merges or splits the token axis ({src} -> {dst})")
+def _keep(node, ax, src):
+    return ax
 
 
-def _permute(node, dim, arg0):
-    return list(node.args[1]).index(dim)
+def _view(node, ax, src):
+    dim, start = ax
+    s, d = _shape(src), _shape(node)
+    prefix = math.prod(s[:dim])
+    for e in range(len(d)):
+        if math.prod(d[:e]) == prefix and d[e] == s[dim]:
+            return (e, start)
+    raise UnsupportedOp(f"{node.name}: {node.target} merges or splits the token axis ({s} -> {d})")
 
 
-def _transpose(node, dim, arg0):
-    a, b = (d % _rank(arg0) for d in node.args[1:3])
-    return b if dim == a else a if dim == b else dim
+def _permute(node, ax, src):
+    return (list(node.args[1]).index(ax[0]), ax[1])
 
 
-def _unsqueeze(node, dim, arg0):
+def _transpose(node, ax, src):
+    a, b = (d % _rank(src) for d in node.args[1:3])
+    return (b if ax[0] == a else a if ax[0] == b else ax[0], ax[1])
+
+
+def _unsqueeze(node, ax, src):
     d = node.args[1] % _rank(node)
-    return dim + 1 if d <= dim else dim
+    return (ax[0] + 1 if d <= ax[0] else ax[0], ax[1])
 
 
-def _away_from_token(node, dim, arg0):
-    """Ops along a non-token dim (slice, unbind, split, select, cat); the token dim shifts for
-    the rank change of select/unbind."""
-    d = (node.args[1] if len(node.args) > 1 else 0) % _rank(arg0)
-    if d == dim:
-        raise UnsupportedOp(f"{node.name}: {node.target} along the token axis (offset tracking not implemented)")
-    dropped = node.target in (aten.select.int, aten.unbind.int)
-    return dim - 1 if dropped and d < dim else dim
+def _range_rule(node, ax, lo, hi, n):
+    """A sub-range [lo, hi) of the token dim: exactly the tokens, or none of them."""
+    dim, start = ax
+    if (lo, hi) == (start, start + n):
+        return (dim, 0)
+    if hi <= start or lo >= start + n:
+        return None
+    raise UnsupportedOp(f"{node.name}: {node.target} cuts through the video rows [{start}, {start + n}) at [{lo}, {hi})")
 
 
-def _pointwise(node, dim, arg0):
-    return dim + (_rank(node) - _rank(arg0))
+def _slice(node, ax, src, n):
+    dim = node.args[1] % _rank(src) if len(node.args) > 1 else 0
+    if dim != ax[0]:
+        return ax
+    size = _shape(src)[dim]
+    lo = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    hi = min(node.args[3], size) if len(node.args) > 3 and node.args[3] is not None else size
+    if (node.args[4] if len(node.args) > 4 else 1) != 1:
+        raise UnsupportedOp(f"{node.name}: strided slice of the token axis")
+    return _range_rule(node, ax, lo % size if lo < 0 else lo, hi, n)
+
+
+def _split(node, ax, src, n):
+    dim = (node.args[2] if len(node.args) > 2 else 0) % _rank(src)
+    size = _shape(src)[dim]
+    sizes = node.args[1]
+    if isinstance(sizes, int):
+        sizes = [sizes] * (size // sizes) + ([size % sizes] if size % sizes else [])
+    if dim != ax[0]:
+        return [ax] * len(sizes)
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [_range_rule(node, ax, bounds[i], bounds[i + 1], n) for i in range(len(sizes))]
+
+
+def _unbind(node, ax, src, n):
+    dim = (node.args[1] if len(node.args) > 1 else 0) % _rank(src)
+    if dim == ax[0]:
+        raise UnsupportedOp(f"{node.name}: unbind along the token axis")
+    out = (ax[0] - 1 if dim < ax[0] else ax[0], ax[1])
+    return [out] * _shape(src)[dim]
+
+
+def _select(node, ax, src, n):
+    dim = node.args[1] % _rank(src)
+    if dim == ax[0]:
+        raise UnsupportedOp(f"{node.name}: select along the token axis")
+    return (ax[0] - 1 if dim < ax[0] else ax[0], ax[1])
+
+
+def _stack(node, ax, src, n):
+    dim = (node.args[1] if len(node.args) > 1 else 0) % _rank(node)
+    return (ax[0] + 1 if dim <= ax[0] else ax[0], ax[1])
+
+
+def _pointwise(node, ax, src):
+    return (ax[0] + (_rank(node) - _rank(src)), ax[1])
 
 
 TOKEN_RULES = {
     aten.layer_norm.default: _keep, aten.rms_norm.default: _keep, aten.linear.default: _keep,
     aten.type_as.default: _keep, aten.clone.default: _keep, aten._to_copy.default: _keep,
-    aten.empty_like.default: _keep, aten.copy.default: _keep, aten.slice_scatter.default: _keep,
-    aten.gelu.default: _keep, aten.silu.default: _keep,
+    aten.empty_like.default: _keep, aten.copy.default: _keep,
+    aten.gelu.default: _keep, aten.silu.default: _keep, SDPA: _keep,
     aten.view.default: _view, aten.reshape.default: _view, aten._unsafe_view.default: _view,
     aten.permute.default: _permute, aten.transpose.int: _transpose, aten.unsqueeze.default: _unsqueeze,
-    aten.slice.Tensor: _away_from_token, aten.unbind.int: _away_from_token, aten.select.int: _away_from_token,
-    aten.split.Tensor: _away_from_token, aten.split_with_sizes.default: _away_from_token, aten.cat.default: None,
-    SDPA: _keep, operator.getitem: _keep,
+}
+# rules that need N (ranges along the token axis), or see every input (cat, slice_scatter)
+RANGE_RULES = {
+    aten.slice.Tensor: _slice, aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
+    aten.unbind.int: _unbind, aten.select.int: _select, aten.stack.default: _stack,
 }
 
 
-def _tensor_args(node):
-    return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+def _cat(node, token, n):
+    parts, dim = node.args[0], (node.args[1] if len(node.args) > 1 else 0)
+    dim %= _rank(node)
+    carrying = [(i, p) for i, p in enumerate(parts) if p in token]
+    if dim != token[carrying[0][1]][0]:
+        return (token[carrying[0][1]][0], token[carrying[0][1]][1])
+    if len(carrying) != 1:
+        raise UnsupportedOp(f"{node.name}: cat of several token-carrying tensors along the token axis")
+    i, p = carrying[0]
+    return (dim, sum(_shape(q)[dim] for q in parts[:i]) + token[p][1])
+
+
+def _slice_scatter(node, token, n):
+    base, src = node.args[0], node.args[1]
+    if base in token:
+        return token[base]
+    dim = node.args[2] % _rank(node)
+    if token[src][0] != dim:
+        raise UnsupportedOp(f"{node.name}: slice_scatter of tokens across another dim")
+    return (dim, (node.args[3] or 0) + token[src][1])
 
 
 def classify_rows(gm: fx.GraphModule, ctx) -> dict[str, int]:
@@ -112,10 +183,10 @@ def classify_rows(gm: fx.GraphModule, ctx) -> dict[str, int]:
     n_tokens = ctx.layout.video_tokens
     for mark in [n for n in gm.graph.nodes if n.target is MARK]:
         block = next(iter(mark.users)).meta.get("astraea_block")
-        token: dict[fx.Node, int] = {mark: 1}
+        token: dict[fx.Node, tuple | list] = {mark: (1, 0)}
         for table in gm.graph.nodes:
             if table.target is TABLE and any(u.meta.get("astraea_block") == block for u in table.users):
-                token[table] = table.args[1] % _rank(table)
+                token[table] = (table.args[1] % _rank(table), 0)
         order = [n for n in gm.graph.nodes if n.meta.get("astraea_block") == block]
         for node in order:
             sources = [a for a in node.all_input_nodes if a in token]
@@ -123,28 +194,53 @@ def classify_rows(gm: fx.GraphModule, ctx) -> dict[str, int]:
                 continue
             src = sources[0]
             if node.target is operator.getitem:  # an element of a list output (unbind/split)
-                token[node] = token[src]
-                continue
-            if node.target in TOKEN_RULES and TOKEN_RULES[node.target] is not None:
-                token[node] = TOKEN_RULES[node.target](node, token[src], src)
+                ax = token[src]
+                ax = ax[node.args[1]] if isinstance(ax, list) else ax
+            elif node.target is aten.cat.default:
+                ax = _cat(node, token, n_tokens)
+            elif node.target is aten.slice_scatter.default:
+                ax = _slice_scatter(node, token, n_tokens)
+            elif node.target in RANGE_RULES:
+                ax = RANGE_RULES[node.target](node, token[src], src, n_tokens)
+            elif node.target in TOKEN_RULES:
+                ax = TOKEN_RULES[node.target](node, token[src], src)
             elif isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags:
-                token[node] = _pointwise(node, token[src], src)
+                ax = _pointwise(node, token[src], src)
             else:
                 raise UnsupportedOp(f"{block}: no token-axis rule for {node.target} at {node.name}")
+            if ax is None:
+                continue
+            token[node] = ax
             val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and val.shape[token[node]] != n_tokens:
-                raise UnsupportedOp(f"{node.name}: token axis {token[node]} of {tuple(val.shape)} is not {n_tokens} rows")
+            if isinstance(val, torch.Tensor) and val.shape[ax[0]] < ax[1] + n_tokens:
+                raise UnsupportedOp(f"{node.name}: token rows [{ax[1]}, {ax[1] + n_tokens}) exceed {tuple(val.shape)}")
         # full: ancestors (inside the block, token-carrying) of self-attention K and V
         full: set[fx.Node] = set()
         stack = [a for n in order if n.target is SDPA and n.meta.get("astraea_attention") == "self" for a in n.args[1:3]]
         while stack:
             n = stack.pop()
-            if n in token and n not in full and n is not mark:
+            if n in token and n not in full and n is not mark and not isinstance(token[n], list):
                 full.add(n)
                 stack.extend(n.all_input_nodes)
+            elif n in token and isinstance(token[n], list):
+                stack.extend(n.all_input_nodes)
         full.add(mark)  # the block input itself: the K/V side reads all of it
-        for node, dim in token.items():
-            node.meta["astraea_token_dim"] = dim
+        # a row gather needs a leading (batch) dim: consumers of an unbatched table (token
+        # axis 0, e.g. CogVideoX's (N, D) rotary tables) stay full until the axis moves off 0
+        changed = True
+        while changed:
+            changed = False
+            for node in order:
+                if node in token and node not in full and not isinstance(token[node], list) and any(
+                    isinstance(a, fx.Node) and a in full and token[a][0] == 0 for a in node.args
+                ):
+                    full.add(node)
+                    changed = True
+        for node, ax in token.items():
+            if isinstance(ax, list):  # a list output (split, unbind): rows by its consumers, axes by element
+                node.meta["astraea_rows"] = "full" if any(u in full for u in node.users) else "subset"
+                continue
+            node.meta["astraea_token_dim"], node.meta["astraea_token_start"] = ax
             node.meta["astraea_rows"] = "full" if node in full else "subset"
             counts["full" if node in full else "subset"] += 1
         counts["tables"] += sum(1 for n in token if n.target is TABLE)

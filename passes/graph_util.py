@@ -28,12 +28,30 @@ def call(graph: fx.Graph, target, *args) -> fx.Node:
     return graph.call_function(target, args)
 
 
-def gather_rows(graph: fx.Graph, t: fx.Node, idx: fx.Node, dim: int) -> fx.Node:
-    """t (B or 1, ..., N at dim, ...) -> (B, ..., k at dim, ...) at idx (B, k); dim > 0."""
+def gather_rows(graph: fx.Graph, t: fx.Node, idx: fx.Node, dim: int, start: int = 0, n: int | None = None) -> fx.Node:
+    """t (B or 1, ..., T at dim, ...) with video rows [start, start + n) -> the same with only
+    the selected video rows (other rows, e.g. text, kept): T - n + k rows at dim; dim > 0."""
     shape = list(t.meta["val"].shape)
     b, k = idx.meta["val"].shape
+    total = shape[dim]
+    n = total - start if n is None else n
     if dim == 0:
         raise ValueError("gathering along dim 0 needs a batched token axis; not supported")
+    rows = idx
+    if start:
+        rows = call(graph, aten.add.Tensor, idx, start)
+    if start or start + n < total:  # keep the rows around the video rows
+        pieces = []
+        if start:
+            head = call(graph, aten.arange.start, 0, start)
+            pieces.append(call(graph, aten.expand.default, call(graph, aten.view.default, head, [1, start]), [b, start]))
+        pieces.append(rows)
+        if start + n < total:
+            rest = total - start - n
+            tail = call(graph, aten.arange.start, start + n, total)
+            pieces.append(call(graph, aten.expand.default, call(graph, aten.view.default, tail, [1, rest]), [b, rest]))
+        rows = call(graph, aten.cat.default, pieces, 1)
+        k = total - n + k
     if shape[0] == 1 and b > 1:
         t = call(graph, aten.expand.default, t, [b, *shape[1:]])
     shape[0] = b
@@ -41,5 +59,5 @@ def gather_rows(graph: fx.Graph, t: fx.Node, idx: fx.Node, dim: int) -> fx.Node:
     view[dim] = k
     out_shape = list(shape)
     out_shape[dim] = k
-    index = call(graph, aten.expand.default, call(graph, aten.view.default, idx, view), out_shape)
+    index = call(graph, aten.expand.default, call(graph, aten.view.default, rows, view), out_shape)
     return call(graph, aten.gather.default, t, dim, index)

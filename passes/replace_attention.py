@@ -34,6 +34,10 @@ def replace_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
             lse = gm.graph.call_function(operator.getitem, (sparse, 1))
         with gm.graph.inserting_after(lse):
             row_lse = gm.graph.call_function(aten.mean.dim, (lse, [1]))
+        start = q.meta["astraea_token_start"]
+        if start or q.meta["val"].shape[2] != ctx.layout.video_tokens:  # joint attention: keep the video rows
+            with gm.graph.inserting_after(row_lse):
+                row_lse = gm.graph.call_function(aten.slice.Tensor, (row_lse, 1, start, start + ctx.budget))
         for n in (sparse, out, lse, row_lse):
             n.meta["astraea_block"] = block
         node.replace_all_uses_with(out)

@@ -54,6 +54,13 @@ def test_wan_rows():
     assert not any(n.target is SDPA for n in gathered)
 
 
-def test_joint_attention_is_refused_by_name_for_now():
-    with pytest.raises(pipeline.PassError, match="classify_rows failed .* along the token axis|no token-axis rule"):
-        _classified("cogvideox", "tiny")
+def test_joint_attention_rows_keep_the_text():
+    gm, ctx = _classified("cogvideox", "tiny")
+    q_proj = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default and "attn1_to_q" in n.args[1].name)
+    src = q_proj.args[0]  # the joint [text; video] normed sequence: video rows start after the text
+    assert q_proj.meta["astraea_gather"] == [0] and src.meta["astraea_token_start"] == ctx.layout.text_tokens
+
+
+def test_an_op_without_a_rule_is_refused_by_name():
+    with pytest.raises(pipeline.PassError, match="classify_rows failed .* no token-axis rule for aten.mean.dim"):
+        _classified("hunyuan_video", "tiny")

@@ -1,8 +1,11 @@
-"""The token-wise rewrite of the tiny Wan model against the dense model and the oracle of
-ASTRAEA.md section 1 (selected rows = the dense block's rows on the same full input; the
-others = the block's cache), over two steps."""
+"""The token-wise rewrite against the dense model and the oracle of ASTRAEA.md section 1
+(selected rows = the dense block's rows on the same full input; the others = the block's
+cache), over two steps, for Wan (self + cross attention) and CogVideoX (joint [text; video]
+attention, with and without rotary tables)."""
 
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -13,10 +16,11 @@ from astraea.passes import pipeline
 from conftest import tiny_config
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
+VIDEO = {"frames": 9, "height": 48, "width": 64}
 
 
-def _rewritten(k):
-    cfg = tiny_config("wan", "tiny", video={"frames": 9, "height": 48, "width": 64})
+def _rewritten(family, preset, k):
+    cfg = tiny_config(family, preset, video=VIDEO)
     model = loader.load_model(cfg)
     cap = capture(model, cfg)
     gm = cap.program.graph_module
@@ -25,14 +29,23 @@ def _rewritten(k):
     return model, cap, gm, ctx
 
 
-def _block_args(model, example):
-    """Block 0's real arguments (its input, text, time embedding, rotary tables) in eager."""
+def _blocks(model):
+    return [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
+
+
+def _first_block_call(model, example):
+    """Block 0's real arguments in eager, bound by name."""
     seen = {}
-    handle = model.transformer.blocks[0].register_forward_pre_hook(lambda m, a: seen.update(args=a))
+    block = _blocks(model)[0]
+
+    def hook(m, args, kwargs):
+        seen["bound"] = inspect.signature(m.forward).bind(*args, **kwargs).arguments
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
         out = model.transformer(**example)[0]
     handle.remove()
-    return seen["args"], out
+    return dict(seen["bound"]), out
 
 
 def _run(cap, gm, example, state):
@@ -48,33 +61,36 @@ def _zero_state(x, blocks):
     return [t.clone() for _ in range(blocks) for t in one]
 
 
-
+@pytest.mark.parametrize("family,preset", [("wan", "tiny"), ("cogvideox", "tiny"), ("cogvideox", "tiny-rotary")])
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.09])
-def test_rewrite_follows_the_oracle_over_two_steps(budget):
-    probe = tiny_config("wan", "tiny", video={"frames": 9, "height": 48, "width": 64})
+def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget):
+    probe = tiny_config(family, preset, video=VIDEO)
     n = loader.load_model(probe).layout(probe.video).video_tokens
     k = max(1, round(budget * n))
-    dense_model, cap_dense, gm_dense, _ = _rewritten(n)  # step 0 is always dense
-    model, cap, gm, ctx = _rewritten(k)
+    _, cap_dense, gm_dense, _ = _rewritten(family, preset, n)  # step 0 is always dense
+    model, cap, gm, ctx = _rewritten(family, preset, k)
     assert not [x for x in gm.graph.nodes if x.target is SDPA and x.meta.get("astraea_attention") == "self"]
+    blocks = _blocks(model)
     ex0 = cap.example
-    (x0, enc, temb, rope), want0 = _block_args(model, ex0)
-    out0, state = _run(cap_dense, gm_dense, ex0, _zero_state(x0, 2))
+    call0, want0 = _first_block_call(model, ex0)
+    out0, state = _run(cap_dense, gm_dense, ex0, _zero_state(call0["hidden_states"], len(blocks)))
     torch.testing.assert_close(out0, want0, atol=1e-5, rtol=1e-5)  # budget N == the dense model
     ex1 = dict(ex0, hidden_states=ex0["hidden_states"] + 0.3 * torch.randn_like(ex0["hidden_states"]),
-               timestep=ex0["timestep"] * 0.9)
-    (x1, enc1, temb1, rope1), _ = _block_args(model, ex1)
+               timestep=(ex0["timestep"] * 0.9).to(ex0["timestep"].dtype))
+    call, _ = _first_block_call(model, ex1)
     out1, new_state = _run(cap, gm, ex1, [t.clone() for t in state])
-    block_in = x1
-    for b in range(2):
+    for b, block in enumerate(blocks):
         cache_old, skips_old = state[4 * b], state[4 * b + 3]
         cache, lse, ref, skips = new_state[4 * b: 4 * b + 4]
         with torch.no_grad():
-            dense = model.transformer.blocks[b](block_in, enc1, temb1, rope1)
+            dense = block(**call)
+        dense_video = dense[0] if isinstance(dense, tuple) else dense
         fresh = skips == 0
         assert fresh.sum(dim=1).tolist() == [k, k]
-        torch.testing.assert_close(cache[fresh], dense[fresh], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache[fresh], dense_video[fresh], atol=1e-5, rtol=1e-5)
         assert torch.equal(cache[~fresh], cache_old[~fresh])
         assert torch.equal(skips[~fresh], skips_old[~fresh] + 1)
-        assert torch.equal(ref[fresh], block_in[fresh])
-        block_in = cache  # the next block reads the full cache
+        assert torch.equal(ref[fresh], call["hidden_states"][fresh])
+        call["hidden_states"] = cache  # the next block reads the full cache ...
+        if isinstance(dense, tuple):
+            call["encoder_hidden_states"] = dense[1]  # ... and the text rows, always recomputed
