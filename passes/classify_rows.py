@@ -99,10 +99,11 @@ def _slice(node, ax, src, n):
         return ax
     size = _shape(src)[dim]
     lo = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-    hi = min(node.args[3], size) if len(node.args) > 3 and node.args[3] is not None else size
+    hi = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+    lo, hi = (v + size if v < 0 else v for v in (lo, hi))
     if (node.args[4] if len(node.args) > 4 else 1) != 1:
         raise UnsupportedOp(f"{node.name}: strided slice of the token axis")
-    return _range_rule(node, ax, lo % size if lo < 0 else lo, hi, n)
+    return _range_rule(node, ax, max(0, lo), min(hi, size), n)
 
 
 def _split(node, ax, src, n):
@@ -137,6 +138,17 @@ def _stack(node, ax, src, n):
     return (ax[0] + 1 if dim <= ax[0] else ax[0], ax[1])
 
 
+def _reduce(node, ax, src, n):
+    """mean/sum/amax over other dims are row-local; over the token axis they mix rows."""
+    rank = _rank(src)
+    dims = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(rank))
+    dims = {d % rank for d in ([dims] if isinstance(dims, int) else dims)}
+    if ax[0] in dims:
+        raise UnsupportedOp(f"{node.name}: {node.target} reduces over the token axis")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return (ax[0] if keepdim else ax[0] - sum(1 for d in dims if d < ax[0]), ax[1])
+
+
 def _pointwise(node, ax, src):
     return (ax[0] + (_rank(node) - _rank(src)), ax[1])
 
@@ -153,6 +165,7 @@ TOKEN_RULES = {
 RANGE_RULES = {
     aten.slice.Tensor: _slice, aten.split.Tensor: _split, aten.split_with_sizes.default: _split,
     aten.unbind.int: _unbind, aten.select.int: _select, aten.stack.default: _stack,
+    aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
 }
 
 

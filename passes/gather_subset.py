@@ -47,6 +47,8 @@ def _resize(node: fx.Node, args: list, n: int, k: int) -> int:
         if node.args[dim_arg] % src.meta["val"].dim() != src.meta["astraea_token_dim"] or len(args) <= end_arg:
             return 0
         end, total = args[end_arg], src.meta["val"].shape[src.meta["astraea_token_dim"]]
+        if end is not None and end < 0:  # counted from the end (the text after the video): unchanged
+            return 0
         if end is not None and end < total:  # an explicit end inside the axis: shift past the video rows
             start = src.meta["astraea_token_start"]
             args[end_arg] = end if end <= start else end - n + k

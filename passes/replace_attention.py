@@ -1,8 +1,8 @@
 """replace_attention: each block's self-attention becomes query-only attention.
 
 `sdpa(q_sel, k, v)` -> `astraea::sparse_attention(q_sel, k, v)`: the k selected queries
-against all N keys and values; its row LSE, averaged over heads, is kept for the block's
-state (the next step's selection score). Cross-attention keeps its SDPA: its queries are
+against all N keys and values (a boolean key mask (B, 1, 1, S) becomes the op's key mask);
+its row LSE, averaged over heads, is kept for the block's state (the next step's score). Cross-attention keeps its SDPA: its queries are
 already the selected rows and its keys are the text.
 """
 
@@ -23,11 +23,20 @@ def replace_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
         if node.target is not SDPA or node.meta.get("astraea_attention") != "self":
             continue
         block = node.meta["astraea_block"]
-        if len(node.args) > 3 or any(v not in (None, 0.0, False) for v in node.kwargs.values()):
-            raise ValueError(f"{node.name}: self-attention with a mask, dropout, causality or scale is not supported yet")
         q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        rest = list(node.args[4:]) + [v_ for key, v_ in node.kwargs.items() if key != "attn_mask"]
+        if any(x not in (None, 0.0, False) for x in rest):
+            raise ValueError(f"{node.name}: self-attention with dropout, causality or a scale is not supported yet")
+        key_mask = None
+        if mask is not None:  # a key mask broadcast over heads and queries (HunyuanVideo's padded text)
+            shape = tuple(mask.meta["val"].shape)
+            if mask.meta["val"].dtype != torch.bool or shape[1:3] != (1, 1):
+                raise ValueError(f"{node.name}: only a boolean key mask (B, 1, 1, S) is supported, not {shape}")
+            with gm.graph.inserting_before(node):
+                key_mask = gm.graph.call_function(aten.view.default, (mask, [shape[0], shape[3]]))
         with gm.graph.inserting_after(node):
-            sparse = gm.graph.call_function(torch.ops.astraea.sparse_attention.default, (q, k, v, None, None))
+            sparse = gm.graph.call_function(torch.ops.astraea.sparse_attention.default, (q, k, v, key_mask, None))
         with gm.graph.inserting_after(sparse):
             out = gm.graph.call_function(operator.getitem, (sparse, 0))
         with gm.graph.inserting_after(out):

@@ -61,6 +61,25 @@ def test_joint_attention_rows_keep_the_text():
     assert q_proj.meta["astraea_gather"] == [0] and src.meta["astraea_token_start"] == ctx.layout.text_tokens
 
 
-def test_an_op_without_a_rule_is_refused_by_name():
-    with pytest.raises(pipeline.PassError, match="classify_rows failed .* no token-axis rule for aten.mean.dim"):
-        _classified("hunyuan_video", "tiny")
+def test_an_op_without_a_rule_is_refused_by_name(monkeypatch):
+    from astraea.passes import classify_rows as module
+
+    rules = dict(module.TOKEN_RULES)
+    del rules[torch.ops.aten.layer_norm.default]
+    monkeypatch.setattr(module, "TOKEN_RULES", rules)
+    with pytest.raises(pipeline.PassError, match="classify_rows failed .* no token-axis rule for aten.layer_norm.default"):
+        _classified("wan", "tiny")
+
+
+def test_a_reduction_over_the_token_axis_is_refused():
+    from astraea.passes.classify_rows import UnsupportedOp, _reduce
+
+    class Node:  # the minimum _reduce reads
+        name, target, args, kwargs = "mean", "aten.mean.dim", (None, [1], True), {}
+
+    class Src:
+        meta = {"val": torch.empty(2, 5, 3)}
+
+    with pytest.raises(UnsupportedOp, match="reduces over the token axis"):
+        _reduce(Node, (1, 0), Src, 5)
+    assert _reduce(type("N", (Node,), {"args": (None, [-1], False)}), (1, 0), Src, 5) == (1, 0)

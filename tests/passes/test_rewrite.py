@@ -33,19 +33,19 @@ def _blocks(model):
     return [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
 
 
-def _first_block_call(model, example):
-    """Block 0's real arguments in eager, bound by name."""
-    seen = {}
-    block = _blocks(model)[0]
+def _block_calls(model, example):
+    """Every block's real arguments in eager, bound by name (the model's output too)."""
+    seen = []
 
     def hook(m, args, kwargs):
-        seen["bound"] = inspect.signature(m.forward).bind(*args, **kwargs).arguments
+        seen.append(dict(inspect.signature(m.forward).bind(*args, **kwargs).arguments))
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in _blocks(model)]
     with torch.no_grad():
         out = model.transformer(**example)[0]
-    handle.remove()
-    return dict(seen["bound"]), out
+    for h in handles:
+        h.remove()
+    return seen, out
 
 
 def _run(cap, gm, example, state):
@@ -61,7 +61,7 @@ def _zero_state(x, blocks):
     return [t.clone() for _ in range(blocks) for t in one]
 
 
-@pytest.mark.parametrize("family,preset", [("wan", "tiny"), ("cogvideox", "tiny"), ("cogvideox", "tiny-rotary")])
+@pytest.mark.parametrize("family,preset", [("wan", "tiny"), ("cogvideox", "tiny"), ("cogvideox", "tiny-rotary"), ("hunyuan_video", "tiny")])
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.09])
 def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget):
     probe = tiny_config(family, preset, video=VIDEO)
@@ -72,14 +72,16 @@ def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget):
     assert not [x for x in gm.graph.nodes if x.target is SDPA and x.meta.get("astraea_attention") == "self"]
     blocks = _blocks(model)
     ex0 = cap.example
-    call0, want0 = _first_block_call(model, ex0)
-    out0, state = _run(cap_dense, gm_dense, ex0, _zero_state(call0["hidden_states"], len(blocks)))
+    calls0, want0 = _block_calls(model, ex0)
+    out0, state = _run(cap_dense, gm_dense, ex0, _zero_state(calls0[0]["hidden_states"], len(blocks)))
     torch.testing.assert_close(out0, want0, atol=1e-5, rtol=1e-5)  # budget N == the dense model
     ex1 = dict(ex0, hidden_states=ex0["hidden_states"] + 0.3 * torch.randn_like(ex0["hidden_states"]),
                timestep=(ex0["timestep"] * 0.9).to(ex0["timestep"].dtype))
-    call, _ = _first_block_call(model, ex1)
+    calls, _ = _block_calls(model, ex1)
     out1, new_state = _run(cap, gm, ex1, [t.clone() for t in state])
+    chain = {}  # the token-wise run's own stream: block inputs are the previous caches
     for b, block in enumerate(blocks):
+        call = {**calls[b], **chain}
         cache_old, skips_old = state[4 * b], state[4 * b + 3]
         cache, lse, ref, skips = new_state[4 * b: 4 * b + 4]
         with torch.no_grad():
@@ -91,6 +93,6 @@ def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget):
         assert torch.equal(cache[~fresh], cache_old[~fresh])
         assert torch.equal(skips[~fresh], skips_old[~fresh] + 1)
         assert torch.equal(ref[fresh], call["hidden_states"][fresh])
-        call["hidden_states"] = cache  # the next block reads the full cache ...
+        chain["hidden_states"] = cache  # the next block reads the full cache ...
         if isinstance(dense, tuple):
-            call["encoder_hidden_states"] = dense[1]  # ... and the text rows, always recomputed
+            chain["encoder_hidden_states"] = dense[1]  # ... and the text rows, always recomputed
