@@ -26,11 +26,32 @@ def _sample(cfg, model, transformer=None):
     return denoise(model, cfg.video, cfg.sampling, inputs, transformer=transformer)
 
 
-def test_full_budget_run_equals_the_dense_model(setup):
-    cfg, model, n, programs = setup
+@pytest.mark.parametrize("family,preset", [("wan", "tiny"), ("cogvideox", "tiny-rotary"), ("hunyuan_video", "tiny")])
+def test_full_budget_run_equals_the_dense_model(family, preset):
+    cfg = tiny_config(family, preset, sampling={"steps": 4})
+    model = loader.load_model(cfg)
+    n = model.layout(cfg.video).video_tokens
     dense = _sample(cfg, model)
-    tokenwise = _sample(cfg, model, TokenwiseTransformer(programs, [n] * cfg.sampling.steps))
+    tokenwise = _sample(cfg, model, TokenwiseTransformer({n: rewrite(model, cfg, n)}, [n] * cfg.sampling.steps))
     torch.testing.assert_close(tokenwise, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_pass_counts_on_wan(setup):
+    """Expected and unexpected ops, exactly: 2 blocks, each one selection, one query-only
+    attention (the cross-attention keeps SDPA), four gathers and its state in and out."""
+    cfg, model, n, programs = setup
+    stats = programs[3].stats
+    assert stats["annotate_blocks"] == {"blocks": 2, "self_attention": 2, "cross_attention": 2}
+    assert stats["insert_selection"] == {"selections": 2, "state_inputs": 8}
+    assert stats["gather_subset"]["gathers"] == 8
+    assert stats["replace_attention"] == {"sparse_attention": 2}
+    assert stats["write_cache"] == {"caches": 2, "state_outputs": 8}
+    assert stats["cleanup"]["marks_removed"] == 2 * 3  # a token mark and two rotary tables a block
+    targets = [str(x.target) for x in programs[3].graph.graph.nodes if x.op == "call_function"]
+    assert targets.count("astraea.token_select.default") == 2
+    assert targets.count("astraea.sparse_attention.default") == 2
+    assert targets.count("aten.scaled_dot_product_attention.default") == 2
+    assert not [t for t in targets if "token_mark" in t or "token_table" in t]
 
 
 def test_mixed_schedule_with_a_skipped_step(setup):

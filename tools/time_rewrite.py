@@ -1,0 +1,57 @@
+"""How long capture + the pass pipeline take on a real-size model (CPU or meta is enough).
+
+    python tools/time_rewrite.py --preset wan2.1-t2v-1.3b --frames 81 --budget 0.5
+
+Prints the seconds of each part (weights, export + functionalisation, passes) and the
+graph's node count; JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from astraea import config, loader  # noqa: E402
+from astraea.capture import capture  # noqa: E402
+from astraea.passes import pipeline  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="wan")
+    p.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    cfg = config.from_dict({
+        "model": {"family": args.family, "preset": args.preset, "dtype": "bf16", "device": "cpu"},
+        "video": {"frames": args.frames, "height": args.height, "width": args.width},
+        "sampling": {"steps": 50, "prompts": ["timing"]},
+    })
+    t0 = time.perf_counter()
+    model = loader.load_model(cfg)
+    t1 = time.perf_counter()
+    cap = capture(model, cfg)
+    t2 = time.perf_counter()
+    gm = cap.program.graph_module
+    nodes = len(gm.graph.nodes)
+    ctx = pipeline.PassContext(model.family, cap.layout, budget=max(1, round(args.budget * cap.layout.video_tokens)))
+    pipeline.run(gm, ctx)
+    t3 = time.perf_counter()
+    result = {"preset": args.preset, "tokens": cap.layout.video_tokens, "budget": ctx.budget, "nodes": nodes,
+              "weights_s": t1 - t0, "export_s": t2 - t1, "passes_s": t3 - t2, "stats": ctx.stats}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
