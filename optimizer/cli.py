@@ -12,17 +12,19 @@ from pathlib import Path
 from .errors import AstraeaError
 
 BUILD_STAGES = """\
-stages (each writes into the run folder atomically, under a key hashing its inputs, and is
-skipped when that key exists):
+stages (each writes into the run folder atomically; the reference is stored under a key
+hashing its inputs and reused when that key exists):
   1. validate   model.yaml -> RunConfig; a bad key exits 2 with its key path
   2. load       the family adapter builds random weights at a preset's size or loads a
                 local diffusers checkpoint, on model.device in model.dtype
   3. reference  dense sampling of every prompt x seed with the family's scheduler and CFG:
                 <run>/reference/<key>/latents.safetensors (+ reference.json, previews)
-  4. search     per-step token budgets meeting the target            (budget-search issue)
-  5. rewrite    torch.export + fx passes per budget                   (graph-rewrite issue)
+  4. rewrite    with target.budget: torch.export + the fx pass pipeline at that budget (a
+                check that the model rewrites, with counts per pass; seconds):
+                <run>/graphs/k<k>.json (+ .txt); --dump-graphs: every pass's before/after
+  5. search     per-step token budgets meeting the target            (budget-search issue)
   6. compile    one engine per distinct budget + manifest.json        (engines issue)
-Stages 4-6 are not in this release; the build stops after the reference.
+Stages 5-6 are not in this release; the build stops after the rewrite.
 """
 
 
@@ -81,6 +83,22 @@ def _build(args) -> None:
     write_json(out / "config.json", config.to_dict(cfg))
     ref = reference.run(cfg, model, out, progress=not args.quiet)
     log.info("dense reference %s: %s", "reused" if ref.reused else "written", ref.folder)
+    if cfg.target.budget is not None:
+        _rewrite_stage(cfg, model, layout, out, args.dump_graphs, log)
+
+
+def _rewrite_stage(cfg, model, layout, out: Path, dump: bool, log) -> None:
+    from . import tokenwise
+    from .io import atomic_file, write_json
+
+    k = max(1, round(cfg.target.budget * layout.video_tokens))
+    program = tokenwise.rewrite(model, cfg, k, dump_dir=out / "graphs" / f"k{k}-passes" if dump else None)
+    write_json(out / "graphs" / f"k{k}.json", {"budget_rows": k, "video_tokens": layout.video_tokens,
+                                                "blocks": program.blocks, "passes": program.stats})
+    with atomic_file(out / "graphs" / f"k{k}.txt") as fh:
+        fh.write(program.graph.code)
+    log.info("rewrite at k=%d of %d rows: %d blocks, %d query-only attentions: %s", k, layout.video_tokens,
+             program.blocks, program.stats["replace_attention"]["sparse_attention"], out / "graphs" / f"k{k}.json")
 
 
 def build_main(argv: list[str] | None = None) -> int:
@@ -89,6 +107,7 @@ def build_main(argv: list[str] | None = None) -> int:
         epilog=BUILD_STAGES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(parser)
+    parser.add_argument("--dump-graphs", action="store_true", help="write the graph before and after every pass")
     return _run("astraea-build", argv, parser, _build)
 
 

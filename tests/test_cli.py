@@ -92,3 +92,15 @@ def test_console_script_in_a_fresh_process(tmp_path):
     proc = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "astraea-build: error: model.dtype: 'fp64' is not one of bf16, fp16, fp32"
+
+
+def test_build_rewrites_at_the_target_budget(tmp_path, capsys):
+    path = _write(tmp_path, tiny_raw(target={"budget": 0.5}))
+    out = tmp_path / "run"
+    assert build_main([str(path), "--out", str(out), "--quiet", "--dump-graphs"]) == 0
+    assert "rewrite at k=9 of 18 rows: 2 blocks" in capsys.readouterr().err
+    record = json.loads((out / "graphs" / "k9.json").read_text())
+    assert record["passes"]["replace_attention"] == {"sparse_attention": 2}
+    assert "torch.ops.astraea.sparse_attention.default" in (out / "graphs" / "k9.txt").read_text()
+    dumps = sorted(p.name for p in (out / "graphs" / "k9-passes").iterdir())
+    assert len(dumps) == 14 and dumps[0] == "00-annotate_blocks-after.txt"
