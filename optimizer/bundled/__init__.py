@@ -32,6 +32,17 @@ CONFIG = dict(
 SHIFT = 2.0  # flow shift the model is sampled with
 
 
+def run_config(prompts: list[str], steps: int = 20, guidance: float = 5.0, seeds=(0,), device: str = "cpu"):
+    """A validated RunConfig sampling the bundled model at its native video size, fp32."""
+    from .. import config
+
+    return config.from_dict({
+        "model": {"family": "wan", "preset": "bundled", "dtype": "fp32", "device": device},
+        "video": dict(zip(("frames", "height", "width"), VIDEO)),
+        "sampling": {"steps": steps, "guidance": guidance, "prompts": list(prompts), "seeds": list(seeds)},
+    })
+
+
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     transformer = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
     text = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
@@ -65,4 +76,4 @@ def load_model(preset, device: torch.device, dtype: torch.dtype, path: Path | No
     return transformer.to(device), text, hashlib.sha256(blob).hexdigest()[:16]
 
 
-__all__ = ["CONFIG", "TEXT_LENGTH", "VIDEO", "WEIGHTS", "codec", "data", "load_model"]
+__all__ = ["CONFIG", "TEXT_LENGTH", "VIDEO", "WEIGHTS", "codec", "data", "load_model", "run_config"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from astraea import bundled, config, loader
+from astraea import bundled, loader
 from astraea.bundled import codec, data, judge
 from astraea.bundled.text import TextEncoder
 from astraea.sampling import denoise, prompt_inputs
@@ -62,12 +62,8 @@ def test_judge_on_rendered_truth(motion):
     assert not judge.judge(video, scene.caption.replace("red", "blue")).colour
 
 
-def _bundled_config(steps=4, **sampling):
-    return config.from_dict({
-        "model": {"family": "wan", "preset": "bundled", "dtype": "fp32", "device": "cpu"},
-        "video": {"frames": 17, "height": 64, "width": 64},
-        "sampling": {"steps": steps, "guidance": 5.0, "prompts": [PROMPT], "seeds": [0], **sampling},
-    })
+def _bundled_config(steps=4):
+    return bundled.run_config([PROMPT], steps)
 
 
 def _sample(cfg, model):
