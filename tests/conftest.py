@@ -37,6 +37,25 @@ def tiny_config(family: str = "wan", preset: str = "tiny", **sections) -> config
     return config.from_dict(tiny_raw(family, preset, **sections))
 
 
+def block_calls(model, example: dict) -> tuple[list[dict], torch.Tensor]:
+    """Every transformer block's real arguments in an eager forward, bound by name, and the
+    model's output: the inputs the oracle runs a dense block on."""
+    import inspect
+
+    blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
+    seen = []
+
+    def hook(m, args, kwargs):
+        seen.append(dict(inspect.signature(m.forward).bind(*args, **kwargs).arguments))
+
+    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in blocks]
+    with torch.no_grad():
+        out = model.transformer(**example)[0]
+    for h in handles:
+        h.remove()
+    return seen, out
+
+
 @pytest.fixture(params=sorted(TINY))
 def family_preset(request) -> tuple[str, str]:
     name = request.param

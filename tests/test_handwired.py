@@ -7,20 +7,8 @@ import torch
 
 from astraea import loader
 from astraea.handwired import BlockState, wan_block_tokenwise
-from conftest import tiny_config
-
-
-def _block_inputs(model, cfg, seed):
-    """The first block's real inputs at a step (a pre-hook on a full forward)."""
-    captured = {}
-    block = model.transformer.blocks[0]
-    handle = block.register_forward_pre_hook(lambda m, a, kw: captured.update(args=a), with_kwargs=True)
-    g = torch.Generator().manual_seed(seed)
-    lat = torch.randn((2, *model.layout(cfg.video).latent_shape), generator=g)
-    text = torch.randn(2, model.text_length, model.transformer.config.text_dim, generator=g)
-    model.transformer(lat, torch.tensor([700.0, 700.0]), text)
-    handle.remove()
-    return captured["args"]
+from astraea.sampling import first_step_kwargs
+from conftest import block_calls, tiny_config
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.13])
@@ -28,7 +16,8 @@ def test_selected_rows_are_the_dense_rows_and_the_rest_is_cache(budget):
     cfg = tiny_config("wan", "tiny", video={"frames": 9, "height": 48, "width": 64})
     model = loader.load_model(cfg)
     block = model.transformer.blocks[0]
-    x0, enc, temb, rope = _block_inputs(model, cfg, 0)
+    call = block_calls(model, first_step_kwargs(model, cfg.video, cfg.sampling))[0][0]
+    x0, enc, temb, rope = (call[k] for k in ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"))
     n = x0.shape[1]
     k = max(1, round(budget * n))
     state = BlockState.empty(x0)

@@ -5,15 +5,13 @@ attention, with and without rotary tables)."""
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
 from astraea import loader
 from astraea.capture import capture
 from astraea.passes import pipeline
-from conftest import tiny_config
+from conftest import block_calls, tiny_config
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 VIDEO = {"frames": 9, "height": 48, "width": 64}
@@ -27,25 +25,6 @@ def _rewritten(family, preset, k):
     ctx = pipeline.PassContext(model.family, cap.layout, budget=k)
     pipeline.run(gm, ctx)
     return model, cap, gm, ctx
-
-
-def _blocks(model):
-    return [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
-
-
-def _block_calls(model, example):
-    """Every block's real arguments in eager, bound by name (the model's output too)."""
-    seen = []
-
-    def hook(m, args, kwargs):
-        seen.append(dict(inspect.signature(m.forward).bind(*args, **kwargs).arguments))
-
-    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in _blocks(model)]
-    with torch.no_grad():
-        out = model.transformer(**example)[0]
-    for h in handles:
-        h.remove()
-    return seen, out
 
 
 def _run(cap, gm, example, state):
@@ -70,14 +49,14 @@ def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget):
     _, cap_dense, gm_dense, _ = _rewritten(family, preset, n)  # step 0 is always dense
     model, cap, gm, ctx = _rewritten(family, preset, k)
     assert not [x for x in gm.graph.nodes if x.target is SDPA and x.meta.get("astraea_attention") == "self"]
-    blocks = _blocks(model)
+    blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
     ex0 = cap.example
-    calls0, want0 = _block_calls(model, ex0)
+    calls0, want0 = block_calls(model, ex0)
     out0, state = _run(cap_dense, gm_dense, ex0, _zero_state(calls0[0]["hidden_states"], len(blocks)))
     torch.testing.assert_close(out0, want0, atol=1e-5, rtol=1e-5)  # budget N == the dense model
     ex1 = dict(ex0, hidden_states=ex0["hidden_states"] + 0.3 * torch.randn_like(ex0["hidden_states"]),
                timestep=(ex0["timestep"] * 0.9).to(ex0["timestep"].dtype))
-    calls, _ = _block_calls(model, ex1)
+    calls, _ = block_calls(model, ex1)
     out1, new_state = _run(cap, gm, ex1, [t.clone() for t in state])
     chain = {}  # the token-wise run's own stream: block inputs are the previous caches
     for b, block in enumerate(blocks):
