@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from .capture import capture
+from .capture import Captured, capture
 from .config import RunConfig
 from .families import LoadedModel
 
@@ -34,11 +34,24 @@ class TokenwiseProgram:
         return list(self.program._graph_module_flat_inputs((), kwargs))
 
 
-def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | None = None) -> TokenwiseProgram:
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copy of gm's graph (node metadata copied one level deep), so
+    the passes can rewrite one capture at several budgets."""
+    graph = fx.Graph()
+    value = graph.graph_copy(gm.graph, {})
+    graph.output(value).meta = dict(next(n for n in reversed(gm.graph.nodes) if n.op == "output").meta)
+    graph._codegen = gm.graph._codegen
+    return fx.GraphModule(gm, graph)
+
+
+def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | None = None,
+            captured: Captured | None = None) -> TokenwiseProgram:
+    """The token-wise program at `budget` rows; pass `captured` (capture(model, cfg)) to rewrite
+    one capture at several budgets without exporting again."""
     from astraea.passes import pipeline
 
-    cap = capture(model, cfg)
-    gm = cap.program.graph_module
+    cap = captured or capture(model, cfg)
+    gm = copy_graph_module(cap.program.graph_module) if captured else cap.program.graph_module
     ctx = pipeline.PassContext(model.family, cap.layout, dump_dir=dump_dir, budget=budget)
     pipeline.run(gm, ctx)
     return TokenwiseProgram(cap.program, gm, budget, len(ctx.blocks), ctx.stats)

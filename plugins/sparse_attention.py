@@ -9,14 +9,24 @@
 The queries arrive already gathered: the graph gathers the block input's selected rows
 before the Q projection, so Q is only ever computed for M rows (gathering inside the
 kernel would need the full N-row Q first: (N - M) x D x D wasted projection FLOPs).
-On CUDA (bf16/fp16, head dim a power of two from 16 to 128) the Triton kernel of
-kernels/attention.py runs, visible to Inductor and AOTInductor through `triton_op`;
-everywhere else the PyTorch reference below.
+Implementations, chosen per call by `backend()` (measured, docs/benchmarks.md):
+- `cudnn`: on Hopper and later without a key mask, the cuDNN attention kernel that torch
+  SDPA itself dispatches to there, through `aten._scaled_dot_product_cudnn_attention` with
+  the LSE requested: 1.00-1.03x of SDPA on the H100 at the Wan and CogVideoX layouts, where
+  our Triton kernel reaches 0.76-1.0x of it and PyTorch's FA2 0.6-0.75x
+  (tools/probe_sdpa_backends.py, docs/benchmarks.md).
+- `triton`: the kernel of kernels/attention.py (bf16/fp16, head dim a power of two from 16
+  to 128), visible to Inductor and AOTInductor through `triton_op`; it serves the key mask
+  (HunyuanVideo's padded text) and is the kernel the TensorRT plugin runs.
+- `reference`: float32 PyTorch math, everywhere else (CPU).
+ASTRAEA_ATTENTION=auto|triton|cudnn|reference forces one where it applies (read when a
+graph is traced or compiled, so set it before building engines).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch.library import triton_op, wrap_triton
@@ -47,6 +57,31 @@ def kernel_supported(q: torch.Tensor) -> bool:
     return _kernels is not None and q.dtype in (torch.bfloat16, torch.float16) and 16 <= d <= 128 and d & (d - 1) == 0
 
 
+def cudnn_supported(q: torch.Tensor, key_mask) -> bool:
+    d = q.shape[-1]
+    return (q.device.type == "cuda" and key_mask is None and q.dtype in (torch.bfloat16, torch.float16)
+            and d % 8 == 0 and d <= 128 and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(q.device)[0] >= 9)
+
+
+def backend(q: torch.Tensor, key_mask) -> str:
+    """Which implementation runs for these inputs: cudnn, triton or reference."""
+    want = os.environ.get("ASTRAEA_ATTENTION", "auto")
+    if want not in ("auto", "triton", "cudnn", "reference"):
+        raise ValueError(f"ASTRAEA_ATTENTION={want!r}: use auto, triton, cudnn or reference")
+    if want in ("auto", "cudnn") and cudnn_supported(q, key_mask):
+        return "cudnn"
+    if want != "reference" and q.device.type == "cuda" and kernel_supported(q):
+        return "triton"
+    return "reference"
+
+
+def _cudnn(q, k, v, scale):
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    b, h, m, _ = q.shape
+    return res[0], res[1].reshape(b, h, m)
+
+
 def launch(q, k, v, key_mask, scale, out, lse, tuned: bool = True) -> None:
     """Run the Triton kernel into `out` and `lse` (also on CPU tensors under TRITON_INTERPRET=1)."""
     b, h, m, d = q.shape
@@ -74,8 +109,14 @@ def sparse_attention(
         raise ValueError(f"sparse_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not agree")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     out = torch.empty_like(q, memory_format=torch.preserve_format)
+    impl = backend(q, key_mask)
+    if impl == "cudnn":
+        f_out, f_lse = _cudnn(q, k, v, scale)
+        if f_out.stride() != out.stride():  # keep the contract: laid out like q
+            f_out = out.copy_(f_out)
+        return f_out, f_lse.contiguous()
     lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
-    if q.device.type == "cuda" and kernel_supported(q):
+    if impl == "triton":
         launch(q, k, v, key_mask, scale, out, lse)
     else:
         ref_out, ref_lse = reference(q, k, v, key_mask, scale)

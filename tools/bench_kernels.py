@@ -2,8 +2,9 @@
 
 For each real-size head layout and budget k/N in 10% ... 100% it checks the Triton kernel
 against SDPA's rows first, then times (triton.testing.do_bench, median, warm-up first):
-  astraea      torch.ops.astraea.sparse_attention(q_sel, k, v)          (Triton, with LSE)
-  sdpa         F.scaled_dot_product_attention(q_sel, k, v)             (flash; no LSE)
+  astraea      torch.ops.astraea.sparse_attention(q_sel, k, v)   (its `auto` choice, with LSE)
+  triton       the op's Triton kernel alone (sparse_attention.launch, with LSE)
+  sdpa         F.scaled_dot_product_attention(q_sel, k, v)             (default dispatch: cuDNN on the H100; no LSE)
   gather_sdpa  gather q rows from the full Q, SDPA, scatter into a full output (PyTorch)
 and token_select at the same (B, N, hidden) against one dense diffusers Wan block.
 Writes bench_kernels.json, bench_kernels.md and bench_kernels.png under --out.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import astraea.plugins  # noqa: E402,F401
+from astraea.plugins import sparse_attention as sa  # noqa: E402
 
 SHAPES = {  # name: (batch, heads, N keys, head dim, hidden)
     "wan2.1-1.3b 832x480x65": (2, 12, 26520, 128, 1536),
@@ -41,24 +43,32 @@ def bench(fn) -> float:
 
 def attention_rows(name: str, shape, budgets) -> list[dict]:
     b, h, n, d, _ = shape
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    # laid out (B, N, H, D) and viewed (B, H, N, D), as the model's projections make them
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     rows = []
     for frac in budgets:
         m = max(1, round(frac * n))
         idx = torch.sort(torch.stack([torch.randperm(n, device="cuda")[:m] for _ in range(b)]), dim=-1).values
-        gather_idx = idx[:, None, :, None].expand(b, h, m, d)
-        q_sel = torch.gather(q, 2, gather_idx).contiguous()
+        gather_idx = idx[:, :, None, None].expand(b, m, h, d)  # rows of the (B, N, H, D) storage
+
+        def gather_rows():
+            return torch.gather(q.transpose(1, 2), 1, gather_idx).transpose(1, 2)
+
+        q_sel = gather_rows()
         out, _ = torch.ops.astraea.sparse_attention(q_sel, k, v, None, None)
         ref = F.scaled_dot_product_attention(q_sel, k, v)
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
         def gather_sdpa():
-            sel = torch.gather(q, 2, gather_idx)
-            full = torch.zeros_like(q)
-            return full.scatter_(2, gather_idx, F.scaled_dot_product_attention(sel, k, v))
+            full = torch.zeros_like(q.transpose(1, 2))
+            out = F.scaled_dot_product_attention(gather_rows(), k, v).transpose(1, 2)
+            return full.scatter_(1, gather_idx, out)
+
+        tri_out, tri_lse = torch.empty_like(q_sel), torch.empty(b, h, m, device="cuda")
 
         t = {
             "astraea": bench(lambda: torch.ops.astraea.sparse_attention(q_sel, k, v, None, None)),
+            "triton": bench(lambda: sa.launch(q_sel, k, v, None, d ** -0.5, tri_out, tri_lse)),
             "sdpa": bench(lambda: F.scaled_dot_product_attention(q_sel, k, v)),
             "gather_sdpa": bench(gather_sdpa),
         }
@@ -66,9 +76,10 @@ def attention_rows(name: str, shape, budgets) -> list[dict]:
         rows.append({"shape": name, "budget": frac, "k": m, "n": n, "rel_err_vs_sdpa": err,
                      **{f"{k}_ms": v for k, v in t.items()},
                      **{f"{k}_tflops": flops / v / 1e9 for k, v in t.items()},
-                     "astraea_over_sdpa": t["sdpa"] / t["astraea"]})
+                     "astraea_over_sdpa": t["sdpa"] / t["astraea"],
+                     "triton_over_sdpa": t["sdpa"] / t["triton"], "backend": sa.backend(q_sel, None)})
         print(f"{name:26s} k/N={frac:.1f} astraea {t['astraea']:7.3f} ms  sdpa {t['sdpa']:7.3f} ms  "
-              f"gather+sdpa {t['gather_sdpa']:7.3f} ms  ratio {t['sdpa'] / t['astraea']:.2f}  err {err:.1e}", flush=True)
+              f"triton {t['triton']:7.3f} ms  gather+sdpa {t['gather_sdpa']:7.3f} ms  ratio {t['sdpa'] / t['astraea']:.2f}  err {err:.1e}", flush=True)
     return rows
 
 
@@ -102,11 +113,13 @@ def selection_rows(name: str, shape) -> dict:
 
 def markdown(rows: list[dict], sel: list[dict], device: str) -> str:
     lines = [f"Card: {device}, torch {torch.__version__}; bf16, batch 2 (CFG); median of do_bench.", "",
-             "| shape | k/N | astraea (ms) | SDPA flash (ms) | gather+SDPA+scatter (ms) | astraea / SDPA speed | astraea TFLOP/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| shape | k/N | astraea op (ms) | its Triton kernel (ms) | SDPA (ms) | gather+SDPA+scatter (ms) "
+             "| op / SDPA speed | Triton / SDPA speed | op TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['budget']:.1f} | {r['astraea_ms']:.3f} | {r['sdpa_ms']:.3f} | "
-                     f"{r['gather_sdpa_ms']:.3f} | {r['astraea_over_sdpa']:.2f}x | {r['astraea_tflops']:.0f} |")
+        lines.append(f"| {r['shape']} | {r['budget']:.1f} | {r['astraea_ms']:.3f} | {r['triton_ms']:.3f} | {r['sdpa_ms']:.3f} | "
+                     f"{r['gather_sdpa_ms']:.3f} | {r['astraea_over_sdpa']:.2f}x | {r['triton_over_sdpa']:.2f}x | "
+                     f"{r['astraea_tflops']:.0f} |")
     lines += ["", "| shape | token_select, k = N/2 (ms) | one dense block (ms) | block / select |", "|---|---|---|---|"]
     for s in sel:
         lines.append(f"| {s['shape']} | {s['select_ms']:.3f} | {s.get('block_ms', float('nan')):.2f} | "
@@ -124,7 +137,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), dpi=110, squeeze=False)
     for ax, name in zip(axes[0], names):
         sub = [r for r in rows if r["shape"] == name]
-        for variant, style in (("astraea", "-o"), ("sdpa", "--s"), ("gather_sdpa", ":^")):
+        for variant, style in (("astraea", "-o"), ("triton", "-.x"), ("sdpa", "--s"), ("gather_sdpa", ":^")):
             ax.plot([r["budget"] for r in sub], [r[f"{variant}_ms"] for r in sub], style, ms=3, label=variant)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("budget k/N")

@@ -1,0 +1,192 @@
+"""Per-step latency of the rewritten graph, eager and under torch.compile, against the dense model.
+
+On a random-weight model at a real size (default: Wan 2.1 1.3B at 832x480x65, CFG batch 2,
+bf16) it times one transformer call (CUDA events, warm-up first, median of --repeats) for:
+  dense_eager        the diffusers transformer
+  dense_compiled     torch.compile(transformer)
+  astraea_eager      the rewritten program at each budget (eager fx GraphModule)
+  astraea_compiled   torch.compile of the rewritten program at each budget
+The rewritten programs run from a state left by one dense (budget N) call, as in sampling.
+Each compiled variant reports its compile seconds. The predicted ratio is the hand-wired
+block's linear fit (docs/benchmarks.md: a + b k over the dense block). JSON is rewritten
+after every variant (a time-out keeps what finished); markdown and PNG at the end.
+
+    python3 tools/bench_step.py --out $OUT/step --budgets 0.1 0.5 --variants dense_eager dense_compiled astraea_compiled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from astraea import config, loader  # noqa: E402
+from astraea.bench import device_name  # noqa: E402
+from astraea.capture import capture  # noqa: E402
+from astraea.sampling import first_step_kwargs  # noqa: E402
+from astraea.tokenwise import rewrite  # noqa: E402
+
+VARIANTS = ("dense_eager", "dense_compiled", "astraea_eager", "astraea_compiled")
+BLOCK_FIT = {"a_ms": 4.46, "b_ms_per_row": 1.183e-3, "dense_block_ms": 31.15}  # H100, Wan 1.3B block, 26,520 rows
+
+
+def time_calls(fn, warmup: int, repeats: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--family", default="wan")
+    p.add_argument("--preset", default="wan2.1-t2v-1.3b")
+    p.add_argument("--frames", type=int, default=65)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.1, 0.3, 0.5, 0.7, 1.0])
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = config.from_dict({
+        "model": {"family": args.family, "preset": args.preset, "dtype": "bf16", "device": "cuda"},
+        "video": {"frames": args.frames, "height": args.height, "width": args.width},
+        "sampling": {"steps": 50, "prompts": ["timing"]},
+    })
+    model = loader.load_model(cfg)
+    n = model.layout(cfg.video).video_tokens
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    report = {"device": device_name(model.device), "torch": torch.__version__, "preset": args.preset,
+              "video": f"{args.width}x{args.height}x{args.frames}", "tokens": n, "batch": kwargs["hidden_states"].shape[0],
+              "block_fit": BLOCK_FIT, "rows": []}
+
+    def record(row: dict) -> None:
+        report["rows"].append(row)
+        (args.out / "bench_step.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(row), flush=True)
+
+    with torch.no_grad():
+        if "dense_eager" in args.variants:
+            ms, peak = time_calls(lambda: model.transformer(**kwargs), args.warmup, args.repeats)
+            record({"variant": "dense_eager", "budget": 1.0, "ms": ms, "peak_gb": peak})
+        if "dense_compiled" in args.variants:
+            compiled = torch.compile(model.transformer, dynamic=False)
+            t0 = time.perf_counter()
+            compiled(**kwargs)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            ms, peak = time_calls(lambda: compiled(**kwargs), args.warmup, args.repeats)
+            record({"variant": "dense_compiled", "budget": 1.0, "ms": ms, "peak_gb": peak, "compile_s": compile_s})
+            del compiled
+        if not {"astraea_eager", "astraea_compiled"} & set(args.variants):
+            return finish(report, args.out)
+        t0 = time.perf_counter()
+        cap = capture(model, cfg)
+        capture_s = time.perf_counter() - t0
+        full = rewrite(model, cfg, n, captured=cap)
+        flat = full.flat_inputs(kwargs)
+        state_inputs = [x for x in full.graph.graph.nodes if x.op == "placeholder"][len(flat):]
+        zeros = [torch.zeros(x.meta["val"].shape, dtype=x.meta["val"].dtype, device="cuda") for x in state_inputs]
+        warm_state = list(full.graph(*flat, *zeros)[1:])  # the state after one dense step
+        for frac in args.budgets:
+            k = max(1, round(frac * n))
+            t0 = time.perf_counter()
+            tp = full if k == n else rewrite(model, cfg, k, captured=cap)
+            rewrite_s = time.perf_counter() - t0 + capture_s
+            for variant in ("astraea_eager", "astraea_compiled"):
+                if variant not in args.variants:
+                    continue
+                graph = tp.graph
+                row = {"variant": variant, "budget": frac, "k": k, "rewrite_s": rewrite_s}
+                if variant == "astraea_compiled":
+                    graph = torch.compile(tp.graph, dynamic=False)
+                    t0 = time.perf_counter()
+                    graph(*flat, *warm_state)
+                    torch.cuda.synchronize()
+                    row["compile_s"] = time.perf_counter() - t0
+                state = [t.clone() for t in warm_state]
+
+                def step(graph=graph, state=state):
+                    out = graph(*flat, *state)
+                    state[:] = out[1:]
+
+                row["ms"], row["peak_gb"] = time_calls(step, args.warmup, args.repeats)
+                fit = BLOCK_FIT
+                row["predicted_ratio"] = (fit["a_ms"] + fit["b_ms_per_row"] * k) / fit["dense_block_ms"]
+                record(row)
+                del graph, state
+            if tp is not full:
+                del tp
+            torch.cuda.empty_cache()
+    finish(report, args.out)
+
+
+def finish(report: dict, out: Path) -> None:
+    rows = report["rows"]
+    base = {r["variant"]: r["ms"] for r in rows if r["variant"].startswith("dense")}
+    for r in rows:
+        if r["variant"] == "astraea_compiled" and "dense_compiled" in base:
+            r["ratio_vs_dense_compiled"] = r["ms"] / base["dense_compiled"]
+        if r["variant"] == "astraea_eager" and "dense_eager" in base:
+            r["ratio_vs_dense_eager"] = r["ms"] / base["dense_eager"]
+        if "dense_eager" in base:
+            r["speedup_vs_dense_eager"] = base["dense_eager"] / r["ms"]
+    (out / "bench_step.json").write_text(json.dumps(report, indent=1))
+    lines = [f"Card: {report['device']}, torch {report['torch']}; {report['preset']} at {report['video']} "
+             f"({report['tokens']} tokens), batch {report['batch']} (CFG), bf16; median step.", "",
+             "| variant | budget | step (ms) | peak (GiB) | speedup vs dense eager | ratio vs dense of its kind | predicted ratio (block fit) | compile (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r.get("ratio_vs_dense_compiled", r.get("ratio_vs_dense_eager"))
+        cells = [r["variant"], f"{r['budget']:.1f}", f"{r['ms']:.1f}", f"{r['peak_gb']:.2f}",
+                 f"{r.get('speedup_vs_dense_eager', float('nan')):.2f}x", "-" if ratio is None else f"{ratio:.3f}",
+                 f"{r['predicted_ratio']:.3f}" if "predicted_ratio" in r else "-",
+                 f"{r['compile_s']:.0f}" if "compile_s" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    (out / "bench_step.md").write_text(md)
+    print(md)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    for variant, style in (("astraea_eager", "-o"), ("astraea_compiled", "-s")):
+        sub = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["budget"])
+        if sub:
+            ax.plot([r["budget"] for r in sub], [r["ms"] for r in sub], style, ms=4, label=variant)
+    for variant, style in (("dense_eager", "--"), ("dense_compiled", ":")):
+        if variant in base:
+            ax.axhline(base[variant], ls=style, color="grey", label=variant)
+    ax.set_xlabel("budget k/N")
+    ax.set_ylabel("ms per step (CFG batch)")
+    ax.set_title(f"{report['preset']} {report['video']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench_step.png")
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
