@@ -83,3 +83,20 @@ def test_rewritten_program_reexports_and_round_trips(setup, tmp_path):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
     assert tp.stats["replace_attention"] == {"sparse_attention": 2}
+
+
+def test_one_capture_rewrites_at_several_budgets(setup):
+    """rewrite(captured=...) copies the captured graph: the capture stays unchanged and each
+    budget's program samples exactly like a program from its own fresh capture."""
+    from astraea.capture import capture
+
+    cfg, model, n, programs = setup
+    cap = capture(model, cfg)
+    before = len(cap.program.graph_module.graph.nodes)
+    shared = {k: rewrite(model, cfg, k, captured=cap) for k in (n, n // 2)}
+    assert len(cap.program.graph_module.graph.nodes) == before
+    assert shared[n // 2].stats == programs[n // 2].stats
+    schedule = [n, n // 2, n // 2, n, n // 2]
+    got = _sample(cfg, model, TokenwiseTransformer(shared, schedule))
+    want = _sample(cfg, model, TokenwiseTransformer({k: programs[k] for k in (n, n // 2)}, schedule))
+    assert torch.equal(got, want)

@@ -228,3 +228,14 @@ def test_output_is_laid_out_like_the_query():
     assert out.stride() == q.stride()
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
     out.permute(0, 2, 1, 3).view(2, 7, 48)  # what the Wan graph does next
+
+
+def test_attention_backend_choice_on_the_cpu(monkeypatch):
+    """Without CUDA every request ends at the reference; a bad ASTRAEA_ATTENTION is named."""
+    q = torch.randn(1, 2, 5, 64, dtype=torch.bfloat16)
+    for want in ("auto", "triton", "cudnn", "reference"):
+        monkeypatch.setenv("ASTRAEA_ATTENTION", want)
+        assert sa.backend(q, None) == "reference"
+    monkeypatch.setenv("ASTRAEA_ATTENTION", "fa3")
+    with pytest.raises(ValueError, match="ASTRAEA_ATTENTION='fa3'"):
+        sa.backend(q, None)
