@@ -80,6 +80,9 @@ class SearchSpec:
     repair_low: float = spec(0.9, lo=0.0, hi=1.0, doc="repair into [low, high] x target")
     repair_high: float = spec(1.1, lo=1.0, hi=10.0)
     seed: int = spec(0, lo=0)
+    early_stop: bool = spec(True, doc="stop a child once its partial fitness cannot survive (exact)")
+    share_prefixes: bool = spec(True, doc="children with a common schedule prefix share its sampling state (exact)")
+    prefix_cache_gb: float = spec(4.0, lo=0.0, hi=4096.0, doc="memory for the shared prefixes' sampling states")
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,21 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def source_hash() -> str:
+    """sha256 over the source that decides what a rewritten program computes: the passes,
+    the ops and their kernels, capture, the token-wise runner and the family adapters."""
+    import astraea
+    import astraea.passes
+    import astraea.plugins
+
+    roots = [Path(astraea.passes.__file__).parent, Path(astraea.plugins.__file__).parent]
+    base = Path(astraea.__file__).parent
+    files = [f for r in roots for f in sorted(r.rglob("*.py"))]
+    files += [base / "capture.py", base / "tokenwise.py"] + sorted((base / "families").glob("*.py"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]

@@ -1,11 +1,13 @@
 """The denoising loop every stage shares: the family's scheduler, CFG as one batch of two.
 
 `denoise` takes any transformer-shaped callable, so the dense reference, the search's
-rewritten graphs and the compiled engines all run through the same loop.
+rewritten graphs and the compiled engines all run through the same loop. `Sampler` is the
+same loop a step at a time, over a `Trajectory` that can be copied mid-way.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,31 +70,70 @@ def first_step_kwargs(model: LoadedModel, video: VideoSpec, sampling: SamplingSp
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, timestep, latents after the step)
 
 
+@dataclass
+class Trajectory:
+    """Where one sample stands between steps: enough to continue it, or to copy it and
+    continue the copy differently (the budget search's shared schedule prefixes)."""
+
+    step: int  # steps done
+    latents: torch.Tensor
+    scheduler: object  # this trajectory's own scheduler (multistep schedulers keep history)
+    extra: dict  # the family's scheduler_step state (e.g. CogVideoX DPM's old prediction)
+    rng_state: torch.Tensor  # the sample's CPU generator (stochastic schedulers)
+
+    def copy(self) -> Trajectory:
+        extra = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in self.extra.items()}
+        return Trajectory(self.step, self.latents.clone(), copy.deepcopy(self.scheduler), extra, self.rng_state.clone())
+
+
+class Sampler:
+    """The denoising loop of one sample, a step at a time (`denoise` runs it to the end)."""
+
+    def __init__(self, model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, inputs: SampleInputs):
+        self.model, self.sampling, self.inputs = model, sampling, inputs
+        self.timesteps = model.family.set_timesteps(model.scheduler, sampling.steps, model.device)
+        self.static = model.family.static_inputs(model, video, sampling)
+
+    def start(self) -> Trajectory:
+        model = self.model
+        scheduler = copy.deepcopy(model.scheduler)  # set_timesteps above: fresh, positioned at step 0
+        latents = self.inputs.noise.to(model.device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        if model.family.latents_in_model_dtype:
+            latents = latents.to(model.dtype)
+        return Trajectory(0, latents, scheduler, {}, self.inputs.rng_state.clone())
+
+    def advance(self, traj: Trajectory, transformer: Callable, on_step: StepHook | None = None) -> Trajectory:
+        """One step of `traj`, in place: the transformer call, CFG, the scheduler step."""
+        model, family, inputs = self.model, self.model.family, self.inputs
+        i, t = traj.step, self.timesteps[traj.step]
+        latents = traj.latents
+        x = torch.cat([latents, latents]) if inputs.cfg else latents
+        if hasattr(traj.scheduler, "scale_model_input"):
+            x = traj.scheduler.scale_model_input(x, t)
+        kwargs = family.model_inputs(x.to(model.dtype), t, inputs.cond, self.static)
+        pred = transformer(**kwargs)[0].float()
+        if inputs.cfg:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + self.sampling.guidance * (cond - uncond)
+        generator = torch.Generator()
+        generator.set_state(traj.rng_state)
+        state = {**traj.extra, "i": i, "timesteps": self.timesteps, "generator": generator}
+        latents = family.scheduler_step(traj.scheduler, pred, t, latents, state)
+        if family.latents_in_model_dtype:
+            latents = latents.to(model.dtype)
+        traj.extra = {k: v for k, v in state.items() if k not in ("i", "timesteps", "generator")}
+        traj.rng_state, traj.latents, traj.step = generator.get_state(), latents, i + 1
+        if on_step is not None:
+            on_step(i, t, latents)
+        return traj
+
+
 @torch.no_grad()
 def denoise(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, inputs: SampleInputs,
             transformer: Callable | None = None, on_step: StepHook | None = None) -> torch.Tensor:
     """Run all steps from the noise; returns the final latents (float32, family layout)."""
-    family, scheduler = model.family, model.scheduler
-    transformer = transformer or model.transformer
-    timesteps = family.set_timesteps(scheduler, sampling.steps, model.device)
-    static = family.static_inputs(model, video, sampling)
-    latents = inputs.noise.to(model.device) * getattr(scheduler, "init_noise_sigma", 1.0)
-    if family.latents_in_model_dtype:
-        latents = latents.to(model.dtype)
-    state: dict = {"timesteps": timesteps, "generator": inputs.generator()}
-    for i, t in enumerate(timesteps):
-        state["i"] = i
-        x = torch.cat([latents, latents]) if inputs.cfg else latents
-        if hasattr(scheduler, "scale_model_input"):
-            x = scheduler.scale_model_input(x, t)
-        kwargs = family.model_inputs(x.to(model.dtype), t, inputs.cond, static)
-        pred = transformer(**kwargs)[0].float()
-        if inputs.cfg:
-            uncond, cond = pred.chunk(2)
-            pred = uncond + sampling.guidance * (cond - uncond)
-        latents = family.scheduler_step(scheduler, pred, t, latents, state)
-        if family.latents_in_model_dtype:
-            latents = latents.to(model.dtype)
-        if on_step is not None:
-            on_step(i, t, latents)
-    return latents.float()
+    sampler = Sampler(model, video, sampling, inputs)
+    traj = sampler.start()
+    for _ in range(sampling.steps):
+        sampler.advance(traj, transformer or model.transformer, on_step)
+    return traj.latents.float()

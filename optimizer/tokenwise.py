@@ -72,6 +72,22 @@ class TokenwiseTransformer:
     def reset(self) -> None:
         self.step, self.state, self.last = 0, None, None
 
+    def snapshot(self) -> tuple:
+        """A copy of where the schedule stands (step, block state, last output)."""
+        clone = lambda t: None if t is None else t.clone()  # noqa: E731
+        return self.step, None if self.state is None else [t.clone() for t in self.state], clone(self.last)
+
+    def restore(self, snap: tuple) -> None:
+        step, state, last = snap
+        self.step, self.last = step, None if last is None else last.clone()
+        self.state = None if state is None else [t.clone() for t in state]
+
+    @staticmethod
+    def snapshot_bytes(snap: tuple) -> int:
+        _, state, last = snap
+        tensors = (state or []) + ([last] if last is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     @torch.no_grad()
     def __call__(self, **kwargs):
         k = self.schedule[self.step]

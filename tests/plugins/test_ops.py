@@ -31,7 +31,9 @@ SHAPES = [  # (batch, heads, M query rows, N keys, head dim)
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("masked", [False, True])
-def test_reference_matches_float64(shape, masked):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_op_matches_float64(shape, masked, backend, monkeypatch):
+    monkeypatch.setenv("ASTRAEA_ATTENTION", backend)
     b, h, m, n, d = shape
     q, k, v = torch.randn(b, h, m, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d)
     mask = None
@@ -231,11 +233,12 @@ def test_output_is_laid_out_like_the_query():
 
 
 def test_attention_backend_choice_on_the_cpu(monkeypatch):
-    """Without CUDA every request ends at the reference; a bad ASTRAEA_ATTENTION is named."""
+    """On the CPU: the CPU flash kernel, or the reference; a bad ASTRAEA_ATTENTION is named."""
     q = torch.randn(1, 2, 5, 64, dtype=torch.bfloat16)
-    for want in ("auto", "triton", "cudnn", "reference"):
+    for want, got in (("auto", "cpu"), ("cpu", "cpu"), ("triton", "reference"), ("cudnn", "reference"),
+                      ("reference", "reference")):
         monkeypatch.setenv("ASTRAEA_ATTENTION", want)
-        assert sa.backend(q, None) == "reference"
+        assert sa.backend(q, None) == got
     monkeypatch.setenv("ASTRAEA_ATTENTION", "fa3")
     with pytest.raises(ValueError, match="ASTRAEA_ATTENTION='fa3'"):
         sa.backend(q, None)

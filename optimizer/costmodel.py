@@ -1,0 +1,90 @@
+"""The step-latency cost model: each budget level's step time, measured once on the device.
+
+A latency or speedup target is a constraint in milliseconds: the predicted time of a
+schedule is the sum of its steps' measured times. Each level's program runs from the state
+one dense step leaves (as in sampling), warm-up first, then the median of `bench.repeats`
+calls (CUDA events on a GPU). The dense model's own step is measured too: a speedup target
+is against it. Stored as `<run>/costmodel/<key>.json`, the key hashing the model, the video,
+the device, torch and the programs' source; reused whenever the key exists.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .bench import device_name
+from .config import RunConfig
+from .io import source_hash, stable_hash, write_json
+from .sampling import first_step_kwargs
+from .tokenwise import TokenwiseProgram, TokenwiseTransformer
+
+
+@dataclass
+class CostModel:
+    key: str
+    device: str
+    dense_ms: float  # the dense model's step
+    level_ms: list[float]  # per level; level 0 (the step is skipped) measured too
+    tokens_per_level: list[int]
+
+    def schedule_ms(self, levels) -> float:
+        return sum(self.level_ms[v] for v in levels)
+
+
+def _timer(device: torch.device) -> Callable[[Callable], float]:
+    def run(fn) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    return run
+
+
+def cost_key(cfg: RunConfig, model, tokens: list[int], backend: str) -> str:
+    return stable_hash({"model": model.identity, "dtype": cfg.model.dtype, "video": asdict(cfg.video),
+                        "device": device_name(model.device), "torch": torch.__version__, "tokens": tokens,
+                        "backend": backend, "source": source_hash(), "guidance": cfg.sampling.guidance > 1})
+
+
+@torch.no_grad()
+def measure(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], tokens: list[int], folder: Path,
+            backend: str = "eager", progress: bool = True) -> CostModel:
+    """Per-level step ms (`tokens[level]` rows; 0 = skipped), or the stored measurement."""
+    key = cost_key(cfg, model, tokens, backend)
+    path = folder / f"{key}.json"
+    if path.is_file():
+        return CostModel(**json.loads(path.read_text()))
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    timer = _timer(model.device)
+    warmup, repeats = max(1, cfg.bench.warmup), cfg.bench.repeats
+    top = max(tokens)
+
+    def median(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        return statistics.median(timer(fn) for _ in range(repeats))
+
+    dense_ms = median(lambda: model.transformer(**kwargs))
+    level_ms = []
+    for k in tqdm(tokens, desc="cost model", unit="level", disable=not progress):
+        runner = TokenwiseTransformer(programs, [top] + [k] * (warmup + repeats))
+        runner(**kwargs)  # the dense first step fills the caches
+        level_ms.append(median(lambda: runner(**kwargs)))
+    cm = CostModel(key, device_name(model.device), dense_ms, level_ms, list(tokens))
+    write_json(path, asdict(cm))
+    return cm

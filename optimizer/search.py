@@ -1,0 +1,613 @@
+"""The budget search: an evolutionary search of one token budget per denoising step.
+
+The paper's algorithm (../shared/ASTRAEA.md section 3) with every number in model.yaml's
+`search` section: budgets are levels 0 .. L-1 (theta = level / (L-1)), the first step is
+dense; a population of 50, 30 children a generation from binary tournaments, uniform or
+block crossover, per-step mutation decaying 0.1 -> 0.01, then repair into [0.9, 1.1] x the
+target; the best `population` of parents and children survive.
+
+Fitness is the MSE of the final latents against the stored dense reference, averaged over
+the calibration samples (prompts x seeds), measured by running the rewritten programs
+(tokenwise.py) in the shared sampling loop: what will be deployed. Three exact savings,
+none of which changes a fitness bit or the search's path (tests check both):
+- shared prefixes: a generation's children are evaluated in lexicographic order of their
+  schedules, a depth-first walk of their prefix trie; the sampling state (latents,
+  scheduler, block caches) is copied at each depth where a later child branches off and
+  restored for it, within `search.prefix_cache_gb`;
+- early rejection: MSE >= 0, so once a child's partial sum over the samples evaluated so
+  far already reaches the worst surviving fitness, it cannot survive and is stopped;
+- a memo of every schedule evaluated (duplicates cost nothing).
+The search state is written atomically after every generation; `resume` continues it to
+the identical result. With torch.distributed initialised (torchrun, one process per GPU),
+each rank evaluates a contiguous share of the sorted children and the results are
+gathered; every rank runs the same evolution from the same seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .errors import AstraeaError
+from .io import source_hash, stable_hash, write_json
+from .sampling import SampleInputs, Sampler
+from .tokenwise import TokenwiseProgram, TokenwiseTransformer
+
+log = logging.getLogger("astraea")
+STATE_VERSION = 1
+Schedule = tuple[int, ...]  # one level per step
+
+
+class SearchError(AstraeaError):
+    """The target cannot be met, or a checkpoint does not belong to this search."""
+
+
+# ---- the constraint and its repair ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a schedule costs, against the target: the mean budget, or predicted milliseconds."""
+
+    kind: str  # "budget" | "latency"
+    target: float  # mean theta, or total ms
+    low: float
+    high: float
+    levels: int
+    step_ms: tuple[float, ...] = ()  # latency: the cost model's ms per level
+
+    def value(self, s: Schedule) -> float:
+        if self.kind == "budget":
+            return sum(s) / ((self.levels - 1) * len(s))
+        return sum(self.step_ms[v] for v in s)
+
+    def ok(self, s: Schedule) -> bool:
+        return self.low * self.target <= self.value(s) <= self.high * self.target + 1e-12
+
+    def check_feasible(self, steps: int) -> None:
+        top = self.levels - 1
+        lightest, heaviest = (top,) + (0,) * (steps - 1), (top,) * steps
+        lo, hi = self.value(lightest), self.value(heaviest)
+        if hi < self.low * self.target or lo > self.high * self.target:
+            unit = "mean budget" if self.kind == "budget" else "ms"
+            raise SearchError(f"target: {self.target:.4g} {unit} cannot be met with {steps} steps "
+                              f"(possible: {lo:.4g} .. {hi:.4g}; the first step is dense)")
+
+
+def repair(s: Schedule, c: Constraint, rng: np.random.Generator) -> Schedule:
+    """Lower random steps while over the upper bound, raise random steps while under the
+    lower one (the first step stays dense). Raises if the bounds cannot be met."""
+    x = list(s)
+    x[0] = c.levels - 1
+    for _ in range(4 * len(x) * c.levels + 8):
+        v = c.value(tuple(x))
+        if v > c.high * c.target + 1e-12:
+            movable = [i for i in range(1, len(x)) if x[i] > 0]
+            step = -1
+        elif v < c.low * c.target:
+            movable = [i for i in range(1, len(x)) if x[i] < c.levels - 1]
+            step = 1
+        else:
+            return tuple(x)
+        if not movable:
+            break
+        x[movable[int(rng.integers(len(movable)))]] += step
+    raise SearchError(f"repair cannot bring a schedule into [{c.low}, {c.high}] x the target {c.target:.4g}; "
+                      "widen search.repair_low/high or use more levels")
+
+
+# ---- the evolutionary operators ---------------------------------------------------------
+
+def random_schedule(steps: int, levels: int, rng: np.random.Generator) -> Schedule:
+    return (levels - 1,) + tuple(int(v) for v in rng.integers(0, levels, steps - 1))
+
+
+def crossover(a: Schedule, b: Schedule, rng: np.random.Generator) -> Schedule:
+    """Uniform (each step from either parent) or block (a contiguous range from the second)."""
+    if rng.random() < 0.5:
+        take = rng.random(len(a)) < 0.5
+        return tuple(bv if t else av for av, bv, t in zip(a, b, take))
+    i, j = sorted(int(v) for v in rng.integers(1, len(a) + 1, 2))
+    return a[:i] + b[i:j] + a[j:]
+
+
+def mutate(s: Schedule, p: float, levels: int, rng: np.random.Generator) -> Schedule:
+    hit = rng.random(len(s)) < p
+    new = rng.integers(0, levels, len(s))
+    return tuple(int(n) if h and i > 0 else v for i, (v, h, n) in enumerate(zip(s, hit, new)))
+
+
+def mutation_rate(spec, generation: int) -> float:
+    """Linear decay from mutation_start (generation 1) to mutation_end (the last)."""
+    span = max(1, spec.generations - 1)
+    return spec.mutation_start + (spec.mutation_end - spec.mutation_start) * min(1.0, (generation - 1) / span)
+
+
+# ---- evaluation -------------------------------------------------------------------------
+
+@dataclass
+class Sample:
+    name: str
+    inputs: SampleInputs
+    reference: torch.Tensor  # dense final latents (1, *latent_shape), float32, on the CPU
+    peak: float  # the reference's dynamic range, the PSNR's peak
+
+
+@dataclass
+class Counters:
+    candidates: int = 0  # distinct schedules evaluated (memo hits excluded)
+    stopped: int = 0  # of those, stopped early
+    steps: int = 0  # denoising steps executed
+    transformer_calls: int = 0  # of those, with a budget above 0
+    naive_steps: int = 0  # what evaluating every candidate on every sample from scratch costs
+    seconds: float = 0.0
+
+    def add(self, other: Counters) -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def lcp(a: Schedule, b: Schedule) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def psnr(mse: float, peak: float) -> float:
+    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+class Evaluator:
+    """Fitness of schedules: the rewritten programs sampled against the dense reference."""
+
+    def __init__(self, model, cfg: RunConfig, programs: dict[int, TokenwiseProgram], samples: list[Sample],
+                 levels: int, tokens: int, prefix_cache_bytes: int, share_prefixes: bool = True):
+        self.model, self.cfg, self.programs, self.samples = model, cfg, programs, samples
+        self.levels, self.tokens = levels, tokens
+        self.cache_bytes, self.share = prefix_cache_bytes, share_prefixes
+        self.samplers = [Sampler(model, cfg.video, cfg.sampling, s.inputs) for s in samples]
+
+    def budgets(self, s: Schedule) -> list[int]:
+        top = self.levels - 1
+        return [self.tokens if v == top else round(v / top * self.tokens) for v in s]
+
+    def evaluate(self, batch: list[Schedule], threshold: float, counters: Counters,
+                 order: list[int] | None = None, tick: Callable[[int], None] | None = None) -> dict[Schedule, list]:
+        """Per-sample MSE of each schedule (in `order` of samples); a schedule whose partial
+        mean reaches `threshold` stops, its list shorter than the samples."""
+        order = list(range(len(self.samples))) if order is None else order
+        steps = self.cfg.sampling.steps
+        batch = sorted(set(batch))
+        mse: dict[Schedule, list] = {s: [] for s in batch}
+        alive = list(batch)
+        for si in order:
+            walk = self._walk(alive, si, counters, tick)
+            for s, value in walk.items():
+                mse[s].append(value)
+            n = len(self.samples)
+            alive = [s for s in alive if sum(mse[s]) / n < threshold]
+        counters.candidates += len(batch)
+        counters.stopped += sum(len(v) < len(self.samples) for v in mse.values())
+        counters.naive_steps += len(batch) * len(self.samples) * steps
+        return mse
+
+    @torch.no_grad()
+    def _walk(self, batch: list[Schedule], si: int, counters: Counters, tick) -> dict[Schedule, float]:
+        """Depth-first over the sorted schedules' prefix trie for sample `si`."""
+        sample, sampler = self.samples[si], self.samplers[si]
+        steps = self.cfg.sampling.steps
+        stack: list[tuple[int, object, tuple, int]] = []  # (depth, trajectory, transformer snapshot, bytes)
+        held = 0
+        out = {}
+        prev: Schedule | None = None
+        for j, s in enumerate(batch):
+            if prev is not None:
+                shared = lcp(prev, s)
+                while stack and stack[-1][0] > shared:
+                    held -= stack.pop()[3]
+            runner = TokenwiseTransformer(self.programs, self.budgets(s))
+            if stack:
+                depth, traj, snap, _ = stack[-1]
+                traj = traj.copy()
+                runner.restore(snap)
+            else:
+                depth, traj = 0, sampler.start()
+            # depths where a later schedule branches off this one's path (non-increasing)
+            branch = set()
+            for later in batch[j + 1:]:
+                d = lcp(s, later) if self.share else 0
+                if d <= depth:
+                    break
+                branch.add(d)
+            for i in range(depth, steps):
+                if i in branch:
+                    snap = runner.snapshot()
+                    size = runner.snapshot_bytes(snap) + traj.latents.numel() * traj.latents.element_size()
+                    if held + size <= self.cache_bytes:
+                        stack.append((i, traj.copy(), snap, size))
+                        held += size
+                sampler.advance(traj, runner)
+                counters.steps += 1
+                counters.transformer_calls += runner.schedule[i] > 0
+                if tick is not None:
+                    tick(1)
+            final = traj.latents.float().cpu()
+            out[s] = float(((final - sample.reference) ** 2).mean())
+            prev = s
+        return out
+
+
+def shard(batch: list[Schedule]) -> list[Schedule]:
+    """This rank's contiguous share of the sorted batch (all of it without torch.distributed)."""
+    import torch.distributed as dist
+
+    batch = sorted(set(batch))
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return batch
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = -(-len(batch) // world)
+    return batch[rank * per:(rank + 1) * per]
+
+
+def gather(results: dict, counters: Counters) -> tuple[dict, Counters]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return results, counters
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (results, vars(counters)))
+    merged, total = {}, Counters()
+    for res, cnt in parts:
+        merged.update(res)
+        total.add(Counters(**cnt))
+    return merged, total
+
+
+# ---- the search -------------------------------------------------------------------------
+
+@dataclass
+class SearchState:
+    generation: int  # generations completed (0: the initial population)
+    rng: dict
+    population: list[tuple[Schedule, float]]
+    memo: dict[Schedule, list]  # per-sample MSE in sample order (shorter: stopped early)
+    history: list[dict] = field(default_factory=list)
+    counters: Counters = field(default_factory=Counters)
+    sample_order: list[int] = field(default_factory=list)
+
+    def to_json(self, key: str) -> dict:
+        enc = lambda s: ",".join(map(str, s))  # noqa: E731
+        return {"version": STATE_VERSION, "key": key, "generation": self.generation, "rng": self.rng,
+                "population": [[list(s), f] for s, f in self.population],
+                "memo": {enc(s): v for s, v in self.memo.items()}, "history": self.history,
+                "counters": vars(self.counters), "sample_order": self.sample_order}
+
+    @classmethod
+    def from_json(cls, raw: dict, key: str) -> SearchState:
+        if raw.get("version") != STATE_VERSION or raw.get("key") != key:
+            raise SearchError("the search checkpoint belongs to another configuration; remove it or drop --resume")
+        dec = lambda t: tuple(int(v) for v in t.split(","))  # noqa: E731
+        return cls(raw["generation"], raw["rng"], [(tuple(s), f) for s, f in raw["population"]],
+                   {dec(k): v for k, v in raw["memo"].items()}, raw["history"], Counters(**raw["counters"]),
+                   raw["sample_order"])
+
+
+def fitness_of(values: list, samples: int) -> float:
+    return sum(values) / samples if len(values) == samples else math.inf
+
+
+class Search:
+    def __init__(self, cfg: RunConfig, evaluator: Evaluator, constraint: Constraint, folder: Path, key: str,
+                 early_stop: bool = True, predict_ms: Callable[[Schedule], float] | None = None):
+        self.cfg, self.ev, self.c, self.folder, self.key = cfg, evaluator, constraint, folder, key
+        self.spec = cfg.search
+        self.early_stop, self.predict_ms = early_stop, predict_ms
+        self.n = len(evaluator.samples)
+
+    # one batch of schedules through the memo, the evaluator and the gather
+    def _evaluate(self, st: SearchState, batch: list[Schedule], threshold: float, bar) -> None:
+        todo = [s for s in dict.fromkeys(batch) if s not in st.memo]
+        if not todo:
+            return
+        counters = Counters()
+        t0 = time.perf_counter()
+        mine = shard(todo)
+        results = self.ev.evaluate(mine, threshold if self.early_stop else math.inf, counters, st.sample_order,
+                                   tick=bar.update if bar is not None else None)
+        counters.seconds = time.perf_counter() - t0
+        results, counters = gather(results, counters)
+        st.memo.update(results)
+        st.counters.add(counters)
+
+    def _threshold(self, st: SearchState) -> float:
+        return st.population[-1][1] if len(st.population) >= self.spec.population else math.inf
+
+    def _select(self, st: SearchState, candidates: list[Schedule]) -> None:
+        """Best `population` of parents and children; parents first among equal fitness."""
+        pool = list(dict.fromkeys([s for s, _ in st.population] + candidates))
+        scored = [(fitness_of(st.memo[s], self.n), i, s) for i, s in enumerate(pool)]
+        scored.sort(key=lambda x: (x[0], x[1]))
+        st.population = [(s, f) for f, _, s in scored[: self.spec.population]]
+
+    def _record(self, st: SearchState, children: int) -> None:
+        best_s, best_f = st.population[0]
+        finite = [f for _, f in st.population if math.isfinite(f)]
+        st.history.append({"generation": st.generation, "best_mse": best_f, "mean_mse": float(np.mean(finite)),
+                           "best_value": self.c.value(best_s), "children": children,
+                           "candidates": st.counters.candidates, "steps": st.counters.steps,
+                           "naive_steps": st.counters.naive_steps, "seconds": st.counters.seconds})
+
+    def _initial(self, rng: np.random.Generator) -> list[Schedule]:
+        steps, levels = self.cfg.sampling.steps, self.spec.levels
+        pop = []
+        if self.c.kind == "budget":  # the uniform schedule at the target, a sound start
+            level = min(levels - 1, max(0, round(self.c.target * (levels - 1))))
+            pop.append(repair((levels - 1,) + (level,) * (steps - 1), self.c, rng))
+        while len(pop) < self.spec.population * 4 and len(set(pop)) < self.spec.population:
+            pop.append(repair(random_schedule(steps, levels, rng), self.c, rng))
+        return list(dict.fromkeys(pop))[: self.spec.population]
+
+    def _checkpoint(self, st: SearchState) -> None:
+        if _is_main():
+            write_json(self.folder / "state.json", st.to_json(self.key))
+
+    def run(self, resume: bool = False, progress: bool = True) -> SearchState:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ckpt = self.folder / "state.json"
+        steps, spec = self.cfg.sampling.steps, self.spec
+        if resume and ckpt.is_file():
+            import json
+
+            st = SearchState.from_json(json.loads(ckpt.read_text()), self.key)
+            rng = np.random.default_rng()
+            rng.bit_generator.state = st.rng
+            log.info("search: resuming after generation %d of %d", st.generation, spec.generations)
+        else:
+            rng = np.random.default_rng(spec.seed)
+            st = None
+        per_gen = spec.children * self.n * steps
+        total = spec.population * self.n * steps + spec.generations * per_gen
+        done = 0 if st is None else spec.population * self.n * steps + st.generation * per_gen
+        bar = tqdm(total=total, initial=done, desc="budget search", unit="step", disable=not progress or not _is_main())
+        try:
+            if st is None:
+                pop = self._initial(rng)
+                st = SearchState(0, {}, [], {}, sample_order=list(range(self.n)))
+                self._evaluate(st, pop, math.inf, bar)
+                # hardest sample first (largest MSE over the initial population): earlier rejections
+                means = [np.mean([st.memo[s][i] for s in pop]) for i in range(self.n)]
+                order = sorted(range(self.n), key=lambda i: (-means[i], i))
+                st.memo = {s: [v[i] for i in order] for s, v in st.memo.items()}
+                st.sample_order = order
+                self._select(st, pop)
+                st.rng = rng.bit_generator.state
+                self._record(st, len(pop))
+                self._checkpoint(st)
+            while st.generation < spec.generations:
+                gen = st.generation + 1
+                p = mutation_rate(spec, gen)
+                children = []
+                for _ in range(spec.children):
+                    a, b = self._tournament(st, rng), self._tournament(st, rng)
+                    child = mutate(crossover(a, b, rng), p, spec.levels, rng)
+                    children.append(repair(child, self.c, rng))
+                self._evaluate(st, children, self._threshold(st), bar)
+                self._select(st, children)
+                st.generation = gen
+                st.rng = rng.bit_generator.state
+                self._record(st, len(children))
+                self._checkpoint(st)
+                best = st.population[0]
+                bar.set_postfix(best_psnr=f"{self.mean_psnr(best[0], st):.2f}", value=f"{self.c.value(best[0]):.3g}")
+        finally:
+            bar.total = bar.n
+            bar.close()
+        return st
+
+    def _tournament(self, st: SearchState, rng: np.random.Generator) -> Schedule:
+        i, j = (int(v) for v in rng.integers(0, len(st.population), 2))
+        return st.population[min(i, j)][0]  # the population is sorted: the lower index is fitter
+
+    def mean_psnr(self, s: Schedule, st: SearchState) -> float:
+        values = st.memo[s]
+        return float(np.mean([psnr(v, self.ev.samples[st.sample_order[i]].peak) for i, v in enumerate(values)]))
+
+    # ---- outputs --------------------------------------------------------------------------
+    def write_outputs(self, st: SearchState, extra: dict) -> dict:
+        best, fit = st.population[0]
+        per_sample = {}
+        for i, v in enumerate(st.memo[best]):
+            sample = self.ev.samples[st.sample_order[i]]
+            per_sample[sample.name] = {"mse": v, "psnr": psnr(v, sample.peak)}
+        top = self.spec.levels - 1
+        c = st.counters
+        gpus = max(1, _world()) if self.ev.model.device.type == "cuda" else 0
+        schedule = {
+            "key": self.key, "levels": self.spec.levels, "tokens": self.ev.tokens,
+            "budget_per_step": [v / top for v in best], "tokens_per_step": self.ev.budgets(best),
+            "mean_budget": sum(best) / (top * len(best)), "constraint": {"kind": self.c.kind, "target": self.c.target,
+                                                                         "value": self.c.value(best),
+                                                                         "bounds": [self.c.low * self.c.target, self.c.high * self.c.target]},
+            "mse": fit, "psnr": float(np.mean([p["psnr"] for p in per_sample.values()])), "per_sample": per_sample,
+            "predicted_ms": None if self.predict_ms is None else self.predict_ms(best),
+            "cost": {"generations": st.generation, "candidates_evaluated": c.candidates, "stopped_early": c.stopped,
+                     "steps_executed": c.steps, "transformer_calls": c.transformer_calls,
+                     "naive_steps": c.naive_steps, "wall_seconds": c.seconds, "gpus": gpus,
+                     "gpu_hours": c.seconds * gpus / 3600},
+            **extra,
+        }
+        if _is_main():
+            write_json(self.folder / "schedule.json", schedule)
+            plot_search(st, self, self.folder / "search.png")
+            plot_schedule(schedule, self.folder / "schedule.png")
+        return schedule
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backend: str) -> str:
+    from dataclasses import asdict
+
+    settings = asdict(cfg.search)
+    for exact in ("early_stop", "share_prefixes", "prefix_cache_gb"):  # they change the cost, not the result
+        settings.pop(exact)
+    return stable_hash({"reference": reference_key, "search": settings, "backend": backend, "source": source_hash(),
+                        "constraint": [constraint.kind, constraint.target, constraint.low, constraint.high,
+                                       list(constraint.step_ms)]})
+
+
+# ---- plots ------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_search(st: SearchState, search: Search, path: Path) -> None:
+    """Best and mean fitness per generation, and every fully evaluated schedule's
+    quality against its cost (the front the search moves along)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    gens = [h["generation"] for h in st.history]
+    a.plot(gens, [h["best_mse"] for h in st.history], "-o", ms=3, label="best")
+    a.plot(gens, [h["mean_mse"] for h in st.history], "--", label="population mean")
+    a.set_yscale("log")
+    a.set_xlabel("generation")
+    a.set_ylabel("MSE against dense")
+    a.grid(alpha=0.3)
+    a.legend()
+    full = [(s, fitness_of(v, search.n)) for s, v in st.memo.items() if len(v) == search.n]
+    xs = [search.c.value(s) for s, _ in full]
+    ys = [search.mean_psnr(s, st) for s, _ in full]
+    b.scatter(xs, ys, s=6, alpha=0.5, label="evaluated")
+    best = st.population[0][0]
+    b.scatter([search.c.value(best)], [search.mean_psnr(best, st)], s=40, c="red", label="chosen")
+    b.axvspan(search.c.low * search.c.target, search.c.high * search.c.target, color="green", alpha=0.08, label="target band")
+    b.set_xlabel("mean budget" if search.c.kind == "budget" else "predicted ms")
+    b.set_ylabel("PSNR against dense (dB)")
+    b.grid(alpha=0.3)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_schedule(schedule: dict, path: Path) -> None:
+    plt = _plt()
+    budgets = schedule["budget_per_step"]
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
+    ax.bar(range(len(budgets)), budgets, color="tab:blue")
+    ax.axhline(schedule["mean_budget"], ls="--", color="grey", label=f"mean {schedule['mean_budget']:.2f}")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("budget k/N")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"searched schedule: PSNR {schedule['psnr']:.2f} dB against dense", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---- the stage: programs, samples, constraint, search, outputs --------------------------
+
+def level_tokens(levels: int, tokens: int) -> list[int]:
+    """Rows computed at each level: 0 for level 0 (the step is skipped), N at the top."""
+    top = levels - 1
+    return [0] + [tokens if v == top else max(1, round(v / top * tokens)) for v in range(1, levels)]
+
+
+def build_programs(model, cfg: RunConfig, tokens: list[int], progress: bool = True) -> dict[int, TokenwiseProgram]:
+    """One rewritten program per distinct non-zero row count, from a single capture."""
+    from .capture import capture
+    from .tokenwise import rewrite
+
+    cap = capture(model, cfg)
+    wanted = sorted({k for k in tokens if k > 0})
+    return {k: rewrite(model, cfg, k, captured=cap) for k in tqdm(wanted, desc="rewrite", unit="budget",
+                                                                   disable=not progress)}
+
+
+def calibration_samples(model, cfg: RunConfig, reference, cache_dir: Path) -> list[Sample]:
+    from .conditioning import encode_prompt
+    from .reference import sample_name
+    from .sampling import make_inputs
+
+    s = cfg.sampling
+    negative = encode_prompt(model, s.negative_prompt, cache_dir)
+    samples = []
+    for pi, prompt in enumerate(s.prompts):
+        cond = encode_prompt(model, prompt, cache_dir)
+        for seed in s.seeds:
+            name = sample_name(pi, seed)
+            ref = reference.latents[name].float()
+            samples.append(Sample(name, make_inputs(model, cfg.video, s, cond, negative, seed), ref,
+                                  float(ref.max() - ref.min())))
+    return samples
+
+
+def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, progress: bool = True,
+         programs: dict[int, TokenwiseProgram] | None = None) -> dict:
+    """Search the schedule for cfg.target (or reuse the finished search with the same key);
+    returns schedule.json's content."""
+    import json
+
+    spec, target = cfg.search, cfg.target
+    n = model.layout(cfg.video).video_tokens
+    tokens = level_tokens(spec.levels, n)
+    programs = programs or build_programs(model, cfg, tokens, progress)
+    cost = measure_cost(cfg, model, programs, tokens, out_dir, progress)
+    steps = cfg.sampling.steps
+    if target.budget is not None:
+        c = Constraint("budget", target.budget, spec.repair_low, spec.repair_high, spec.levels)
+    elif target.speedup is not None:
+        c = Constraint("latency", steps * cost.dense_ms / target.speedup, spec.repair_low, spec.repair_high,
+                       spec.levels, tuple(cost.level_ms))
+    else:
+        raise SearchError("target: set target.budget (mean budget) or target.speedup for the search")
+    c.check_feasible(steps)
+    key = search_key(reference.key, cfg, c, "eager")
+    folder = out_dir / "search" / key
+    done = folder / "schedule.json"
+    if done.is_file() and not resume:
+        log.info("search: reusing %s", done)
+        return json.loads(done.read_text())
+    if (folder / "state.json").is_file() and not resume:
+        log.info("search: an unfinished search of this configuration exists; starting over (--resume continues it)")
+    samples = calibration_samples(model, cfg, reference, out_dir / "embeddings")
+    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, int(spec.prefix_cache_gb * 2**30), spec.share_prefixes)
+    search = Search(cfg, ev, c, folder, key, early_stop=spec.early_stop, predict_ms=cost.schedule_ms)
+    st = search.run(resume=resume, progress=progress)
+    return search.write_outputs(st, {"dense_step_ms": cost.dense_ms, "dense_ms": steps * cost.dense_ms,
+                                     "level_ms": cost.level_ms, "cost_model": cost.key,
+                                     "timesteps": [float(t) for t in ev.samplers[0].timesteps.cpu()]})
+
+
+def measure_cost(cfg, model, programs, tokens, out_dir, progress):
+    from .costmodel import measure
+
+    return measure(cfg, model, programs, tokens, out_dir / "costmodel", progress=progress)
