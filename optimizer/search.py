@@ -83,25 +83,33 @@ class Constraint:
 
 
 def repair(s: Schedule, c: Constraint, rng: np.random.Generator) -> Schedule:
-    """Lower random steps while over the upper bound, raise random steps while under the
-    lower one (the first step stays dense). Raises if the bounds cannot be met."""
+    """Move random steps one level down while over the band [low, high] x target, up while
+    under it (the first step stays dense): a move that lands inside the band if there is
+    one, else one that does not jump over it. Raises when every move would jump over the
+    band (it is narrower than one level's cost)."""
     x = list(s)
     x[0] = c.levels - 1
+    lo, hi = c.low * c.target, c.high * c.target + 1e-12
     for _ in range(4 * len(x) * c.levels + 8):
         v = c.value(tuple(x))
-        if v > c.high * c.target + 1e-12:
-            movable = [i for i in range(1, len(x)) if x[i] > 0]
-            step = -1
-        elif v < c.low * c.target:
-            movable = [i for i in range(1, len(x)) if x[i] < c.levels - 1]
-            step = 1
-        else:
+        if lo <= v <= hi:
             return tuple(x)
-        if not movable:
+        step = -1 if v > hi else 1
+        moves = [(i, v + _delta(c, x[i], step, len(x))) for i in range(1, len(x)) if 0 <= x[i] + step < c.levels]
+        landing = [i for i, w in moves if lo <= w <= hi]
+        toward = [i for i, w in moves if (w > hi if step < 0 else w < lo)]
+        pool = landing or toward
+        if not pool:
             break
-        x[movable[int(rng.integers(len(movable)))]] += step
-    raise SearchError(f"repair cannot bring a schedule into [{c.low}, {c.high}] x the target {c.target:.4g}; "
-                      "widen search.repair_low/high or use more levels")
+        x[pool[int(rng.integers(len(pool)))]] += step
+    raise SearchError(f"repair cannot bring a schedule into [{c.low}, {c.high}] x the target {c.target:.4g}: "
+                      "the band is narrower than one level's step; widen search.repair_low/high or use more levels")
+
+
+def _delta(c: Constraint, level: int, step: int, steps: int) -> float:
+    if c.kind == "budget":
+        return step / ((c.levels - 1) * steps)
+    return c.step_ms[level + step] - c.step_ms[level]
 
 
 # ---- the evolutionary operators ---------------------------------------------------------
