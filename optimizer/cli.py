@@ -19,12 +19,15 @@ hashing its inputs and reused when that key exists):
                 local diffusers checkpoint, on model.device in model.dtype
   3. reference  dense sampling of every prompt x seed with the family's scheduler and CFG:
                 <run>/reference/<key>/latents.safetensors (+ reference.json, previews)
-  4. rewrite    with target.budget: torch.export + the fx pass pipeline at that budget (a
-                check that the model rewrites, with counts per pass; seconds):
-                <run>/graphs/k<k>.json (+ .txt); --dump-graphs: every pass's before/after
-  5. search     per-step token budgets meeting the target            (budget-search issue)
+  4. rewrite    with a target: torch.export once + the fx pass pipeline at every budget
+                level the search can pick (counts per pass): <run>/graphs/k<k>.json (+ .txt);
+                --dump-graphs: every pass's before/after
+  5. search     the evolutionary budget search (README: budget search): the cost model
+                <run>/costmodel/<key>.json, then <run>/search/<key>/schedule.json,
+                search.png, schedule.png and state.json (checkpoint after every
+                generation; --resume continues it; a finished search is reused)
   6. compile    one engine per distinct budget + manifest.json        (engines issue)
-Stages 5-6 are not in this release; the build stops after the rewrite.
+Stage 6 is not in this release; the build stops after the search.
 """
 
 
@@ -83,22 +86,46 @@ def _build(args) -> None:
     write_json(out / "config.json", config.to_dict(cfg))
     ref = reference.run(cfg, model, out, progress=not args.quiet)
     log.info("dense reference %s: %s", "reused" if ref.reused else "written", ref.folder)
-    if cfg.target.budget is not None:
-        _rewrite_stage(cfg, model, layout, out, args.dump_graphs, log)
+    if cfg.target.budget is None and cfg.target.speedup is None:
+        log.info("no target (target.budget or target.speedup): stopping after the dense reference")
+        return
+    programs = _rewrite_stage(cfg, model, layout, out, args.dump_graphs, not args.quiet, log)
+    from . import search
+
+    result = search.plan(cfg, model, ref, out, resume=args.resume, progress=not args.quiet, programs=programs)
+    _summary(result, log)
 
 
-def _rewrite_stage(cfg, model, layout, out: Path, dump: bool, log) -> None:
-    from . import tokenwise
+def _rewrite_stage(cfg, model, layout, out: Path, dump: bool, progress: bool, log) -> dict:
+    """The rewritten program of every budget level the search can pick, from one capture."""
     from .io import atomic_file, write_json
+    from .search import build_programs, level_tokens
 
-    k = max(1, round(cfg.target.budget * layout.video_tokens))
-    program = tokenwise.rewrite(model, cfg, k, dump_dir=out / "graphs" / f"k{k}-passes" if dump else None)
-    write_json(out / "graphs" / f"k{k}.json", {"budget_rows": k, "video_tokens": layout.video_tokens,
-                                                "blocks": program.blocks, "passes": program.stats})
-    with atomic_file(out / "graphs" / f"k{k}.txt") as fh:
-        fh.write(program.graph.code)
-    log.info("rewrite at k=%d of %d rows: %d blocks, %d query-only attentions: %s", k, layout.video_tokens,
-             program.blocks, program.stats["replace_attention"]["sparse_attention"], out / "graphs" / f"k{k}.json")
+    tokens = level_tokens(cfg.search.levels, layout.video_tokens)
+    programs = build_programs(model, cfg, tokens, progress, dump_root=out / "graphs" if dump else None)
+    for k, program in programs.items():
+        write_json(out / "graphs" / f"k{k}.json", {"budget_rows": k, "video_tokens": layout.video_tokens,
+                                                    "blocks": program.blocks, "passes": program.stats})
+        with atomic_file(out / "graphs" / f"k{k}.txt") as fh:
+            fh.write(program.graph.code)
+    some = programs[max(programs)]
+    log.info("rewrite: %d programs (k = %s of %d rows), %d blocks, %d query-only attentions each: %s",
+             len(programs), ", ".join(map(str, programs)), layout.video_tokens, some.blocks,
+             some.stats["replace_attention"]["sparse_attention"], out / "graphs")
+    return programs
+
+
+def _summary(result: dict, log) -> None:
+    budgets = " ".join(f"{b:.1f}" for b in result["budget_per_step"])
+    cost = result["cost"]
+    speedup = result["dense_ms"] / result["predicted_ms"] if result["predicted_ms"] else float("nan")
+    log.info("schedule (budget per step): %s", budgets)
+    log.info("mean budget %.3f, PSNR %.2f dB against dense (MSE %.3g), predicted %.0f ms against dense %.0f ms "
+             "(%.2fx, eager on %s)", result["mean_budget"], result["psnr"], result["mse"], result["predicted_ms"],
+             result["dense_ms"], speedup, result.get("device", "this device"))
+    log.info("search: %d candidates (%d stopped early), %d of a naive %d denoising steps, %.0f s",
+             cost["candidates_evaluated"], cost["stopped_early"], cost["steps_executed"], cost["naive_steps"],
+             cost["wall_seconds"])
 
 
 def build_main(argv: list[str] | None = None) -> int:
@@ -108,6 +135,7 @@ def build_main(argv: list[str] | None = None) -> int:
     )
     _common(parser)
     parser.add_argument("--dump-graphs", action="store_true", help="write the graph before and after every pass")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted budget search from its checkpoint")
     return _run("astraea-build", argv, parser, _build)
 
 

@@ -208,6 +208,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         raise ConfigError("target", "set budget or speedup, not both")
     if t.budget == 0.0:
         raise ConfigError("target.budget", "must be above 0 (the first step is always dense)")
+    if t.budget is not None and t.budget * se.repair_high < 1 / s.steps:
+        raise ConfigError("target.budget", f"{t.budget} cannot be met with {s.steps} steps: the dense first step "
+                          f"alone is a mean budget of {1 / s.steps:.3g}")
     if se.mutation_end > se.mutation_start:
         raise ConfigError("search.mutation_end", "must not exceed search.mutation_start")
     if se.children > se.population:

@@ -549,15 +549,17 @@ def level_tokens(levels: int, tokens: int) -> list[int]:
     return [0] + [tokens if v == top else max(1, round(v / top * tokens)) for v in range(1, levels)]
 
 
-def build_programs(model, cfg: RunConfig, tokens: list[int], progress: bool = True) -> dict[int, TokenwiseProgram]:
-    """One rewritten program per distinct non-zero row count, from a single capture."""
+def build_programs(model, cfg: RunConfig, tokens: list[int], progress: bool = True,
+                   dump_root: Path | None = None) -> dict[int, TokenwiseProgram]:
+    """One rewritten program per distinct non-zero row count, from a single capture
+    (`dump_root`: every pass's graphs under <dump_root>/k<k>-passes)."""
     from .capture import capture
     from .tokenwise import rewrite
 
     cap = capture(model, cfg)
     wanted = sorted({k for k in tokens if k > 0})
-    return {k: rewrite(model, cfg, k, captured=cap) for k in tqdm(wanted, desc="rewrite", unit="budget",
-                                                                   disable=not progress)}
+    return {k: rewrite(model, cfg, k, captured=cap, dump_dir=None if dump_root is None else dump_root / f"k{k}-passes")
+            for k in tqdm(wanted, desc="rewrite", unit="budget", disable=not progress)}
 
 
 def calibration_samples(model, cfg: RunConfig, reference, cache_dir: Path) -> list[Sample]:
@@ -610,7 +612,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     ev = Evaluator(model, cfg, programs, samples, spec.levels, n, int(spec.prefix_cache_gb * 2**30), spec.share_prefixes)
     search = Search(cfg, ev, c, folder, key, early_stop=spec.early_stop, predict_ms=cost.schedule_ms)
     st = search.run(resume=resume, progress=progress)
-    return search.write_outputs(st, {"dense_step_ms": cost.dense_ms, "dense_ms": steps * cost.dense_ms,
+    return search.write_outputs(st, {"device": cost.device, "dense_step_ms": cost.dense_ms, "dense_ms": steps * cost.dense_ms,
                                      "level_ms": cost.level_ms, "cost_model": cost.key,
                                      "timesteps": [float(t) for t in ev.samplers[0].timesteps.cpu()]})
 

@@ -94,13 +94,32 @@ def test_console_script_in_a_fresh_process(tmp_path):
     assert proc.stderr.strip() == "astraea-build: error: model.dtype: 'fp64' is not one of bf16, fp16, fp32"
 
 
-def test_build_rewrites_at_the_target_budget(tmp_path, capsys):
-    path = _write(tmp_path, tiny_raw(target={"budget": 0.5}))
+def test_build_rewrites_every_level_and_searches(tmp_path, capsys):
+    raw = tiny_raw(target={"budget": 0.5}, search={"levels": 3, "population": 4, "children": 3, "generations": 2},
+                   bench={"warmup": 0, "repeats": 1})
+    path = _write(tmp_path, raw)
     out = tmp_path / "run"
     assert build_main([str(path), "--out", str(out), "--quiet", "--dump-graphs"]) == 0
-    assert "rewrite at k=9 of 18 rows: 2 blocks" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rewrite: 2 programs (k = 9, 18 of 18 rows), 2 blocks" in err
     record = json.loads((out / "graphs" / "k9.json").read_text())
     assert record["passes"]["replace_attention"] == {"sparse_attention": 2}
     assert "torch.ops.astraea.sparse_attention.default" in (out / "graphs" / "k9.txt").read_text()
     dumps = sorted(p.name for p in (out / "graphs" / "k9-passes").iterdir())
     assert len(dumps) == 14 and dumps[0] == "00-annotate_blocks-after.txt"
+    (folder,) = (out / "search").iterdir()
+    schedule = json.loads((folder / "schedule.json").read_text())
+    assert schedule["budget_per_step"][0] == 1.0 and 0.45 <= schedule["mean_budget"] <= 0.55
+    assert "schedule (budget per step):" in err and "candidates" in err
+    # a second build reuses the finished search; --resume of a finished one is a no-op run to the same schedule
+    assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
+    assert "search: reusing" in capsys.readouterr().err
+    assert build_main([str(path), "--out", str(out), "--quiet", "--resume"]) == 0
+    assert json.loads((folder / "schedule.json").read_text())["budget_per_step"] == schedule["budget_per_step"]
+
+
+def test_unreachable_target_is_one_line(tmp_path, capsys):
+    raw = tiny_raw(target={"budget": 0.05}, sampling={"steps": 4})
+    assert build_main([str(_write(tmp_path, raw)), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("astraea-build: error: target.budget: 0.05 cannot be met with 4 steps")
