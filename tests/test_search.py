@@ -190,3 +190,45 @@ def test_searched_schedule_beats_uniform_on_the_bundled_model(tmp_path):
     uniform_psnr = 10 * math.log10(samples[0].peak ** 2 / mse)
     assert result["psnr"] > uniform_psnr + 0.5, (result["psnr"], uniform_psnr)  # measured: +0.83 dB
     assert torch.isfinite(torch.tensor(result["psnr"]))
+
+
+def _distributed_worker(rank: int, world: int, init: str, folder: str, results: str):
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        cfg = tiny_config("wan", "tiny", sampling={"steps": STEPS, "seeds": [0, 1]},
+                          search={"levels": LEVELS, "population": 6, "children": 5, "generations": 3})
+        cfg = dataclasses.replace(cfg, target=config.TargetSpec(budget=0.5))
+        model = loader.load_model(cfg)
+        n = model.layout(cfg.video).video_tokens
+        programs = build_programs(model, cfg, level_tokens(LEVELS, n), progress=False)
+        from pathlib import Path
+
+        out = Path(folder)
+        ref = reference.run(cfg, model, out, progress=False)  # computed by the parent: reused
+        samples = calibration_samples(model, cfg, ref, out / "embeddings")
+        c = Constraint("budget", 0.5, cfg.search.repair_low, cfg.search.repair_high, LEVELS)
+        ev = Evaluator(model, cfg, programs, samples, LEVELS, n, 2**30, True)
+        st = Search(cfg, ev, c, out / f"dist{rank}", "k").run(progress=False)
+        Path(results, f"rank{rank}.json").write_text(json.dumps({
+            "population": [[list(s), f] for s, f in st.population], "candidates": st.counters.candidates}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_share_the_work_and_agree(tiny, tmp_path):
+    """torch.distributed (gloo, 2 CPU processes): every rank ends with the in-process result."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    cfg, model, n, programs, samples, out = tiny
+    local = _search(tiny, tmp_path / "local").run(progress=False)
+    mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [(tuple(s), f) for s, f in got["population"]] == local.population
+        assert got["candidates"] == local.counters.candidates  # summed over ranks: each did a share
