@@ -1,0 +1,173 @@
+"""Engines: one compiled program per distinct budget of a schedule, a manifest, one weights file.
+
+Each engine is the rewritten program of one budget (tokenwise.py), exported with
+`torch.export` as a function of tensors only: (weights..., the transformer's tensor
+inputs..., block state...) -> (output, new block state...). The weights are inputs, so
+they are stored once (`weights.safetensors`) and held in memory once by the runtime,
+whatever the number of engines; non-tensor arguments (e.g. `return_dict`) are bound at
+export. Backends:
+  eager     the exported program (`<key>.pt2`), run as its GraphModule (debugging)
+  inductor  the same `.pt2`, compiled by the runtime with torch.compile; Inductor's cache
+            artifacts from the build (`inductor-cache.bin`) let it start warm
+  aoti      an AOTInductor package (`<key>.aoti.pt2`) with the ops' kernels compiled in
+An engine's key hashes its graph, shapes, backend, precision, the pass/ops source and the
+toolchain; an engine whose key exists in the folder is not rebuilt. `manifest.json` (read
+by astraea.runtime) is written last, atomically, with every file's sha256.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import runtime
+from .config import RunConfig
+from .io import atomic_file, source_hash, stable_hash, write_json
+from .sampling import first_step_kwargs
+from .tokenwise import TokenwiseProgram
+
+log = logging.getLogger("astraea")
+EXPORTED = torch.export.graph_signature.InputKind
+
+
+class _Step(torch.nn.Module):
+    """The rewritten GraphModule with its non-tensor inputs bound: tensors in, tensors out."""
+
+    def __init__(self, graph: torch.fx.GraphModule, layout: list):
+        super().__init__()
+        self.graph_module, self.layout = graph, layout  # layout: ("t", None) per tensor input or ("c", value)
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        args = [next(it) if kind == "t" else value for kind, value in self.layout]
+        args += list(it)  # the state
+        return tuple(self.graph_module(*args))
+
+
+def signature(tp: TokenwiseProgram, kwargs: dict) -> dict:
+    """Weights (state-dict names, in the program's order), tensor inputs, constants, state."""
+    ep = tp.program
+    flat = tp.flat_inputs(kwargs)
+    weights, inputs, constants, layout = [], [], {}, []
+    for spec, value in zip(ep.graph_signature.input_specs, flat):
+        if spec.kind == EXPORTED.USER_INPUT:
+            if isinstance(value, torch.Tensor):
+                inputs.append({"name": spec.arg.name, "shape": list(value.shape), "dtype": str(value.dtype).split(".")[1]})
+                layout.append(("t", None))
+            else:
+                constants[spec.arg.name] = value
+                layout.append(("c", value))
+        else:
+            weights.append(spec.target)
+            layout.append(("t", None))
+    state = [n.meta["val"] for n in tp.graph.graph.nodes if n.op == "placeholder"][len(flat):]
+    return {"weights": weights, "inputs": inputs, "constants": constants, "layout": layout,
+            "state": [{"shape": list(v.shape), "dtype": str(v.dtype).split(".")[1]} for v in state]}
+
+
+def weight_tensors(tp: TokenwiseProgram, names: list[str]) -> dict[str, torch.Tensor]:
+    ep = tp.program
+    return {n: (ep.state_dict[n] if n in ep.state_dict else ep.constants[n]) for n in names}
+
+
+def _cxx_patch(device: torch.device) -> dict:
+    """AOTInductor's wrapper must be built with g++ 12 on the GPU image (../shared/GPU.md)."""
+    if device.type == "cuda" and shutil.which("g++-12"):
+        return {"cpp.cxx": (None, "g++-12")}
+    return {}
+
+
+def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule: dict, out: Path,
+          backend: str | None = None, progress: bool = True) -> dict:
+    """Engines for every distinct non-zero budget of `schedule` (schedule.json's content)
+    under <out>/engines, then the manifest. Returns the manifest."""
+    backend = backend or cfg.build.backend
+    if backend not in runtime.BACKENDS:
+        raise runtime.EngineError(f"build.backend: {backend!r} engines are not built by this release "
+                                  f"(it builds {', '.join(runtime.BACKENDS)})")
+    folder = out / "engines"
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    tokens = schedule["tokens_per_step"]
+    any_tp = programs[max(programs)]
+    sig = signature(any_tp, kwargs)
+    tc = runtime.toolchain(model.device)
+    weights = weight_tensors(any_tp, sig["weights"])
+    weights_key = stable_hash({n: [list(t.shape), str(t.dtype)] for n, t in weights.items()} | {"id": model.identity})
+    weights_file = f"weights-{weights_key}.safetensors"
+    if not (folder / weights_file).is_file():
+        from safetensors.torch import save_file
+
+        tmp = folder / f".{weights_file}.tmp"
+        save_file({n: t.detach().contiguous().cpu() for n, t in weights.items()}, str(tmp))
+        os.replace(tmp, folder / weights_file)
+
+    flat_weights = [weights[n] for n in sig["weights"]]
+    tensor_inputs = [kwargs[s["name"]] for s in sig["inputs"]]
+    engines, built, timings = {}, [], {}
+    wanted = sorted({k for k in tokens if k > 0})
+    for k in tqdm(wanted, desc=f"engines ({backend})", unit="engine", disable=not progress):
+        tp = programs[k]
+        key = stable_hash({"graph": tp.graph.code, "inputs": sig["inputs"], "state": sig["state"], "backend": backend,
+                           "precision": cfg.build.precision, "source": source_hash(), "toolchain": tc})
+        name = f"{key}.aoti.pt2" if backend == "aoti" else f"{key}.pt2"
+        engines[key] = {"backend": backend, "file": name, "tokens": k}
+        if (folder / name).is_file():
+            continue
+        state = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=model.device) for s in sig["state"]]
+        step = _Step(tp.graph, sig["layout"])
+        t0 = time.perf_counter()
+        ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)
+        tmp = folder / f".partial-{name}"
+        if backend == "aoti":
+            from torch._inductor import aoti_compile_and_package
+
+            with torch._inductor.config.patch(_cxx_patch(model.device)):
+                aoti_compile_and_package(ep, package_path=str(tmp))
+        else:
+            torch.export.save(ep, str(tmp))
+            if backend == "inductor":
+                compiled = torch.compile(ep.module(), dynamic=False)
+                with torch.no_grad():
+                    compiled(*flat_weights, *tensor_inputs, *state)
+        os.replace(tmp, folder / name)
+        timings[key] = time.perf_counter() - t0
+        built.append(key)
+    if backend == "inductor" and built:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is not None:
+            with atomic_file(folder / "inductor-cache.bin", "wb") as fh:
+                fh.write(artifacts[0])
+    for f in folder.iterdir():  # engines of earlier builds that this schedule no longer uses
+        if f.name.endswith(".pt2") and f.name not in {e["file"] for e in engines.values()}:
+            f.unlink()
+    by_tokens = {e["tokens"]: key for key, e in engines.items()}
+    files = [weights_file] + [e["file"] for e in engines.values()]
+    if backend == "inductor" and (folder / "inductor-cache.bin").is_file():
+        files.append("inductor-cache.bin")
+    manifest = {
+        "schema": runtime.SCHEMA_VERSION,
+        "model": {"family": cfg.model.family, "identity": model.identity, "config_hash": stable_hash(dict(model.transformer.config)),
+                  "weights_sha256": runtime.sha256(folder / weights_file)},
+        "video": {"frames": cfg.video.frames, "height": cfg.video.height, "width": cfg.video.width},
+        "inputs": sig["inputs"], "constants": sig["constants"], "state": sig["state"],
+        "weights": {"file": weights_file, "order": sig["weights"]},
+        "timesteps": schedule["timesteps"],
+        "steps": [{"budget": b, "tokens": k, "engine": by_tokens.get(k) if k else None}
+                  for b, k in zip(schedule["budget_per_step"], tokens)],
+        "engines": engines, "files": {f: runtime.sha256(folder / f) for f in files},
+        "toolchain": tc | {"source": source_hash()},
+        "quality": {"mse": schedule["mse"], "psnr": schedule["psnr"], "mean_budget": schedule["mean_budget"],
+                    "per_sample": schedule["per_sample"], "search": schedule["key"]},
+        "build": {"backend": backend, "precision": cfg.build.precision, "dtype": cfg.model.dtype,
+                  "seconds": timings, "rebuilt": built},
+        "transformer_config": {k: v for k, v in dict(model.transformer.config).items() if not k.startswith("_")},
+    }
+    write_json(folder / "manifest.json", manifest)
+    return manifest

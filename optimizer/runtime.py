@@ -1,0 +1,179 @@
+"""The production runtime: load an engine folder and use it as the diffusers transformer.
+
+    transformer = astraea.runtime.load("runs/tiny/engines")
+    pipe.transformer = transformer          # or: sampling.denoise(..., transformer=transformer)
+
+`load` verifies the manifest (schema, every file's sha256, torch version, device) and
+returns an `EngineTransformer`: called with the family transformer's keyword arguments, it
+finds the denoising step from the timestep (the stored scheduler timesteps; the first
+timestep starts a new generation and resets the caches), runs that step's engine (a budget
+of 0 reuses the last output; the first step is dense), owns the per-block state and
+returns `(output,)` or an object with `.sample`. The weights are loaded once and passed to
+every engine as inputs. This module imports none of the build code (torch, safetensors and
+the standard library only), so a deployment needs the engine folder and `astraea.runtime`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import astraea.plugins  # noqa: F401  (the astraea:: ops the engines call: runtime kernels, not build code)
+
+SCHEMA_VERSION = 1
+BACKENDS = ("eager", "inductor", "aoti")
+
+
+class EngineError(Exception):
+    """An engine folder that cannot be used as it is: the message names what to fix."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def toolchain(device: torch.device) -> dict:
+    """What an engine was built with (and must be loaded with)."""
+    tc = {"torch": torch.__version__, "device": device.type, "cuda": torch.version.cuda, "compute_capability": None,
+          "triton": None, "tensorrt": None}
+    try:
+        import triton
+
+        tc["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        tc["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return tc
+
+
+def check_toolchain(built: dict, device: torch.device) -> None:
+    here = toolchain(device)
+    if built["device"] != here["device"]:
+        raise EngineError(f"the engines were built for {built['device']}, not {here['device']}: rebuild on this device")
+    if built["torch"].split("+")[0].split(".")[:2] != here["torch"].split("+")[0].split(".")[:2]:
+        raise EngineError(f"the engines were built with torch {built['torch']}, this is torch {here['torch']}: "
+                          "rebuild them with this toolchain")
+    if built.get("compute_capability") != here["compute_capability"]:
+        raise EngineError(f"the engines were built for compute capability {built.get('compute_capability')}, this "
+                          f"GPU is {here['compute_capability']}: rebuild them on this GPU")
+
+
+@dataclass
+class _Output:
+    sample: torch.Tensor
+
+
+def _load_engine(backend: str, path: Path, device: torch.device):
+    if backend in ("eager", "inductor"):
+        module = torch.export.load(str(path)).module()
+        if backend == "inductor":
+            cache = path.with_suffix(".cache.bin")
+            if cache.is_file():
+                torch.compiler.load_cache_artifacts(cache.read_bytes())
+            module = torch.compile(module, dynamic=False)
+        return module
+    if backend == "aoti":
+        from torch._inductor import aoti_load_package
+
+        return aoti_load_package(str(path))
+    raise EngineError(f"unknown backend {backend!r} in the manifest (this runtime knows {', '.join(BACKENDS)})")
+
+
+class EngineTransformer(torch.nn.Module):
+    """A drop-in for the family's diffusers transformer, running the compiled schedule."""
+
+    def __init__(self, folder: Path, manifest: dict, device: torch.device):
+        super().__init__()
+        from safetensors.torch import load_file
+
+        self.folder, self.manifest, self.device = folder, manifest, device
+        self.inputs = manifest["inputs"]  # the tensor inputs, in the engines' order: [{name, shape, dtype}]
+        self.timesteps = torch.tensor(manifest["timesteps"], dtype=torch.float64)
+        self.steps = manifest["steps"]  # [{budget, tokens, engine}]
+        weights = load_file(str(folder / manifest["weights"]["file"]), device=str(device))
+        self.weights = [weights[name] for name in manifest["weights"]["order"]]
+        self.engines = {key: _load_engine(e["backend"], folder / e["file"], device) for key, e in manifest["engines"].items()}
+        self.state: list[torch.Tensor] | None = None
+        self.last: torch.Tensor | None = None
+        self.step = 0
+        self.config = manifest.get("transformer_config", {})
+
+    def reset(self) -> None:
+        self.state, self.last, self.step = None, None, 0
+
+    def _step_of(self, timestep) -> int:
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        hits = torch.nonzero(torch.isclose(self.timesteps, torch.tensor(t, dtype=torch.float64), rtol=0, atol=1e-3))
+        if len(hits) == 0:
+            raise EngineError(f"timestep {t} is not one of the {len(self.timesteps)} timesteps the engines were built "
+                              "for (the scheduler or its step count differs from the build's)")
+        return int(hits[0])
+
+    def _flat(self, kwargs: dict) -> list:
+        flat = []
+        for spec in self.inputs:
+            name = spec["name"]
+            value = kwargs.get(name)
+            if not isinstance(value, torch.Tensor):
+                raise EngineError(f"input {name!r} is missing (the engines take {[s['name'] for s in self.inputs]})")
+            if list(value.shape) != spec["shape"]:
+                raise EngineError(f"input {name!r} has shape {list(value.shape)}; the engines were built for "
+                                  f"{spec['shape']} (rebuild for this video size or batch)")
+            flat.append(value.to(self.device, getattr(torch, spec["dtype"])))
+        return flat
+
+    @torch.no_grad()
+    def forward(self, return_dict: bool = True, **kwargs):
+        step = self._step_of(kwargs.get("timestep"))
+        if step == 0:
+            self.reset()
+        elif step != self.step:
+            raise EngineError(f"called at step {step} after step {self.step - 1}: steps must run in order")
+        entry = self.steps[step]
+        self.step = step + 1
+        if entry["engine"] is None:  # budget 0: the cached final output
+            out = self.last
+        else:
+            flat = self._flat(kwargs)
+            if self.state is None:
+                self.state = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=self.device)
+                              for s in self.manifest["state"]]
+            result = self.engines[entry["engine"]](*self.weights, *flat, *self.state)
+            out = result[0]
+            self.state = list(result[1:])
+            self.last = out
+        return _Output(out) if return_dict else (out,)
+
+
+def load(folder: str | Path, device: str | torch.device | None = None) -> EngineTransformer:
+    """Verify and load an engine folder (see the module docstring). Raises EngineError."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise EngineError(f"{folder} has no manifest.json: not an engine folder (astraea-build writes one)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path} is not valid JSON ({e}): rebuild the engines") from None
+    if manifest.get("schema") != SCHEMA_VERSION:
+        raise EngineError(f"{path}: schema {manifest.get('schema')!r}, this runtime reads {SCHEMA_VERSION}")
+    for name, digest in manifest["files"].items():
+        f = folder / name
+        if not f.is_file():
+            raise EngineError(f"{f} is missing: copy the whole engine folder, or rebuild")
+        if sha256(f) != digest:
+            raise EngineError(f"{f} does not match its sha256 in the manifest (corrupted or replaced): rebuild")
+    device = torch.device(device or manifest["toolchain"]["device"])
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    check_toolchain(manifest["toolchain"], device)
+    return EngineTransformer(folder, manifest, device)

@@ -1,0 +1,122 @@
+"""Engines and the runtime on the CPU: each backend's runtime output against the rewritten
+graphs over a full sampling run; tampered, missing and foreign engine folders refused;
+unchanged engines not rebuilt; the runtime imports no build code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from astraea import engines, loader, runtime
+from astraea.sampling import denoise, prompt_inputs
+from astraea.search import build_programs
+from astraea.tokenwise import TokenwiseTransformer
+from conftest import tiny_config
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_config("wan", "tiny", sampling={"steps": STEPS})
+    model = loader.load_model(cfg)
+    n = model.layout(cfg.video).video_tokens
+    programs = build_programs(model, cfg, [n, 3], progress=False)
+    tokens = [n, 3, 0, 3]  # dense, a small budget twice (one engine), a skipped step
+    timesteps = model.family.set_timesteps(model.scheduler, STEPS, "cpu")
+    schedule = {"tokens_per_step": tokens, "budget_per_step": [k / n for k in tokens],
+                "timesteps": [float(t) for t in timesteps], "mse": 0.0, "psnr": 0.0, "mean_budget": sum(tokens) / n / STEPS,
+                "per_sample": {}, "key": "test"}
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
+    want = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, tokens))
+    return cfg, model, programs, schedule, inputs, want
+
+
+def _built(setup, tmp_path, backend="eager"):
+    cfg, model, programs, schedule, _, _ = setup
+    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend=backend, progress=False)
+    return tmp_path / "engines", manifest
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor", "aoti"])
+def test_runtime_samples_like_the_rewritten_graphs(setup, tmp_path, backend):
+    cfg, model, programs, schedule, inputs, want = setup
+    folder, manifest = _built(setup, tmp_path, backend)
+    assert len(manifest["engines"]) == 2 and manifest["steps"][2]["engine"] is None  # budget 0: no engine
+    transformer = runtime.load(folder)
+    for _ in range(2):  # a second generation resets the caches at the first timestep
+        got = denoise(model, cfg.video, cfg.sampling, inputs, transformer)
+        if backend == "eager":
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # weights stored once, whatever the number of engines
+    assert len([f for f in folder.iterdir() if f.name.startswith("weights-")]) == 1
+
+
+def test_unchanged_engines_are_not_rebuilt(setup, tmp_path):
+    _, first = _built(setup, tmp_path)
+    assert len(first["build"]["rebuilt"]) == 2
+    _, again = _built(setup, tmp_path)
+    assert again["build"]["rebuilt"] == [] and again["engines"] == first["engines"]
+
+
+def test_tampered_missing_and_foreign_folders_are_refused(setup, tmp_path):
+    folder, manifest = _built(setup, tmp_path)
+    engine = folder / next(iter(manifest["engines"].values()))["file"]
+    backup = engine.read_bytes()
+    engine.write_bytes(backup[:-10] + b"0123456789")
+    with pytest.raises(runtime.EngineError, match="does not match its sha256"):
+        runtime.load(folder)
+    engine.unlink()
+    with pytest.raises(runtime.EngineError, match="is missing"):
+        runtime.load(folder)
+    engine.write_bytes(backup)
+    runtime.load(folder)  # restored: fine again
+
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["toolchain"]["torch"] = "1.13.0"
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(runtime.EngineError, match="rebuild them with this toolchain"):
+        runtime.load(other)
+    m["toolchain"]["torch"], m["toolchain"]["device"] = torch.__version__, "cuda"
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(runtime.EngineError, match="built for cuda, not cpu"):
+        runtime.load(other, device="cpu")
+    (other / "manifest.json").write_text("{not json")
+    with pytest.raises(runtime.EngineError, match="not valid JSON"):
+        runtime.load(other)
+    with pytest.raises(runtime.EngineError, match="no manifest.json"):
+        runtime.load(tmp_path / "nowhere")
+
+
+def test_wrong_inputs_are_named(setup, tmp_path):
+    cfg, model, programs, schedule, inputs, _ = setup
+    folder, _ = _built(setup, tmp_path)
+    transformer = runtime.load(folder)
+    from astraea.sampling import first_step_kwargs
+
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    bad = dict(kwargs, hidden_states=kwargs["hidden_states"][:1])
+    with pytest.raises(runtime.EngineError, match="has shape .*rebuild for this video size"):
+        transformer(**bad)
+    with pytest.raises(runtime.EngineError, match="not one of the 4 timesteps"):
+        transformer(**dict(kwargs, timestep=kwargs["timestep"] * 0 + 12345.0))
+    out = transformer(**kwargs, return_dict=True).sample
+    assert out.shape == kwargs["hidden_states"].shape
+
+
+def test_the_runtime_imports_no_build_code():
+    code = ("import sys, astraea.runtime; "
+            "print(sorted(m for m in sys.modules if m.startswith(('astraea', 'diffusers'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for build_module in ("astraea.passes", "astraea.capture", "astraea.tokenwise", "astraea.search",
+                         "astraea.engines", "astraea.config", "astraea.families", "diffusers"):
+        assert f"'{build_module}'" not in loaded, loaded
