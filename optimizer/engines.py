@@ -124,13 +124,15 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         step = _Step(tp.graph, sig["layout"])
         t0 = time.perf_counter()
         ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)
-        tmp = folder / f".partial-{name}"
+        (folder / ".partial").mkdir(exist_ok=True)
+        tmp = folder / ".partial" / name  # same file name: it names the archive's inner folder
         if backend == "aoti":
             from torch._inductor import aoti_compile_and_package
 
             with torch._inductor.config.patch(_cxx_patch(model.device)):
                 aoti_compile_and_package(ep, package_path=str(tmp))
         else:
+            ep.example_inputs = None  # they hold the weights and the state: not stored in engines
             torch.export.save(ep, str(tmp))
             if backend == "inductor":
                 compiled = torch.compile(ep.module(), dynamic=False)
@@ -139,6 +141,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         os.replace(tmp, folder / name)
         timings[key] = time.perf_counter() - t0
         built.append(key)
+    shutil.rmtree(folder / ".partial", ignore_errors=True)
     if backend == "inductor" and built:
         artifacts = torch.compiler.save_cache_artifacts()
         if artifacts is not None:

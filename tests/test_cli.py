@@ -72,7 +72,7 @@ def test_help_describes_every_stage(capsys):
         build_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for stage in ("validate", "load", "reference", "search", "rewrite", "compile"):
+    for stage in ("validate", "load", "reference", "rewrite", "search", "engines", "check"):
         assert stage in text
 
 
@@ -96,7 +96,7 @@ def test_console_script_in_a_fresh_process(tmp_path):
 
 def test_build_rewrites_every_level_and_searches(tmp_path, capsys):
     raw = tiny_raw(target={"budget": 0.5}, search={"levels": 3, "population": 4, "children": 3, "generations": 2},
-                   bench={"warmup": 0, "repeats": 1})
+                   bench={"warmup": 0, "repeats": 1}, build={"backend": "eager"})
     path = _write(tmp_path, raw)
     out = tmp_path / "run"
     assert build_main([str(path), "--out", str(out), "--quiet", "--dump-graphs"]) == 0
@@ -112,10 +112,22 @@ def test_build_rewrites_every_level_and_searches(tmp_path, capsys):
     assert schedule["budget_per_step"][0] == 1.0 and 0.45 <= schedule["mean_budget"] <= 0.55
     assert "schedule (budget per step):" in err and "candidates" in err
     # a second build reuses the finished search; --resume of a finished one is a no-op run to the same schedule
+    manifest = json.loads((out / "engines" / "manifest.json").read_text())
+    assert [step["budget"] for step in manifest["steps"]] == schedule["budget_per_step"]
+    check = json.loads((out / "engines-check.json").read_text())
+    assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-6)  # eager: the same numbers
     assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
-    assert "search: reusing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "search: reusing" in err and "0 rebuilt" in err  # nothing finished is redone
     assert build_main([str(path), "--out", str(out), "--quiet", "--resume"]) == 0
     assert json.loads((folder / "schedule.json").read_text())["budget_per_step"] == schedule["budget_per_step"]
+
+
+def test_tensorrt_backend_is_refused_before_any_work(tmp_path, capsys):
+    raw = tiny_raw(target={"budget": 0.5}, build={"backend": "tensorrt"})
+    assert build_main([str(_write(tmp_path, raw)), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "build.backend: tensorrt engines are not built by this release" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_unreachable_target_is_one_line(tmp_path, capsys):
