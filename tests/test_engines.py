@@ -109,7 +109,7 @@ def test_wrong_inputs_are_named(setup, tmp_path):
         transformer(**bad)
     with pytest.raises(runtime.EngineError, match="not one of the 4 timesteps"):
         transformer(**dict(kwargs, timestep=kwargs["timestep"] * 0 + 12345.0))
-    out = transformer(**kwargs, return_dict=True).sample
+    out = transformer(**dict(kwargs, return_dict=True)).sample
     assert out.shape == kwargs["hidden_states"].shape
 
 
