@@ -68,10 +68,11 @@ def marked_token_streams(model: LoadedModel) -> Iterator[int]:
             h.remove()
 
 
-def capture(model: LoadedModel, cfg: RunConfig) -> Captured:
-    """The transformer as a functional ExportedProgram, each block's token stream marked."""
+def capture(model: LoadedModel, cfg: RunConfig, example: dict | None = None) -> Captured:
+    """The transformer as a functional ExportedProgram, each block's token stream marked,
+    at the first step's inputs (or at `example`, e.g. one CFG branch)."""
     model.family.prepare_capture(model, cfg.video)
-    example = first_step_kwargs(model, cfg.video, cfg.sampling)
+    example = example or first_step_kwargs(model, cfg.video, cfg.sampling)
     try:
         with torch.no_grad(), marked_token_streams(model):
             program = torch.export.export(model.transformer, (), example, strict=False).run_decompositions({})

@@ -90,6 +90,8 @@ class BuildSpec:
     backend: str = spec("inductor", choices=BACKENDS)
     precision: str = spec("model", choices=("model",) + DTYPES, doc="engine precision; model = model.dtype")
     output: str | None = spec(None, doc="run folder (default runs/<config name>), relative to the cwd")
+    cfg: str = spec("auto", choices=("auto", "per_branch", "batched"),
+                    doc="engines at batch 1 per CFG branch or at the CFG batch of 2; auto = what the family's diffusers pipeline calls")
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,11 @@ def signature(tp: TokenwiseProgram, kwargs: dict) -> dict:
             "state": [{"shape": list(v.shape), "dtype": str(v.dtype).split(".")[1]} for v in state]}
 
 
+def one_branch(kwargs: dict) -> dict:
+    """The transformer's inputs of one CFG branch (the prompt's, second of the batch of 2)."""
+    return {k: v[1:] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 2 else v for k, v in kwargs.items()}
+
+
 def weight_tensors(tp: TokenwiseProgram, names: list[str]) -> dict[str, torch.Tensor]:
     ep = tp.program
     return {n: (ep.state_dict[n] if n in ep.state_dict else ep.constants[n]) for n in names}
@@ -95,6 +100,13 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     tokens = schedule["tokens_per_step"]
+    per_branch = cfg.sampling.guidance > 1 and (
+        cfg.build.cfg == "per_branch" or (cfg.build.cfg == "auto" and model.family.pipeline_cfg_per_branch))
+    if per_branch:  # the same programs at batch 1: one CFG branch a call (each branch selects its own rows)
+        from .search import build_programs
+
+        kwargs = one_branch(kwargs)
+        programs = build_programs(model, cfg, sorted({k for k in tokens if k > 0}), progress, example=kwargs)
     any_tp = programs[max(programs)]
     sig = signature(any_tp, kwargs)
     tc = runtime.toolchain(model.device)
@@ -159,7 +171,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         "model": {"family": cfg.model.family, "identity": model.identity, "config_hash": stable_hash(dict(model.transformer.config)),
                   "weights_sha256": runtime.sha256(folder / weights_file)},
         "video": {"frames": cfg.video.frames, "height": cfg.video.height, "width": cfg.video.width},
-        "inputs": sig["inputs"], "constants": sig["constants"], "state": sig["state"],
+        "inputs": sig["inputs"], "constants": sig["constants"], "state": sig["state"], "per_branch": per_branch,
         "weights": {"file": weights_file, "order": sig["weights"]},
         "timesteps": schedule["timesteps"],
         "steps": [{"budget": b, "tokens": k, "engine": by_tokens.get(k) if k else None}
@@ -168,7 +180,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         "toolchain": tc | {"source": source_hash()},
         "quality": {"mse": schedule["mse"], "psnr": schedule["psnr"], "mean_budget": schedule["mean_budget"],
                     "per_sample": schedule["per_sample"], "search": schedule["key"]},
-        "build": {"backend": backend, "precision": cfg.build.precision, "dtype": cfg.model.dtype,
+        "build": {"backend": backend, "precision": cfg.build.precision, "dtype": cfg.model.dtype, "cfg": cfg.build.cfg,
                   "seconds": timings, "rebuilt": built},
         "transformer_config": {k: v for k, v in dict(model.transformer.config).items() if not k.startswith("_")},
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,16 @@ class _Output:
     sample: torch.Tensor
 
 
+class _Config(dict):
+    """The transformer's config with attribute access, as pipelines read it (config.patch_size)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 def _load_engine(backend: str, path: Path, device: torch.device):
     if backend in ("eager", "inductor"):
         module = torch.export.load(str(path)).module()
@@ -102,13 +113,27 @@ class EngineTransformer(torch.nn.Module):
         weights = load_file(str(folder / manifest["weights"]["file"]), device=str(device))
         self.weights = [weights[name] for name in manifest["weights"]["order"]]
         self.engines = {key: _load_engine(e["backend"], folder / e["file"], device) for key, e in manifest["engines"].items()}
-        self.state: list[torch.Tensor] | None = None
-        self.last: torch.Tensor | None = None
-        self.step = 0
-        self.config = manifest.get("transformer_config", {})
+        self.batch = self.inputs[0]["shape"][0]  # the engines' batch: 1 per CFG branch, or the CFG batch
+        self.branches: dict = {}  # per cache context and batch slice: {"step", "state", "last"}
+        self.context = None
+        self.config = _Config(manifest.get("transformer_config", {}))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.inputs[0]["dtype"])
 
     def reset(self) -> None:
-        self.state, self.last, self.step = None, None, 0
+        self.branches = {}
+
+    @contextmanager
+    def cache_context(self, name: str, **_):
+        """What diffusers pipelines open around each call ("cond" / "uncond"): each
+        branch keeps its own caches, as each row of a CFG batch selects its own tokens."""
+        previous, self.context = self.context, name
+        try:
+            yield
+        finally:
+            self.context = previous
 
     def _step_of(self, timestep) -> int:
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -134,24 +159,42 @@ class EngineTransformer(torch.nn.Module):
     @torch.no_grad()
     def forward(self, return_dict: bool = True, **kwargs):
         step = self._step_of(kwargs.get("timestep"))
-        if step == 0:
-            self.reset()
-        elif step != self.step:
-            raise EngineError(f"called at step {step} after step {self.step - 1}: steps must run in order")
-        entry = self.steps[step]
-        self.step = step + 1
-        if entry["engine"] is None:  # budget 0: the cached final output
-            out = self.last
+        hidden = kwargs.get("hidden_states")
+        batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) else self.batch
+        if batch == self.batch:
+            out = self._run((self.context, 0), step, kwargs)
+        elif self.manifest.get("per_branch") and batch % self.batch == 0:  # a CFG batch into per-branch engines
+            parts = []
+            for j in range(batch // self.batch):
+                rows = slice(j * self.batch, (j + 1) * self.batch)
+                part = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+                        for k, v in kwargs.items()}
+                parts.append(self._run((self.context, j), step, part))
+            out = torch.cat(parts)
         else:
-            flat = self._flat(kwargs)
-            if self.state is None:
-                self.state = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=self.device)
-                              for s in self.manifest["state"]]
-            result = self.engines[entry["engine"]](*self.weights, *flat, *self.state)
-            out = result[0]
-            self.state = list(result[1:])
-            self.last = out
+            raise EngineError(f"called with batch {batch}; the engines were built for batch {self.batch} "
+                              "(rebuild with the batch this pipeline uses: build.cfg)")
         return _Output(out) if return_dict else (out,)
+
+    def _run(self, key, step: int, kwargs: dict) -> torch.Tensor:
+        branch = self.branches.get(key)
+        if step == 0 or branch is None:
+            if step != 0:
+                raise EngineError(f"called at step {step} before step 0 of this generation")
+            branch = self.branches[key] = {"step": 0, "state": None, "last": None}
+        elif step != branch["step"]:
+            raise EngineError(f"called at step {step} after step {branch['step'] - 1}: steps must run in order")
+        entry = self.steps[step]
+        branch["step"] = step + 1
+        if entry["engine"] is None:  # budget 0: the cached final output
+            return branch["last"]
+        flat = self._flat(kwargs)
+        if branch["state"] is None:
+            branch["state"] = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=self.device)
+                               for s in self.manifest["state"]]
+        result = self.engines[entry["engine"]](*self.weights, *flat, *branch["state"])
+        branch["state"], branch["last"] = list(result[1:]), result[0]
+        return result[0]
 
 
 def load(folder: str | Path, device: str | torch.device | None = None) -> EngineTransformer:

@@ -550,13 +550,14 @@ def level_tokens(levels: int, tokens: int) -> list[int]:
 
 
 def build_programs(model, cfg: RunConfig, tokens: list[int], progress: bool = True,
-                   dump_root: Path | None = None) -> dict[int, TokenwiseProgram]:
+                   dump_root: Path | None = None, example: dict | None = None) -> dict[int, TokenwiseProgram]:
     """One rewritten program per distinct non-zero row count, from a single capture
-    (`dump_root`: every pass's graphs under <dump_root>/k<k>-passes)."""
+    (`dump_root`: every pass's graphs under <dump_root>/k<k>-passes; `example`: capture
+    at these transformer inputs instead of the first step's)."""
     from .capture import capture
     from .tokenwise import rewrite
 
-    cap = capture(model, cfg)
+    cap = capture(model, cfg, example)
     wanted = sorted({k for k in tokens if k > 0})
     return {k: rewrite(model, cfg, k, captured=cap, dump_dir=None if dump_root is None else dump_root / f"k{k}-passes")
             for k in tqdm(wanted, desc="rewrite", unit="budget", disable=not progress)}

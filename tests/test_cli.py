@@ -115,7 +115,9 @@ def test_build_rewrites_every_level_and_searches(tmp_path, capsys):
     manifest = json.loads((out / "engines" / "manifest.json").read_text())
     assert [step["budget"] for step in manifest["steps"]] == schedule["budget_per_step"]
     check = json.loads((out / "engines-check.json").read_text())
-    assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-6)  # eager: the same numbers
+    # eager engines, per CFG branch (Wan's pipeline convention): the search's numbers to float rounding
+    assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-3)
+    assert manifest["per_branch"] is True
     assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "search: reusing" in err and "0 rebuilt" in err  # nothing finished is redone

@@ -23,7 +23,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = tiny_config("wan", "tiny", sampling={"steps": STEPS})
+    cfg = tiny_config("wan", "tiny", sampling={"steps": STEPS}, build={"cfg": "batched"})
     model = loader.load_model(cfg)
     n = model.layout(cfg.video).video_tokens
     programs = build_programs(model, cfg, [n, 3], progress=False)
@@ -104,9 +104,10 @@ def test_wrong_inputs_are_named(setup, tmp_path):
     from astraea.sampling import first_step_kwargs
 
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
-    bad = dict(kwargs, hidden_states=kwargs["hidden_states"][:1])
     with pytest.raises(runtime.EngineError, match="has shape .*rebuild for this video size"):
-        transformer(**bad)
+        transformer(**dict(kwargs, hidden_states=kwargs["hidden_states"][..., :-2]))
+    with pytest.raises(runtime.EngineError, match="called with batch 1; the engines were built for batch 2"):
+        transformer(**dict(kwargs, hidden_states=kwargs["hidden_states"][:1]))
     with pytest.raises(runtime.EngineError, match="not one of the 4 timesteps"):
         transformer(**dict(kwargs, timestep=kwargs["timestep"] * 0 + 12345.0))
     out = transformer(**dict(kwargs, return_dict=True)).sample
@@ -120,3 +121,31 @@ def test_the_runtime_imports_no_build_code():
     for build_module in ("astraea.passes", "astraea.capture", "astraea.tokenwise", "astraea.search",
                          "astraea.engines", "astraea.config", "astraea.families", "diffusers"):
         assert f"'{build_module}'" not in loaded, loaded
+
+
+def test_runtime_is_pipe_transformer_in_a_diffusers_wan_pipeline(setup, tmp_path):
+    """Engines built per CFG branch (WanPipeline calls the transformer once per branch at
+    batch 1, inside cache_context("cond"/"uncond")): the pipeline with the runtime as its
+    transformer samples like the rewritten graphs, and so does our CFG-batched loop (the
+    runtime splits the batch of 2 into the two branches)."""
+    import copy
+    import dataclasses
+
+    from diffusers import WanPipeline
+
+    cfg, model, programs, schedule, inputs, want = setup
+    cfg = dataclasses.replace(cfg, build=dataclasses.replace(cfg.build, cfg="auto"))  # wan: per branch
+    manifest = engines.build(cfg, model, programs, schedule, tmp_path, progress=False)
+    assert manifest["per_branch"] and manifest["inputs"][0]["shape"][0] == 1
+    transformer = runtime.load(tmp_path / "engines")
+    ours = denoise(model, cfg.video, cfg.sampling, inputs, transformer)
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                       scheduler=copy.deepcopy(model.scheduler))
+    negative, prompt = inputs.cond.embeds.chunk(2)
+    got = pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, height=cfg.video.height, width=cfg.video.width,
+               num_frames=cfg.video.frames, num_inference_steps=STEPS, guidance_scale=cfg.sampling.guidance,
+               latents=inputs.noise.clone(), output_type="latent").frames
+    torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)
+    assert set(transformer.branches) == {("cond", 0), ("uncond", 0), (None, 0), (None, 1)}

@@ -163,6 +163,10 @@ def pseudo_embedding(prompt: str, length: int, dim: int) -> tuple[torch.Tensor, 
 
 
 class Family:
+    # the family's diffusers pipeline calls the transformer once per CFG branch (batch 1)
+    # rather than once with the batch of two: engines for it are built per branch
+    pipeline_cfg_per_branch: ClassVar[bool] = True
+
     """Base adapter. Subclasses set the class attributes and the call convention."""
 
     name: ClassVar[str]

@@ -43,6 +43,7 @@ class CogVideoX(Family):
     token_tables = {"image_rotary_emb": 0}  # block arguments indexed by token (argument name: token dim)
     joint_attention = True
     latents_in_model_dtype = True
+    pipeline_cfg_per_branch = False  # CogVideoXPipeline calls the transformer once with the CFG batch
     presets = {
         "cogvideox-2b": Preset("cogvideox-2b", dict(_COG, num_attention_heads=30, num_layers=30, use_rotary_positional_embeddings=False), 226, (49, 480, 720)),
         "cogvideox-5b": Preset("cogvideox-5b", dict(_COG, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True), 226, (49, 480, 720)),
