@@ -59,7 +59,8 @@ def _run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, bod
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished stages are kept in the run folder", file=sys.stderr)
+        print(f"{prog}: interrupted; finished stages are kept in the run folder (a budget search continues with --resume)",
+              file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not bad input: one line unless --debug
         if args.debug:
