@@ -27,6 +27,20 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def time_call(device: torch.device, fn) -> float:
+    """Milliseconds of one call of fn: CUDA events on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 @torch.no_grad()
 def dense_step(cfg: RunConfig, model: LoadedModel, progress: bool = True) -> dict:
     dev = model.device
@@ -41,20 +55,13 @@ def dense_step(cfg: RunConfig, model: LoadedModel, progress: bool = True) -> dic
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    times = []
-    for _ in trange(cfg.bench.repeats, desc="timed", disable=not progress):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = call()
-            end.record()
-            torch.cuda.synchronize(dev)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out = call()
-            times.append((time.perf_counter() - t0) * 1e3)
-    if not torch.isfinite(out).all():
+    last = [None]
+
+    def kept():
+        last[0] = call()
+
+    times = [time_call(dev, kept) for _ in trange(cfg.bench.repeats, desc="timed", disable=not progress)]
+    if not torch.isfinite(last[0]).all():
         raise RuntimeError("the dense step produced non-finite values")
     layout = model.layout(cfg.video)
     return {

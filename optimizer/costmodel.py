@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .bench import device_name
+from .bench import device_name, time_call
 from .config import RunConfig
 from .io import source_hash, stable_hash, write_json
 from .sampling import first_step_kwargs
@@ -39,22 +37,6 @@ class CostModel:
         return sum(self.level_ms[v] for v in levels)
 
 
-def _timer(device: torch.device) -> Callable[[Callable], float]:
-    def run(fn) -> float:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    return run
-
-
 def cost_key(cfg: RunConfig, model, tokens: list[int], backend: str) -> str:
     return stable_hash({"model": model.identity, "dtype": cfg.model.dtype, "video": asdict(cfg.video),
                         "device": device_name(model.device), "torch": torch.__version__, "tokens": tokens,
@@ -70,14 +52,13 @@ def measure(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], tokens
     if path.is_file():
         return CostModel(**json.loads(path.read_text()))
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
-    timer = _timer(model.device)
     warmup, repeats = max(1, cfg.bench.warmup), cfg.bench.repeats
     top = max(tokens)
 
     def median(fn) -> float:
         for _ in range(warmup):
             fn()
-        return statistics.median(timer(fn) for _ in range(repeats))
+        return statistics.median(time_call(model.device, fn) for _ in range(repeats))
 
     dense_ms = median(lambda: model.transformer(**kwargs))
     level_ms = []

@@ -132,7 +132,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         engines[key] = {"backend": backend, "file": name, "tokens": k}
         if (folder / name).is_file():
             continue
-        state = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=model.device) for s in sig["state"]]
+        state = runtime.empty_state(sig["state"], model.device)
         step = _Step(tp.graph, sig["layout"])
         t0 = time.perf_counter()
         ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)

@@ -29,6 +29,11 @@ SCHEMA_VERSION = 1
 BACKENDS = ("eager", "inductor", "aoti")
 
 
+def empty_state(specs: list[dict], device: torch.device) -> list[torch.Tensor]:
+    """The block state before the first (dense) step: zeros in the manifest's layout."""
+    return [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=device) for s in specs]
+
+
 class EngineError(Exception):
     """An engine folder that cannot be used as it is: the message names what to fix."""
 
@@ -190,8 +195,7 @@ class EngineTransformer(torch.nn.Module):
             return branch["last"]
         flat = self._flat(kwargs)
         if branch["state"] is None:
-            branch["state"] = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=self.device)
-                               for s in self.manifest["state"]]
+            branch["state"] = empty_state(self.manifest["state"], self.device)
         result = self.engines[entry["engine"]](*self.weights, *flat, *branch["state"])
         branch["state"], branch["last"] = list(result[1:]), result[0]
         return result[0]

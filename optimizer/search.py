@@ -183,12 +183,12 @@ class Evaluator:
                  levels: int, tokens: int, prefix_cache_bytes: int, share_prefixes: bool = True):
         self.model, self.cfg, self.programs, self.samples = model, cfg, programs, samples
         self.levels, self.tokens = levels, tokens
+        self.level_rows = level_tokens(levels, tokens)  # the rows each level computes: what build_programs built
         self.cache_bytes, self.share = prefix_cache_bytes, share_prefixes
         self.samplers = [Sampler(model, cfg.video, cfg.sampling, s.inputs) for s in samples]
 
     def budgets(self, s: Schedule) -> list[int]:
-        top = self.levels - 1
-        return [self.tokens if v == top else round(v / top * self.tokens) for v in s]
+        return [self.level_rows[v] for v in s]
 
     def evaluate(self, batch: list[Schedule], threshold: float, counters: Counters,
                  order: list[int] | None = None, tick: Callable[[int], None] | None = None) -> dict[Schedule, list]:
@@ -261,9 +261,10 @@ def shard(batch: list[Schedule]) -> list[Schedule]:
     import torch.distributed as dist
 
     batch = sorted(set(batch))
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    world = _world()
+    if world == 1:
         return batch
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     per = -(-len(batch) // world)
     return batch[rank * per:(rank + 1) * per]
 
@@ -271,9 +272,9 @@ def shard(batch: list[Schedule]) -> list[Schedule]:
 def gather(results: dict, counters: Counters) -> tuple[dict, Counters]:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return results, counters
-    parts: list = [None] * dist.get_world_size()
+    parts: list = [None] * _world()
     dist.all_gather_object(parts, (results, vars(counters)))
     merged, total = {}, Counters()
     for res, cnt in parts:
@@ -471,7 +472,7 @@ def _world() -> int:
 def _is_main() -> bool:
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return _world() == 1 or dist.get_rank() == 0
 
 
 def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backend: str) -> str:

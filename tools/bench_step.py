@@ -31,7 +31,7 @@ from astraea import config, loader  # noqa: E402
 from astraea.bench import device_name  # noqa: E402
 from astraea.capture import capture  # noqa: E402
 from astraea.sampling import first_step_kwargs  # noqa: E402
-from astraea.tokenwise import rewrite  # noqa: E402
+from astraea.tokenwise import TokenwiseTransformer, rewrite  # noqa: E402
 
 VARIANTS = ("dense_eager", "dense_compiled", "astraea_eager", "astraea_compiled")
 BLOCK_FIT = {"a_ms": 4.46, "b_ms_per_row": 1.183e-3, "dense_block_ms": 31.15}  # H100, Wan 1.3B block, 26,520 rows
@@ -104,8 +104,7 @@ def main() -> None:
         capture_s = time.perf_counter() - t0
         full = rewrite(model, cfg, n, captured=cap)
         flat = full.flat_inputs(kwargs)
-        state_inputs = [x for x in full.graph.graph.nodes if x.op == "placeholder"][len(flat):]
-        zeros = [torch.zeros(x.meta["val"].shape, dtype=x.meta["val"].dtype, device="cuda") for x in state_inputs]
+        zeros = TokenwiseTransformer._empty_state(full, flat)
         warm_state = list(full.graph(*flat, *zeros)[1:])  # the state after one dense step
         for frac in args.budgets:
             k = max(1, round(frac * n))
