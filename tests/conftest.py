@@ -37,6 +37,21 @@ def tiny_config(family: str = "wan", preset: str = "tiny", **sections) -> config
     return config.from_dict(tiny_raw(family, preset, **sections))
 
 
+def interrupt_search_after(monkeypatch, generation: int) -> None:
+    """Ctrl-C right after the search has written generation `generation`'s checkpoint
+    (monkeypatch.undo() lets the next run go through)."""
+    from astraea.search import Search
+
+    real = Search._checkpoint
+
+    def interrupt(self, st):
+        real(self, st)
+        if st.generation == generation:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Search, "_checkpoint", interrupt)
+
+
 def block_calls(model, example: dict) -> tuple[list[dict], torch.Tensor]:
     """Every transformer block's real arguments in an eager forward, bound by name, and the
     model's output: the inputs the oracle runs a dense block on."""

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from astraea.cli import bench_main, build_main
-from conftest import tiny_raw
+from conftest import interrupt_search_after, tiny_raw
 
 
 def _write(tmp_path, raw, name="model.yaml"):
@@ -142,26 +142,17 @@ def test_unreachable_target_is_one_line(tmp_path, capsys):
 def test_interrupted_build_resumes_to_the_same_schedule(tmp_path, capsys, monkeypatch):
     """Ctrl-C in the search (after generation 1's checkpoint): exit 130 naming --resume; the
     resumed build ends with the schedule of an uninterrupted one and reuses the reference."""
-    from astraea.search import Search
-
     raw = tiny_raw(target={"budget": 0.5}, search={"levels": 3, "population": 4, "children": 3, "generations": 3},
                    bench={"warmup": 0, "repeats": 1}, build={"backend": "eager"})
     path = _write(tmp_path, raw)
     assert build_main([str(path), "--out", str(tmp_path / "clean"), "--quiet"]) == 0
     (clean,) = (tmp_path / "clean" / "search").iterdir()
-    real = Search._checkpoint
-
-    def interrupt(self, st):
-        real(self, st)
-        if st.generation == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Search, "_checkpoint", interrupt)
+    interrupt_search_after(monkeypatch, 1)
     out = tmp_path / "run"
     assert build_main([str(path), "--out", str(out), "--quiet"]) == 130
     assert "continues with --resume" in capsys.readouterr().err
     assert not (out / "engines").exists()
-    monkeypatch.setattr(Search, "_checkpoint", real)
+    monkeypatch.undo()
     assert build_main([str(path), "--out", str(out), "--quiet", "--resume"]) == 0
     assert "dense reference reused" in capsys.readouterr().err
     (folder,) = (out / "search").iterdir()

@@ -25,20 +25,25 @@ from astraea.search import (
     random_schedule,
     repair,
 )
-from conftest import tiny_config
+from conftest import interrupt_search_after, tiny_config
 
 LEVELS, STEPS = 5, 6
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("search")
+def _tiny_search_model():
+    """The tiny Wan model with two samples, a 50% target, and its programs at every level."""
     cfg = tiny_config("wan", "tiny", sampling={"steps": STEPS, "seeds": [0, 1]},
                       search={"levels": LEVELS, "population": 6, "children": 5, "generations": 3})
     cfg = dataclasses.replace(cfg, target=config.TargetSpec(budget=0.5))
     model = loader.load_model(cfg)
     n = model.layout(cfg.video).video_tokens
-    programs = build_programs(model, cfg, level_tokens(LEVELS, n), progress=False)
+    return cfg, model, n, build_programs(model, cfg, level_tokens(LEVELS, n), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    cfg, model, n, programs = _tiny_search_model()
     ref = reference.run(cfg, model, out, progress=False)
     samples = calibration_samples(model, cfg, ref, out / "embeddings")
     return cfg, model, n, programs, samples, out
@@ -128,17 +133,10 @@ def test_same_seed_same_schedule_and_resume_is_identical(tiny, tmp_path, monkeyp
     assert other_seed.population != full.population
 
     interrupted = _search(tiny, tmp_path / "d")
-    real = Search._checkpoint
-
-    def stop_after_first(self, st):
-        real(self, st)
-        if st.generation == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Search, "_checkpoint", stop_after_first)
+    interrupt_search_after(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         interrupted.run(progress=False)
-    monkeypatch.setattr(Search, "_checkpoint", real)
+    monkeypatch.undo()
     resumed = _search(tiny, tmp_path / "d").run(resume=True, progress=False)
     assert resumed.generation == full.generation and resumed.population == full.population
     assert resumed.history[-1]["best_mse"] == full.history[-1]["best_mse"]
@@ -199,12 +197,7 @@ def _distributed_worker(rank: int, world: int, init: str, folder: str, results: 
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        cfg = tiny_config("wan", "tiny", sampling={"steps": STEPS, "seeds": [0, 1]},
-                          search={"levels": LEVELS, "population": 6, "children": 5, "generations": 3})
-        cfg = dataclasses.replace(cfg, target=config.TargetSpec(budget=0.5))
-        model = loader.load_model(cfg)
-        n = model.layout(cfg.video).video_tokens
-        programs = build_programs(model, cfg, level_tokens(LEVELS, n), progress=False)
+        cfg, model, n, programs = _tiny_search_model()
         from pathlib import Path
 
         out = Path(folder)
