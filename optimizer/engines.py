@@ -37,17 +37,28 @@ EXPORTED = torch.export.graph_signature.InputKind
 
 
 class _Step(torch.nn.Module):
-    """The rewritten GraphModule with its non-tensor inputs bound: tensors in, tensors out."""
+    """The rewritten GraphModule with its non-tensor inputs bound: tensors in, tensors out.
 
-    def __init__(self, graph: torch.fx.GraphModule, layout: list):
+    in_place: the new block state is copied back into the state inputs and only the output
+    is returned; Inductor and AOTInductor then write the selected rows straight into the
+    caller's buffers (write_cache.py), so a step holds the state once. Otherwise the new
+    state is returned after the output (the functional pair, for backends such as TensorRT
+    that double-buffer)."""
+
+    def __init__(self, graph: torch.fx.GraphModule, layout: list, in_place: bool = True):
         super().__init__()
-        self.graph_module, self.layout = graph, layout  # layout: ("t", None) per tensor input or ("c", value)
+        self.graph_module, self.layout, self.in_place = graph, layout, in_place  # layout: ("t", None) or ("c", value)
 
     def forward(self, *tensors):
         it = iter(tensors)
         args = [next(it) if kind == "t" else value for kind, value in self.layout]
-        args += list(it)  # the state
-        return tuple(self.graph_module(*args))
+        state = list(it)
+        out = self.graph_module(*args, *state)
+        if not self.in_place:
+            return tuple(out)
+        for old, new in zip(state, out[1:], strict=True):
+            old.copy_(new)
+        return (out[0],)
 
 
 def signature(tp: TokenwiseProgram, kwargs: dict) -> dict:
@@ -133,7 +144,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         if (folder / name).is_file():
             continue
         state = runtime.empty_state(sig["state"], model.device)
-        step = _Step(tp.graph, sig["layout"])
+        step = _Step(tp.graph, sig["layout"], in_place=True)
         t0 = time.perf_counter()
         ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)
         (folder / ".partial").mkdir(exist_ok=True)
@@ -171,7 +182,8 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         "model": {"family": cfg.model.family, "identity": model.identity, "config_hash": stable_hash(dict(model.transformer.config)),
                   "weights_sha256": runtime.sha256(folder / weights_file)},
         "video": {"frames": cfg.video.frames, "height": cfg.video.height, "width": cfg.video.width},
-        "inputs": sig["inputs"], "constants": sig["constants"], "state": sig["state"], "per_branch": per_branch,
+        "inputs": sig["inputs"], "constants": sig["constants"], "state": sig["state"], "state_update": "in_place",
+        "per_branch": per_branch,
         "weights": {"file": weights_file, "order": sig["weights"]},
         "timesteps": schedule["timesteps"],
         "steps": [{"budget": b, "tokens": k, "engine": by_tokens.get(k) if k else None}

@@ -91,10 +91,7 @@ class _Config(dict):
 def _load_engine(backend: str, path: Path, device: torch.device):
     if backend in ("eager", "inductor"):
         module = torch.export.load(str(path)).module()
-        if backend == "inductor":
-            cache = path.with_suffix(".cache.bin")
-            if cache.is_file():
-                torch.compiler.load_cache_artifacts(cache.read_bytes())
+        if backend == "inductor":  # compiled at its first call: warm from the build's cache artifacts
             module = torch.compile(module, dynamic=False)
         return module
     if backend == "aoti":
@@ -117,11 +114,15 @@ class EngineTransformer(torch.nn.Module):
         self.steps = manifest["steps"]  # [{budget, tokens, engine}]
         weights = load_file(str(folder / manifest["weights"]["file"]), device=str(device))
         self.weights = [weights[name] for name in manifest["weights"]["order"]]
+        cache = folder / "inductor-cache.bin"
+        if cache.is_file() and "inductor-cache.bin" in manifest["files"]:
+            torch.compiler.load_cache_artifacts(cache.read_bytes())
         self.engines = {key: _load_engine(e["backend"], folder / e["file"], device) for key, e in manifest["engines"].items()}
         self.batch = self.inputs[0]["shape"][0]  # the engines' batch: 1 per CFG branch, or the CFG batch
         self.branches: dict = {}  # per cache context and batch slice: {"step", "state", "last"}
         self.context = None
         self.config = _Config(manifest.get("transformer_config", {}))
+        self.in_place = manifest.get("state_update", "functional") == "in_place"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,7 +187,11 @@ class EngineTransformer(torch.nn.Module):
         if step == 0 or branch is None:
             if step != 0:
                 raise EngineError(f"called at step {step} before step 0 of this generation")
-            branch = self.branches[key] = {"step": 0, "state": None, "last": None}
+            state = branch["state"] if branch is not None and self.in_place else None
+            if state is not None:  # a new generation in the same buffers
+                for t in state:
+                    t.zero_()
+            branch = self.branches[key] = {"step": 0, "state": state, "last": None}
         elif step != branch["step"]:
             raise EngineError(f"called at step {step} after step {branch['step'] - 1}: steps must run in order")
         entry = self.steps[step]
@@ -197,7 +202,9 @@ class EngineTransformer(torch.nn.Module):
         if branch["state"] is None:
             branch["state"] = empty_state(self.manifest["state"], self.device)
         result = self.engines[entry["engine"]](*self.weights, *flat, *branch["state"])
-        branch["state"], branch["last"] = list(result[1:]), result[0]
+        if not self.in_place:  # the functional pair: (output, new state...)
+            branch["state"] = list(result[1:])
+        branch["last"] = result[0]  # in place: the engine wrote the new state into branch["state"]
         return result[0]
 
 

@@ -37,18 +37,18 @@ def gather_rows(graph: fx.Graph, t: fx.Node, idx: fx.Node, dim: int, start: int 
     n = total - start if n is None else n
     if dim == 0:
         raise ValueError("gathering along dim 0 needs a batched token axis; not supported")
-    rows = idx
+    rows, device = idx, idx.meta["val"].device
     if start:
         rows = call(graph, aten.add.Tensor, idx, start)
     if start or start + n < total:  # keep the rows around the video rows
         pieces = []
         if start:
-            head = call(graph, aten.arange.start, 0, start)
+            head = graph.call_function(aten.arange.start, (0, start), {"device": device})
             pieces.append(call(graph, aten.expand.default, call(graph, aten.view.default, head, [1, start]), [b, start]))
         pieces.append(rows)
         if start + n < total:
             rest = total - start - n
-            tail = call(graph, aten.arange.start, start + n, total)
+            tail = graph.call_function(aten.arange.start, (start + n, total), {"device": device})
             pieces.append(call(graph, aten.expand.default, call(graph, aten.view.default, tail, [1, rest]), [b, rest]))
         rows = call(graph, aten.cat.default, pieces, 1)
         k = total - n + k

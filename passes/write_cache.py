@@ -1,10 +1,13 @@
 """write_cache: each block's fresh rows into its state; the next block reads the full cache.
 
 At the block's output (its subset node used outside the block) the k fresh rows are
-scattered into the cached output, their LSE and input rows into the state, the skip
-counters advanced and reset at the selected rows, all functionally (aten scatter; new
-state becomes graph outputs, in block order: cache, lse, ref, skips). Every use of the
-block output outside the block now reads the full new cache.
+written into the cached output, their LSE and input rows into the state, the skip
+counters advanced and reset at the selected rows, all functionally (new state becomes
+graph outputs, in block order: cache, lse, ref, skips). Every use of the block output
+outside the block now reads the full new cache. The row writes are `aten.index_put` with
+(batch, row) indices: when an engine copies the new state back into its state inputs
+(engines.py), Inductor and AOTInductor turn them into in-place writes of k rows into the
+caller's buffers, so a step holds one copy of the state, not two.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ def write_cache(gm: fx.GraphModule, ctx) -> dict[str, int]:
         outside = [u for u in rows.users if u.meta.get("astraea_block") != block]
         idx, g = st["idx"], gm.graph
         b, k = idx.meta["val"].shape
-        d = rows.meta["val"].shape[-1]
         with g.inserting_before(rows.next):  # in creation order, right after the rows
-            index = call(g, aten.expand.default, call(g, aten.view.default, idx, [b, k, 1]), [b, k, d])
-            cache = call(g, aten.scatter.src, st["cache"], 1, index, rows)
-            lse = call(g, aten.scatter.src, st["lse"], 1, idx, st["row_lse"])
+            arange = g.call_function(aten.arange.default, (b,), {"device": idx.meta["val"].device})
+            batch = call(g, aten.view.default, arange, [b, 1])
+            at = [batch, idx]  # (B, 1) and (B, k) broadcast to the (B, k) rows written
+            cache = call(g, aten.index_put.default, st["cache"], at, rows)
+            lse = call(g, aten.index_put.default, st["lse"], at, st["row_lse"])
             x_sel = st.get("x_sel") or gather_rows(g, st["mark"], idx, 1)
-            ref = call(g, aten.scatter.src, st["ref"], 1, index, x_sel)
+            ref = call(g, aten.index_put.default, st["ref"], at, x_sel)
             skips = call(g, aten.scatter.value, call(g, aten.add.Tensor, st["skips"], 1), 1, idx, 0)
         for user in outside:
             user.replace_input_with(rows, cache)

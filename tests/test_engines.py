@@ -49,8 +49,14 @@ def test_runtime_samples_like_the_rewritten_graphs(setup, tmp_path, backend):
     folder, manifest = _built(setup, tmp_path, backend)
     assert len(manifest["engines"]) == 2 and manifest["steps"][2]["engine"] is None  # budget 0: no engine
     transformer = runtime.load(folder)
+    buffers = None
     for _ in range(2):  # a second generation resets the caches at the first timestep
         got = denoise(model, cfg.video, cfg.sampling, inputs, transformer)
+        # the engines write the new block state into the runtime's buffers: the same
+        # storage every step and generation (and still the reference's numbers)
+        now = [t.data_ptr() for branch in transformer.branches.values() for t in branch["state"]]
+        assert manifest["state_update"] == "in_place" and (buffers is None or now == buffers)
+        buffers = now
         if backend == "eager":
             assert torch.equal(got, want)
         else:
