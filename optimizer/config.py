@@ -86,6 +86,15 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class SelectionSpec:
+    w_beta: float = spec(0.5, lo=0.0, hi=100.0, doc="staleness weight of the selection score (ASTRAEA.md section 2)")
+    delta: str = spec("full", choices=("full", "sketch"),
+                      doc="Delta from the block input at the row's last compute (full: D values a row in the state) "
+                          "or from a random sketch of it (sketch_dim float32 values a row)")
+    sketch_dim: int = spec(64, lo=4, hi=4096, doc="dimensions of the sketch when delta is sketch")
+
+
+@dataclass(frozen=True)
 class BuildSpec:
     backend: str = spec("inductor", choices=BACKENDS)
     precision: str = spec("model", choices=("model",) + DTYPES, doc="engine precision; model = model.dtype")
@@ -109,6 +118,7 @@ class RunConfig:
     search: SearchSpec
     build: BuildSpec
     bench: BenchSpec
+    selection: SelectionSpec = field(default_factory=SelectionSpec)
     name: str = "run"  # the config file's stem
     source: str = ""  # the config file's path
 
@@ -123,6 +133,7 @@ SECTIONS: dict[str, type] = {
     "sampling": SamplingSpec,
     "target": TargetSpec,
     "search": SearchSpec,
+    "selection": SelectionSpec,
     "build": BuildSpec,
     "bench": BenchSpec,
 }

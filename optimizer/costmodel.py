@@ -40,7 +40,8 @@ class CostModel:
 def cost_key(cfg: RunConfig, model, tokens: list[int], backend: str) -> str:
     return stable_hash({"model": model.identity, "dtype": cfg.model.dtype, "video": asdict(cfg.video),
                         "device": device_name(model.device), "torch": torch.__version__, "tokens": tokens,
-                        "backend": backend, "source": source_hash(), "guidance": cfg.sampling.guidance > 1})
+                        "backend": backend, "source": source_hash(), "guidance": cfg.sampling.guidance > 1,
+                        "selection": asdict(cfg.selection)})
 
 
 @torch.no_grad()

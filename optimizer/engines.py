@@ -17,6 +17,7 @@ by astraea.runtime) is written last, atomically, with every file's sha256.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -138,7 +139,8 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     for k in tqdm(wanted, desc=f"engines ({backend})", unit="engine", disable=not progress):
         tp = programs[k]
         key = stable_hash({"graph": tp.graph.code, "inputs": sig["inputs"], "state": sig["state"], "backend": backend,
-                           "precision": cfg.build.precision, "source": source_hash(), "toolchain": tc})
+                           "precision": cfg.build.precision, "selection": dataclasses.asdict(cfg.selection),
+                           "source": source_hash(), "toolchain": tc})
         name = f"{key}.aoti.pt2" if backend == "aoti" else f"{key}.pt2"
         engines[key] = {"backend": backend, "file": name, "tokens": k}
         if (folder / name).is_file():

@@ -481,7 +481,8 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     settings = asdict(cfg.search)
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb"):  # they change the cost, not the result
         settings.pop(exact)
-    return stable_hash({"reference": reference_key, "search": settings, "backend": backend, "source": source_hash(),
+    return stable_hash({"reference": reference_key, "search": settings, "selection": asdict(cfg.selection),
+                        "backend": backend, "source": source_hash(),
                         "constraint": [constraint.kind, constraint.target, constraint.low, constraint.high,
                                        list(constraint.step_ms)]})
 

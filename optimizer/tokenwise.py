@@ -52,7 +52,9 @@ def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | No
 
     cap = captured or capture(model, cfg)
     gm = copy_graph_module(cap.program.graph_module) if captured else cap.program.graph_module
-    ctx = pipeline.PassContext(model.family, cap.layout, dump_dir=dump_dir, budget=budget)
+    sel = cfg.selection
+    ctx = pipeline.PassContext(model.family, cap.layout, dump_dir=dump_dir, budget=budget, w_beta=sel.w_beta,
+                               sketch_dim=sel.sketch_dim if sel.delta == "sketch" else 0)
     pipeline.run(gm, ctx)
     return TokenwiseProgram(cap.program, gm, budget, len(ctx.blocks), ctx.stats)
 

@@ -3,7 +3,8 @@
 For each block's `astraea::token_mark` adds four graph inputs, the state the runtime owns
 across steps (cache (B, N, D) in the stream's dtype, lse (B, N) float32, ref (B, N, D), skips
 (B, N) int32), and `idx = astraea::token_select(lse, x, ref, skips, k, w_beta)` right after
-the mark. State is explicit (inputs in, new state out): AOTInductor packages and TensorRT
+the mark. With `ctx.sketch_dim` the reference is the block input's sketch (B, N, dim)
+float32 (token_select.sketch), and the score compares it with the sketch of x. State is explicit (inputs in, new state out): AOTInductor packages and TensorRT
 engines both take it that way, and the runtime donates the buffers.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+
+from astraea.plugins.token_select import sketch
 
 from .graph_util import add_placeholder
 
@@ -26,15 +29,22 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
         b, n, _ = x.shape
         block = next(iter(mark.users)).meta["astraea_block"]
         i = mark.args[1]
+        ref = x.new_empty((b, n, ctx.sketch_dim), dtype=torch.float32) if ctx.sketch_dim else x.new_empty(x.shape)
         state = {
             "cache": add_placeholder(gm, f"state_{i}_cache", x.new_empty(x.shape)),
             "lse": add_placeholder(gm, f"state_{i}_lse", x.new_empty((b, n), dtype=torch.float32)),
-            "ref": add_placeholder(gm, f"state_{i}_ref", x.new_empty(x.shape)),
+            "ref": add_placeholder(gm, f"state_{i}_ref", ref),
             "skips": add_placeholder(gm, f"state_{i}_skips", x.new_empty((b, n), dtype=torch.int32)),
         }
-        with gm.graph.inserting_after(mark):
+        seen = mark  # what the score compares with the reference: the block input, or its sketch
+        if ctx.sketch_dim:
+            with gm.graph.inserting_after(mark):
+                seen = gm.graph.call_function(sketch, (mark, ctx.sketch_dim))
+            seen.meta["val"] = ref
+            state["seen"] = seen
+        with gm.graph.inserting_after(seen):
             idx = gm.graph.call_function(torch.ops.astraea.token_select.default,
-                                         (state["lse"], mark, state["ref"], state["skips"], ctx.budget, ctx.w_beta, None))
+                                         (state["lse"], seen, state["ref"], state["skips"], ctx.budget, ctx.w_beta, None))
         idx.meta["val"] = x.new_empty((b, ctx.budget), dtype=torch.int64)
         idx.meta["astraea_block"] = block
         ctx.blocks[block] = {"mark": mark, "idx": idx, "index": i, **state}

@@ -37,6 +37,7 @@ class PassContext:
     stats: dict[str, dict[str, int]] = field(default_factory=dict)
     budget: int | None = None  # k, the rows each block recomputes (the rewrite passes)
     w_beta: float = 0.5  # staleness weight of the selection score
+    sketch_dim: int = 0  # Delta from a sketch of the block input with this many dims (0: the full input)
     blocks: dict[str, dict] = field(default_factory=dict)  # per block: its mark, index and state nodes
 
 

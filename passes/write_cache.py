@@ -42,7 +42,10 @@ def write_cache(gm: fx.GraphModule, ctx) -> dict[str, int]:
             at = [batch, idx]  # (B, 1) and (B, k) broadcast to the (B, k) rows written
             cache = call(g, aten.index_put.default, st["cache"], at, rows)
             lse = call(g, aten.index_put.default, st["lse"], at, st["row_lse"])
-            x_sel = st.get("x_sel") or gather_rows(g, st["mark"], idx, 1)
+            if "seen" in st:  # the sketch of the selected rows' input
+                x_sel = gather_rows(g, st["seen"], idx, 1)
+            else:
+                x_sel = st.get("x_sel") or gather_rows(g, st["mark"], idx, 1)
             ref = call(g, aten.index_put.default, st["ref"], at, x_sel)
             skips = call(g, aten.scatter.value, call(g, aten.add.Tensor, st["skips"], 1), 1, idx, 0)
         for user in outside:

@@ -33,6 +33,21 @@ else:
     _kernels = None
 
 
+def sketch(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (..., D) -> (..., dim) float32: x times a fixed random +-1/sqrt(dim) matrix, so
+    ||sketch(a) - sketch(b)|| estimates ||a - b|| (Johnson-Lindenstrauss; relative error
+    about sqrt(2 / dim)). The rewrite can keep the sketch of a row's block input instead of
+    the input itself for Delta. The matrix is a hash of (d, j) in aten integer ops: the same
+    on every device, no stored constant, and traced into any export."""
+    rows = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)[:, None]
+    cols = torch.arange(dim, device=x.device, dtype=torch.int64)[None, :]
+    h = (rows * 0x9E3779B1 + cols * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
+    h = ((h ^ (h >> 12)) * 0x297A2D39) & 0xFFFFFFFF
+    sign = ((h ^ (h >> 15)) >> 7 & 1).to(torch.float32) * 2 - 1
+    return x.to(torch.float32) @ (sign * dim**-0.5)
+
+
 def scores(lse, x, x_ref, skips, w_beta: float, forced=None) -> torch.Tensor:
     """The reference scores, (B, N), in float32 (float64 for float64 inputs)."""
     acc = torch.promote_types(x.dtype, torch.float32)

@@ -11,18 +11,19 @@ import torch
 from astraea import loader
 from astraea.capture import capture
 from astraea.passes import pipeline
+from astraea.plugins.token_select import sketch
 from conftest import block_calls, tiny_config
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 VIDEO = {"frames": 9, "height": 48, "width": 64}
 
 
-def _rewritten(family, preset, k):
+def _rewritten(family, preset, k, sketch_dim=0):
     cfg = tiny_config(family, preset, video=VIDEO)
     model = loader.load_model(cfg)
     cap = capture(model, cfg)
     gm = cap.program.graph_module
-    ctx = pipeline.PassContext(model.family, cap.layout, budget=k)
+    ctx = pipeline.PassContext(model.family, cap.layout, budget=k, sketch_dim=sketch_dim)
     pipeline.run(gm, ctx)
     return model, cap, gm, ctx
 
@@ -34,25 +35,28 @@ def _run(cap, gm, example, state):
     return out[0], list(out[1:])
 
 
-def _zero_state(x, blocks):
+def _zero_state(x, blocks, sketch_dim=0):
     b, n, d = x.shape
-    one = [torch.zeros(b, n, d), torch.zeros(b, n), torch.zeros(b, n, d), torch.zeros(b, n, dtype=torch.int32)]
+    one = [torch.zeros(b, n, d), torch.zeros(b, n), torch.zeros(b, n, sketch_dim or d), torch.zeros(b, n, dtype=torch.int32)]
     return [t.clone() for _ in range(blocks) for t in one]
 
 
-@pytest.mark.parametrize("family,preset", [("wan", "tiny"), ("cogvideox", "tiny"), ("cogvideox", "tiny-rotary"), ("hunyuan_video", "tiny")])
-@pytest.mark.parametrize("budget", [1.0, 0.5, 0.09])
-def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget):
+@pytest.mark.parametrize("family,preset,budget,sketch_dim", [
+    *[(f, p, b, 0) for f, p in [("wan", "tiny"), ("cogvideox", "tiny"), ("cogvideox", "tiny-rotary"), ("hunyuan_video", "tiny")]
+      for b in (1.0, 0.5, 0.09)],
+    ("wan", "tiny", 0.5, 8), ("hunyuan_video", "tiny", 0.3, 8),  # Delta from a sketch of the block input
+])
+def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget, sketch_dim):
     probe = tiny_config(family, preset, video=VIDEO)
     n = loader.load_model(probe).layout(probe.video).video_tokens
     k = max(1, round(budget * n))
-    _, cap_dense, gm_dense, _ = _rewritten(family, preset, n)  # step 0 is always dense
-    model, cap, gm, ctx = _rewritten(family, preset, k)
+    _, cap_dense, gm_dense, _ = _rewritten(family, preset, n, sketch_dim)  # step 0 is always dense
+    model, cap, gm, ctx = _rewritten(family, preset, k, sketch_dim)
     assert not [x for x in gm.graph.nodes if x.target is SDPA and x.meta.get("astraea_attention") == "self"]
     blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
     ex0 = cap.example
     calls0, want0 = block_calls(model, ex0)
-    out0, state = _run(cap_dense, gm_dense, ex0, _zero_state(calls0[0]["hidden_states"], len(blocks)))
+    out0, state = _run(cap_dense, gm_dense, ex0, _zero_state(calls0[0]["hidden_states"], len(blocks), sketch_dim))
     torch.testing.assert_close(out0, want0, atol=1e-5, rtol=1e-5)  # budget N == the dense model
     ex1 = dict(ex0, hidden_states=ex0["hidden_states"] + 0.3 * torch.randn_like(ex0["hidden_states"]),
                timestep=(ex0["timestep"] * 0.9).to(ex0["timestep"].dtype))
@@ -61,8 +65,13 @@ def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget):
     chain = {}  # the token-wise run's own stream: block inputs are the previous caches
     for b, block in enumerate(blocks):
         call = {**calls[b], **chain}
-        cache_old, skips_old = state[4 * b], state[4 * b + 3]
+        cache_old, lse_old, ref_old, skips_old = state[4 * b: 4 * b + 4]
         cache, lse, ref, skips = new_state[4 * b: 4 * b + 4]
+        seen = sketch(call["hidden_states"], sketch_dim) if sketch_dim else call["hidden_states"]
+        # the selection: the k best rows by the float64 score of the old state and this input
+        score = lse_old.double() * (seen.double() - ref_old.double()).norm(dim=-1) + 0.5 * torch.exp(skips_old.double())
+        want_rows = torch.sort(torch.topk(score, k, dim=-1).indices, dim=-1).values
+        assert torch.equal(torch.nonzero(skips == 0)[:, 1].view(-1, k), want_rows)
         with torch.no_grad():
             dense = block(**call)
         dense_video = dense[0] if isinstance(dense, tuple) else dense
@@ -71,7 +80,7 @@ def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget):
         torch.testing.assert_close(cache[fresh], dense_video[fresh], atol=1e-5, rtol=1e-5)
         assert torch.equal(cache[~fresh], cache_old[~fresh])
         assert torch.equal(skips[~fresh], skips_old[~fresh] + 1)
-        assert torch.equal(ref[fresh], call["hidden_states"][fresh])
+        assert torch.equal(ref[fresh], seen[fresh])
         chain["hidden_states"] = cache  # the next block reads the full cache ...
         if isinstance(dense, tuple):
             chain["encoder_hidden_states"] = dense[1]  # ... and the text rows, always recomputed

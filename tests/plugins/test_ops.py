@@ -11,7 +11,7 @@ import torch
 
 import astraea.plugins  # noqa: F401  (registers the ops)
 from astraea.plugins import sparse_attention as sa
-from astraea.plugins.token_select import scores
+from astraea.plugins.token_select import scores, sketch
 
 ops = torch.ops.astraea
 
@@ -113,6 +113,22 @@ def test_token_select_ties_and_staleness():
     idx = ops.token_select(torch.ones(b, n), x, x, skips, 3, 0.5, None)  # delta 0: staleness decides
     assert idx.tolist() == [[0, 1, 3]]  # the two stale rows, then the lowest-index tie
     assert torch.isfinite(scores(torch.ones(b, n), x, x, skips, 0.5)).all()
+
+
+def test_sketch_is_a_fixed_sign_projection_that_keeps_distances():
+    """sketch(x, r) = x @ S with S in {+-1/sqrt(r)} (the same S every call and for every
+    dtype); distances survive within the Johnson-Lindenstrauss error, checked in float64."""
+    d, r = 96, 64
+    s = sketch(torch.eye(d, dtype=torch.float64), r).double()
+    assert torch.equal(s.abs(), torch.full((d, r), r**-0.5, dtype=torch.float64))
+    assert torch.equal(s, sketch(torch.eye(d), r).double())
+    assert 0.4 < (s > 0).double().mean() < 0.6 and torch.linalg.matrix_rank(s) == r  # balanced, full rank
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4000, d, generator=gen), torch.randn(4000, d, generator=gen)
+    ratio = (sketch(a, r) - sketch(b, r)).double().norm(dim=-1) / (a.double() - b.double()).norm(dim=-1)
+    assert abs(ratio.pow(2).mean().item() - 1) < 0.03  # unbiased in the squared norm
+    assert ratio.std().item() < 1.5 * math.sqrt(1 / (2 * r))  # the sketch's spread, not worse
+    torch.testing.assert_close(sketch(a.bfloat16(), r), a.bfloat16().double().matmul(s).float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("with_ref", [False, True])
