@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,20 +105,23 @@ def _load_engine(backend: str, path: Path, device: torch.device):
 class EngineTransformer(torch.nn.Module):
     """A drop-in for the family's diffusers transformer, running the compiled schedule."""
 
-    def __init__(self, folder: Path, manifest: dict, device: torch.device):
+    def __init__(self, folder: Path, manifest: dict, device: torch.device, warm: bool = True):
         super().__init__()
         from safetensors.torch import load_file
 
         self.folder, self.manifest, self.device = folder, manifest, device
+        t0 = time.perf_counter()
         self.inputs = manifest["inputs"]  # the tensor inputs, in the engines' order: [{name, shape, dtype}]
         self.timesteps = torch.tensor(manifest["timesteps"], dtype=torch.float64)
         self.steps = manifest["steps"]  # [{budget, tokens, engine}]
         weights = load_file(str(folder / manifest["weights"]["file"]), device=str(device))
         self.weights = [weights[name] for name in manifest["weights"]["order"]]
+        t1 = time.perf_counter()
         cache = folder / "inductor-cache.bin"
-        if cache.is_file() and "inductor-cache.bin" in manifest["files"]:
+        if warm and cache.is_file() and "inductor-cache.bin" in manifest["files"]:
             torch.compiler.load_cache_artifacts(cache.read_bytes())
         self.engines = {key: _load_engine(e["backend"], folder / e["file"], device) for key, e in manifest["engines"].items()}
+        self.load_seconds = {"weights": t1 - t0, "engines": time.perf_counter() - t1}  # load() adds "verify"
         self.batch = self.inputs[0]["shape"][0]  # the engines' batch: 1 per CFG branch, or the CFG batch
         self.branches: dict = {}  # per cache context and batch slice: {"step", "state", "last"}
         self.context = None
@@ -208,8 +212,10 @@ class EngineTransformer(torch.nn.Module):
         return result[0]
 
 
-def load(folder: str | Path, device: str | torch.device | None = None) -> EngineTransformer:
-    """Verify and load an engine folder (see the module docstring). Raises EngineError."""
+def load(folder: str | Path, device: str | torch.device | None = None, warm: bool = True) -> EngineTransformer:
+    """Verify and load an engine folder (see the module docstring). Raises EngineError.
+    warm=False ignores the build's Inductor cache artifacts (a cold compile, to compare)."""
+    t0 = time.perf_counter()
     folder = Path(folder)
     path = folder / "manifest.json"
     if not path.is_file():
@@ -230,4 +236,7 @@ def load(folder: str | Path, device: str | torch.device | None = None) -> Engine
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     check_toolchain(manifest["toolchain"], device)
-    return EngineTransformer(folder, manifest, device)
+    verify = time.perf_counter() - t0
+    transformer = EngineTransformer(folder, manifest, device, warm)
+    transformer.load_seconds["verify"] = verify
+    return transformer

@@ -9,7 +9,8 @@ Two phases, each its own command (a device call is at most 10 minutes):
   run     fresh processes with an empty Inductor cache:
             engines  `astraea.runtime.load(folder)` as `pipe.transformer` (start-up: load
                      seconds and each engine's first call, for inductor warm from the
-                     build's cache artifacts), then timed generations: per-call latency
+                     build's cache artifacts; engines_cold: without them), then timed
+                     generations: per-call latency
                      (CUDA events) by budget, end-to-end, peak memory
             dense    the diffusers transformer (same weights seed) in the same pipeline
           writes run.json and engines.md (a markdown table)
@@ -113,7 +114,7 @@ class _Event:
 
 def _sync():
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def _memory(peak: bool = False) -> float:
@@ -144,13 +145,13 @@ def _generate(pipe, inputs: dict, manifest: dict, steps: int, latents: torch.Ten
                 guidance_scale=5.0, latents=latents.clone(), output_type="latent").frames
 
 
-def run_engines(folder: Path, generations: int) -> dict:
+def run_engines(folder: Path, generations: int, warm: bool = True) -> dict:
     from astraea import runtime
 
     manifest = json.loads((folder / "engines" / "manifest.json").read_text())
     device = torch.device(manifest["toolchain"]["device"])
     t0 = time.perf_counter()
-    transformer = runtime.load(folder / "engines", device)
+    transformer = runtime.load(folder / "engines", device, warm=warm)
     _sync()
     load_s = time.perf_counter() - t0
     loaded_gib = _memory()
@@ -192,7 +193,7 @@ def run_engines(folder: Path, generations: int) -> dict:
     for label, s, e in log:
         per_call.setdefault(label, []).append(s.elapsed_time(e))
     torch.save(results.cpu(), folder / "engines_latents.pt")
-    return {"load_s": load_s, "loaded_gib": loaded_gib, "first_call_s": first, "first_generation_s": first_generation_s,
+    return {"load_s": load_s, "load_parts_s": transformer.load_seconds, "loaded_gib": loaded_gib, "first_call_s": first, "first_generation_s": first_generation_s,
             "generation_ms": statistics.median(ends), "generations": generations, "steps": steps,
             "peak_gib": _memory(peak=True),
             "call_ms": {k: statistics.median(v) for k, v in per_call.items()},
@@ -272,7 +273,7 @@ def write_table(result: dict, out: Path) -> None:
              f"({', '.join(f'{s:.0f}' for s in b['engine_s'].values())} s an engine)", "",
              "| | load s | first call s (by budget) | generation s | peak GiB | loaded GiB | per call ms (by budget) |",
              "|---|---|---|---|---|---|---|"]
-    for part in ("engines", "dense"):
+    for part in ("engines", "engines_cold", "dense"):
         r = result.get(part)
         if not r or "error" in r:
             continue
@@ -304,10 +305,10 @@ def main() -> None:
     pr = sub.add_parser("run")
     pr.add_argument("--folder", required=True)
     pr.add_argument("--out", required=True)
-    pr.add_argument("--parts", nargs="+", default=["engines", "dense"])
+    pr.add_argument("--parts", nargs="+", default=["engines", "dense"], choices=["engines", "engines_cold", "dense"])
     pr.add_argument("--generations", type=int, default=2)
     pp = sub.add_parser("_part")
-    pp.add_argument("part", choices=["engines", "dense"])
+    pp.add_argument("part", choices=["engines", "engines_cold", "dense"])
     pp.add_argument("--folder", required=True)
     pp.add_argument("--generations", type=int, default=2)
     args = p.parse_args()
@@ -316,8 +317,10 @@ def main() -> None:
     elif args.phase == "run":
         run(args)
     else:
-        fn = run_engines if args.part == "engines" else run_dense
-        print(json.dumps(fn(Path(args.folder), args.generations)))
+        if args.part == "dense":
+            print(json.dumps(run_dense(Path(args.folder), args.generations)))
+        else:
+            print(json.dumps(run_engines(Path(args.folder), args.generations, warm=args.part == "engines")))
 
 
 if __name__ == "__main__":
