@@ -159,10 +159,10 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         else:
             ep.example_inputs = None  # they hold the weights and the state: not stored in engines
             torch.export.save(ep, str(tmp))
-            if backend == "inductor":
-                compiled = torch.compile(ep.module(), dynamic=False)
+            if backend == "inductor":  # compile what the runtime compiles, as it calls it: its cache keys
+                compiled = runtime.load_engine(backend, tmp, model.device)
                 with torch.no_grad():
-                    compiled(*flat_weights, *tensor_inputs, *state)
+                    compiled(*[w.detach() for w in flat_weights], *map(runtime.packed, tensor_inputs), *state)
         os.replace(tmp, folder / name)
         timings[key] = time.perf_counter() - t0
         built.append(key)

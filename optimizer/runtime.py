@@ -35,6 +35,13 @@ def empty_state(specs: list[dict], device: torch.device) -> list[torch.Tensor]:
     return [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=device) for s in specs]
 
 
+def packed(t: torch.Tensor) -> torch.Tensor:
+    """t with plain row-major strides: compiled engines are keyed and specialised on input
+    strides, and pipelines pass expanded views (a timestep of stride 0)."""
+    want = torch.empty(t.shape, dtype=t.dtype, device="meta").stride()
+    return t if t.stride() == want else torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 class EngineError(Exception):
     """An engine folder that cannot be used as it is: the message names what to fix."""
 
@@ -89,7 +96,7 @@ class _Config(dict):
             raise AttributeError(name) from None
 
 
-def _load_engine(backend: str, path: Path, device: torch.device):
+def load_engine(backend: str, path: Path, device: torch.device):
     if backend in ("eager", "inductor"):
         module = torch.export.load(str(path)).module()
         if backend == "inductor":  # compiled at its first call: warm from the build's cache artifacts
@@ -120,8 +127,12 @@ class EngineTransformer(torch.nn.Module):
         cache = folder / "inductor-cache.bin"
         if warm and cache.is_file() and "inductor-cache.bin" in manifest["files"]:
             torch.compiler.load_cache_artifacts(cache.read_bytes())
-        self.engines = {key: _load_engine(e["backend"], folder / e["file"], device) for key, e in manifest["engines"].items()}
-        self.load_seconds = {"weights": t1 - t0, "engines": time.perf_counter() - t1}  # load() adds "verify"
+        self.engines, per_engine = {}, {}
+        for key, e in manifest["engines"].items():
+            t = time.perf_counter()
+            self.engines[key] = load_engine(e["backend"], folder / e["file"], device)
+            per_engine[key] = time.perf_counter() - t
+        self.load_seconds = {"weights": t1 - t0, "engines": time.perf_counter() - t1, "per_engine": per_engine}  # + "verify"
         self.batch = self.inputs[0]["shape"][0]  # the engines' batch: 1 per CFG branch, or the CFG batch
         self.branches: dict = {}  # per cache context and batch slice: {"step", "state", "last"}
         self.context = None
@@ -163,7 +174,7 @@ class EngineTransformer(torch.nn.Module):
             if list(value.shape) != spec["shape"]:
                 raise EngineError(f"input {name!r} has shape {list(value.shape)}; the engines were built for "
                                   f"{spec['shape']} (rebuild for this video size or batch)")
-            flat.append(value.to(self.device, getattr(torch, spec["dtype"])))
+            flat.append(packed(value.to(self.device, getattr(torch, spec["dtype"]))))
         return flat
 
     @torch.no_grad()
