@@ -91,3 +91,58 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "trt" in item.keywords and not has_trt:
             item.add_marker(skip_trt)
+
+
+FRESH_PROCESS_CALL = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from astraea import runtime
+folder, inputs, out = sys.argv[1:4]
+kwargs = torch.load(inputs)
+kwargs.pop("return_dict", None)
+kwargs["timestep"] = kwargs["timestep"][:1].expand(kwargs["timestep"].shape[0])  # as pipelines pass it: stride 0
+transformer = runtime.load(folder)
+with torch.no_grad():
+    torch.save(transformer(**kwargs, return_dict=False)[0].cpu(), out)
+print(json.dumps({k: dict(v) for k, v in counters.items() if k in ("aot_autograd", "inductor")}))
+"""
+
+
+def call_in_fresh_process(folder, kwargs: dict, tmp_path):
+    """The engine folder's first step run by astraea.runtime in a new Python process with an
+    empty Inductor cache: (output, the compile counters: cache hits and misses)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}, tmp_path / "inputs.pt")
+    with tempfile.TemporaryDirectory() as cache:
+        proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CALL, str(folder), str(tmp_path / "inputs.pt"),
+                               str(tmp_path / "out.pt")], capture_output=True, text=True,
+                              env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt"), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def engine_case(device: str, steps: int = 4):
+    """A tiny Wan run for the engine tests: (cfg, model, programs, schedule, inputs, want),
+    the schedule dense, a small budget twice (one engine), a skipped step; `want` sampled
+    with the rewritten graphs."""
+    from astraea import loader
+    from astraea.sampling import denoise, prompt_inputs
+    from astraea.search import build_programs
+    from astraea.tokenwise import TokenwiseTransformer
+
+    cfg = tiny_config("wan", "tiny", model={"device": device}, sampling={"steps": steps}, build={"cfg": "batched"})
+    model = loader.load_model(cfg)
+    n = model.layout(cfg.video).video_tokens
+    programs = build_programs(model, cfg, [n, 3], progress=False)
+    tokens = [n, 3, 0, 3] + [3] * (steps - 4)
+    timesteps = model.family.set_timesteps(model.scheduler, steps, "cpu")
+    schedule = {"tokens_per_step": tokens, "budget_per_step": [k / n for k in tokens],
+                "timesteps": [float(t) for t in timesteps], "mse": 0.0, "psnr": 0.0, "mean_budget": sum(tokens) / n / steps,
+                "per_sample": {}, "key": "test"}
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
+    want = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, tokens))
+    return cfg, model, programs, schedule, inputs, want

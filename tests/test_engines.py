@@ -12,29 +12,17 @@ import sys
 import pytest
 import torch
 
-from astraea import engines, loader, runtime
-from astraea.sampling import denoise, prompt_inputs
-from astraea.search import build_programs
+from astraea import engines, runtime
+from astraea.sampling import denoise, first_step_kwargs
 from astraea.tokenwise import TokenwiseTransformer
-from conftest import tiny_config
+from conftest import call_in_fresh_process, engine_case
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = tiny_config("wan", "tiny", sampling={"steps": STEPS}, build={"cfg": "batched"})
-    model = loader.load_model(cfg)
-    n = model.layout(cfg.video).video_tokens
-    programs = build_programs(model, cfg, [n, 3], progress=False)
-    tokens = [n, 3, 0, 3]  # dense, a small budget twice (one engine), a skipped step
-    timesteps = model.family.set_timesteps(model.scheduler, STEPS, "cpu")
-    schedule = {"tokens_per_step": tokens, "budget_per_step": [k / n for k in tokens],
-                "timesteps": [float(t) for t in timesteps], "mse": 0.0, "psnr": 0.0, "mean_budget": sum(tokens) / n / STEPS,
-                "per_sample": {}, "key": "test"}
-    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
-    want = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, tokens))
-    return cfg, model, programs, schedule, inputs, want
+    return engine_case("cpu", STEPS)
 
 
 def _built(setup, tmp_path, backend="eager"):
@@ -63,6 +51,14 @@ def test_runtime_samples_like_the_rewritten_graphs(setup, tmp_path, backend):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # weights stored once, whatever the number of engines
     assert len([f for f in folder.iterdir() if f.name.startswith("weights-")]) == 1
+    if backend != "eager":  # a new process, as pipelines call it; inductor starts warm from the build's cache
+        kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+        got0, counters = call_in_fresh_process(folder, kwargs, tmp_path)
+        torch.testing.assert_close(got0, TokenwiseTransformer(programs, schedule["tokens_per_step"])(**kwargs)[0],
+                                   atol=1e-5, rtol=1e-5)
+        if backend == "inductor":
+            assert counters["aot_autograd"].get("autograd_cache_hit") == 1, counters
+            assert not counters["aot_autograd"].get("autograd_cache_miss"), counters
 
 
 def test_unchanged_engines_are_not_rebuilt(setup, tmp_path):
@@ -107,8 +103,6 @@ def test_wrong_inputs_are_named(setup, tmp_path):
     cfg, model, programs, schedule, inputs, _ = setup
     folder, _ = _built(setup, tmp_path)
     transformer = runtime.load(folder)
-    from astraea.sampling import first_step_kwargs
-
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     with pytest.raises(runtime.EngineError, match="has shape .*rebuild for this video size"):
         transformer(**dict(kwargs, hidden_states=kwargs["hidden_states"][..., :-2]))

@@ -8,7 +8,7 @@ import torch
 from astraea import loader
 from astraea.families import get_family
 from astraea.sampling import denoise, prompt_inputs
-from conftest import tiny_config
+from conftest import call_in_fresh_process, engine_case, tiny_config
 
 pytestmark = pytest.mark.gpu
 
@@ -136,3 +136,24 @@ def test_ops_compile_on_cuda_with_the_triton_kernels():
     want = block(*[a.clone() for a in args])
     got = torch.compile(block, fullgraph=True)(*[a.clone() for a in args])
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["aoti", "inductor"])
+def test_engines_on_cuda(backend, tmp_path):
+    """Engines built on the GPU (AOTInductor with g++ 12, ../shared/GPU.md) sample like the
+    rewritten graphs, in this process and in a new one (inductor: warm from the build's cache)."""
+    from astraea import engines, runtime
+    from astraea.sampling import first_step_kwargs
+    from astraea.tokenwise import TokenwiseTransformer
+
+    cfg, model, programs, schedule, inputs, want = engine_case("cuda")
+    engines.build(cfg, model, programs, schedule, tmp_path, backend=backend, progress=False)
+    transformer = runtime.load(tmp_path / "engines")
+    got = denoise(model, cfg.video, cfg.sampling, inputs, transformer)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    got0, counters = call_in_fresh_process(tmp_path / "engines", kwargs, tmp_path)
+    torch.testing.assert_close(got0, TokenwiseTransformer(programs, schedule["tokens_per_step"])(**kwargs)[0].cpu(),
+                               atol=1e-4, rtol=1e-4)
+    if backend == "inductor":
+        assert counters["aot_autograd"].get("autograd_cache_hit") == 1, counters
