@@ -1,0 +1,72 @@
+"""The TensorRT backend's input, checked here without TensorRT: the astraea ops as ONNX
+nodes (registered schemas, onnx.checker), run in onnxruntime with the reference kernels
+against the torch ops and against the rewritten graph of a whole step."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from astraea import engines, onnx_export
+from astraea.plugins import onnx_ops
+from astraea.sampling import first_step_kwargs
+from conftest import engine_case
+
+pytest.importorskip("onnxruntime_extensions")
+ops = torch.ops.astraea
+
+
+class _Ops(torch.nn.Module):
+    def __init__(self, k, masked):
+        super().__init__()
+        self.k, self.masked = k, masked
+
+    def forward(self, lse, x, x_ref, skips, q, key, value, mask):
+        idx = ops.token_select(lse, x, x_ref, skips, self.k, 0.5, None)
+        out, row_lse = ops.sparse_attention(q, key, value, mask if self.masked else None, None)
+        return idx, out, row_lse
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_ops_as_onnx_nodes_run_like_the_torch_ops(masked):
+    gen = torch.Generator().manual_seed(0)
+    b, n, d, k = 2, 11, 6, 4
+    x = torch.randn(b, n, d, generator=gen)
+    x_ref = x.clone()
+    x_ref[0, 7:] += 1.0  # row 0: the last rows changed; row 1: nothing changed, every score ties
+    args = (torch.rand(b, n, generator=gen), x, x_ref, torch.zeros(b, n, dtype=torch.int32),
+            torch.randn(b, 2, 3, 8, generator=gen), torch.randn(b, 2, n, 8, generator=gen),
+            torch.randn(b, 2, n, 8, generator=gen), torch.rand(b, n, generator=gen) > 0.3)
+    module = _Ops(k, masked)
+    model = torch.onnx.export(module, args, dynamo=True, custom_translation_table=onnx_ops.translation_table(),
+                              opset_version=18).model_proto
+    onnx.checker.check_model(model, full_check=True)
+    nodes = Counter((n.domain, n.op_type) for n in model.graph.node)
+    assert nodes[("astraea", "SelectScores")] == 1 and nodes[("astraea", "SparseAttention")] == 1
+    session = onnx_ops.ort_session(model)
+    got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)})
+    want = module(*args)
+    assert np.array_equal(got[0][0], want[0][0].numpy())  # distinct scores: the same rows
+    assert want[0][1].tolist() == list(range(k)) and len(set(got[0][1].tolist())) == k  # all tie: any k rows
+    np.testing.assert_allclose(got[1], want[1].numpy(), atol=1e-5)
+    np.testing.assert_allclose(got[2], want[2].numpy(), atol=1e-5)
+
+
+def test_a_rewritten_step_exports_and_runs_in_onnxruntime(tmp_path):
+    cfg, model, programs, schedule, _, _ = engine_case("cpu")
+    n = max(programs)
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    tp = programs[3]
+    sig = engines.signature(tp, kwargs)
+    table = engines.weight_tensors(tp, sig["weights"])
+    weights, inputs = [table[w] for w in sig["weights"]], [kwargs[s["name"]] for s in sig["inputs"]]
+    onnx_model = onnx_export.export(tp, sig, weights, inputs, tmp_path / "k3.onnx", model.device)
+    assert (tmp_path / "k3.onnx").stat().st_size < 2**20  # the weights are inputs, not initialisers
+    nodes = Counter((n.domain, n.op_type) for n in onnx_model.graph.node)
+    assert nodes[("astraea", "SelectScores")] == tp.blocks == nodes[("astraea", "SparseAttention")]
+    assert [i.name for i in onnx_model.graph.input] == onnx_export.input_names(sig)
+    assert onnx_export.check(onnx_model, tp, programs[n], sig, weights, inputs) < 1e-4
