@@ -74,8 +74,8 @@ def translation_table() -> dict:
 
     def sparse_attention(q, k, v, key_mask=None, scale=None):
         inputs = [q, k, v] + ([key_mask] if key_mask is not None else [])
-        attrs = {} if scale is None else {"scale": float(scale)}
-        return astraea.SparseAttention(*inputs, _outputs=2, **attrs)
+        scale = float(scale) if scale is not None else float(q.shape[-1]) ** -0.5  # always stated: TensorRT's
+        return astraea.SparseAttention(*inputs, _outputs=2, scale=scale)  # plugins take every attribute
 
     return {torch.ops.astraea.token_select.default: token_select,
             torch.ops.astraea.sparse_attention.default: sparse_attention}
