@@ -5,9 +5,11 @@ unchanged engines not rebuilt; the runtime imports no build code."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from astraea.tokenwise import TokenwiseTransformer
 from conftest import call_in_fresh_process, engine_case
 
 STEPS = 4
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,36 @@ def test_runtime_samples_like_the_rewritten_graphs(setup, tmp_path, backend):
         if backend == "inductor":
             assert counters["aot_autograd"].get("autograd_cache_hit") == 1, counters
             assert not counters["aot_autograd"].get("autograd_cache_miss"), counters
+        if backend == "aoti":  # and from C++, with no Python (tools/aoti_cpp)
+            got_cpp = _run_from_cpp(folder, manifest, kwargs, tmp_path)
+            torch.testing.assert_close(got_cpp, got0, atol=1e-5, rtol=1e-5)
+
+
+def _run_from_cpp(folder, manifest, kwargs, tmp_path) -> torch.Tensor:
+    """The dense engine's first step through tools/aoti_cpp/run_package (C++ package loader)."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler")
+    binary = tmp_path / "run_package"
+    subprocess.run(["sh", str(ROOT / "tools/aoti_cpp/build.sh"), str(binary)], check=True, capture_output=True,
+                   env=dict(os.environ, PYTHON=sys.executable))
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / manifest["weights"]["file"]))
+    tensors = [weights[n] for n in manifest["weights"]["order"]]
+    tensors += [runtime.packed(kwargs[s["name"]]) for s in manifest["inputs"]]
+    tensors += runtime.empty_state(manifest["state"], torch.device("cpu"))
+    inputs = tmp_path / "cpp-inputs"
+    inputs.mkdir()
+    lines = []
+    for i, t in enumerate(tensors):
+        (inputs / f"{i}.bin").write_bytes(t.contiguous().numpy().tobytes())
+        lines.append(f"{i}.bin {str(t.dtype).split('.')[1]} {t.dim()} " + " ".join(map(str, t.shape)))
+    (inputs / "inputs.txt").write_text("\n".join(lines) + "\n")
+    dense = manifest["engines"][manifest["steps"][0]["engine"]]["file"]
+    subprocess.run([str(binary), str(folder / dense), str(inputs), str(tmp_path / "cpp-out.bin")], check=True,
+                   capture_output=True)
+    shape = kwargs["hidden_states"].shape
+    return torch.frombuffer(bytearray((tmp_path / "cpp-out.bin").read_bytes()), dtype=torch.float32).view(shape)
 
 
 def test_unchanged_engines_are_not_rebuilt(setup, tmp_path):
