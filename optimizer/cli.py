@@ -83,11 +83,14 @@ def _build(args) -> None:
     cfg = config.load(args.config)
     out = args.out or cfg.output_dir
     log = logging.getLogger("astraea")
-    from .runtime import BACKENDS
+    from .runtime import BACKENDS, tensorrt_available
 
     if cfg.build.backend not in BACKENDS:
         raise config.ConfigError("build.backend", f"{cfg.build.backend} engines are not built by this release "
-                                 f"(it builds {', '.join(BACKENDS)}); TensorRT is the engines issue's next part")
+                                 f"(it builds {', '.join(BACKENDS)})")
+    if cfg.build.backend == "tensorrt" and not tensorrt_available():
+        raise config.ConfigError("build.backend", "tensorrt needs TensorRT, which is not installed here (pip install "
+                                 "'astraea[tensorrt]' where NVIDIA's index is reachable); use eager, inductor or aoti")
     model = loader.load_model(cfg)
     layout = model.layout(cfg.video)
     log.info("%s %s on %s/%s: latents %s, tokens %s = %d video + %d text",

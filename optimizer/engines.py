@@ -108,6 +108,9 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     if backend not in runtime.BACKENDS:
         raise runtime.EngineError(f"build.backend: {backend!r} engines are not built by this release "
                                   f"(it builds {', '.join(runtime.BACKENDS)})")
+    if backend == "tensorrt" and not runtime.tensorrt_available():
+        raise runtime.EngineError("build.backend tensorrt needs TensorRT (pip install 'astraea[tensorrt]' where NVIDIA's "
+                                  "index is reachable); here, build eager, inductor or aoti engines")
     folder = out / "engines"
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
@@ -141,16 +144,30 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         key = stable_hash({"graph": tp.graph.code, "inputs": sig["inputs"], "state": sig["state"], "backend": backend,
                            "precision": cfg.build.precision, "selection": dataclasses.asdict(cfg.selection),
                            "source": source_hash(), "toolchain": tc})
-        name = f"{key}.aoti.pt2" if backend == "aoti" else f"{key}.pt2"
+        name = {"aoti": f"{key}.aoti.pt2", "tensorrt": f"{key}.plan"}.get(backend, f"{key}.pt2")
         engines[key] = {"backend": backend, "file": name, "tokens": k}
+        if backend == "tensorrt":
+            from .onnx_export import input_names
+
+            engines[key]["io"] = {"inputs": input_names(sig),
+                                  "outputs": ["output"] + [f"new_state_{i}" for i in range(len(sig["state"]))]}
         if (folder / name).is_file():
             continue
         state = runtime.empty_state(sig["state"], model.device)
-        step = _Step(tp.graph, sig["layout"], in_place=True)
         t0 = time.perf_counter()
-        ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)
         (folder / ".partial").mkdir(exist_ok=True)
         tmp = folder / ".partial" / name  # same file name: it names the archive's inner folder
+        if backend == "tensorrt":  # ONNX with the astraea nodes, then a plan with their plugins
+            from . import onnx_export, trt_build
+
+            onnx_export.export(tp, sig, flat_weights, tensor_inputs, folder / f"{key}.onnx", model.device)
+            trt_build.build_plan(folder / f"{key}.onnx", tmp, folder / "timing.cache")
+            os.replace(tmp, folder / name)
+            timings[key] = time.perf_counter() - t0
+            built.append(key)
+            continue
+        step = _Step(tp.graph, sig["layout"], in_place=True)
+        ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)
         if backend == "aoti":
             from torch._inductor import aoti_compile_and_package
 
@@ -173,7 +190,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
             with atomic_file(folder / "inductor-cache.bin", "wb") as fh:
                 fh.write(artifacts[0])
     for f in folder.iterdir():  # engines of earlier builds that this schedule no longer uses
-        if f.name.endswith(".pt2") and f.name not in {e["file"] for e in engines.values()}:
+        if f.name.endswith((".pt2", ".plan")) and f.name not in {e["file"] for e in engines.values()}:
             f.unlink()
     by_tokens = {e["tokens"]: key for key, e in engines.items()}
     files = [weights_file] + [e["file"] for e in engines.values()]
@@ -184,7 +201,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         "model": {"family": cfg.model.family, "identity": model.identity, "config_hash": stable_hash(dict(model.transformer.config)),
                   "weights_sha256": runtime.sha256(folder / weights_file)},
         "video": {"frames": cfg.video.frames, "height": cfg.video.height, "width": cfg.video.width},
-        "inputs": sig["inputs"], "constants": sig["constants"], "state": sig["state"], "state_update": "in_place",
+        "inputs": sig["inputs"], "constants": sig["constants"], "state": sig["state"], "state_update": "functional" if backend == "tensorrt" else "in_place",
         "per_branch": per_branch,
         "weights": {"file": weights_file, "order": sig["weights"]},
         "timesteps": schedule["timesteps"],

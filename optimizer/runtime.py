@@ -27,7 +27,47 @@ import torch
 import astraea.plugins  # noqa: F401  (the astraea:: ops the engines call: runtime kernels, not build code)
 
 SCHEMA_VERSION = 1
-BACKENDS = ("eager", "inductor", "aoti")
+BACKENDS = ("eager", "inductor", "aoti", "tensorrt")
+
+
+def tensorrt_available() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _TensorRTEngine:
+    """A serialized TensorRT plan run on torch tensors: (weights, inputs, state) in the
+    manifest's order -> (output, new state), functional (the state is double-buffered:
+    new tensors each call, the old ones freed by the caller)."""
+
+    def __init__(self, path: Path, device: torch.device, names: dict):
+        import tensorrt as trt
+
+        from astraea.plugins import trt as plugins  # the plugin creators of the AOT kernels in the plan
+
+        plugins.register()
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"TensorRT could not deserialize {path} (another TensorRT version or GPU?): rebuild")
+        self.context = self.engine.create_execution_context()
+        self.inputs, self.outputs, self.device = names["inputs"], names["outputs"], device
+        to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+                    trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
+        self.dtypes = {n: to_torch[self.engine.get_tensor_dtype(n)] for n in self.outputs}
+
+    def __call__(self, *tensors):
+        for name, t in zip(self.inputs, tensors, strict=True):
+            self.context.set_tensor_address(name, t.data_ptr())
+        outs = [torch.empty(tuple(self.engine.get_tensor_shape(n)), dtype=self.dtypes[n], device=self.device)
+                for n in self.outputs]
+        for name, t in zip(self.outputs, outs):
+            self.context.set_tensor_address(name, t.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise EngineError("TensorRT failed to run the engine (see its log)")
+        return tuple(outs)
 
 
 def empty_state(specs: list[dict], device: torch.device) -> list[torch.Tensor]:
@@ -96,7 +136,7 @@ class _Config(dict):
             raise AttributeError(name) from None
 
 
-def load_engine(backend: str, path: Path, device: torch.device):
+def load_engine(backend: str, path: Path, device: torch.device, names: dict | None = None):
     if backend in ("eager", "inductor"):
         module = torch.export.load(str(path)).module()
         if backend == "inductor":  # compiled at its first call: warm from the build's cache artifacts
@@ -106,6 +146,10 @@ def load_engine(backend: str, path: Path, device: torch.device):
         from torch._inductor import aoti_load_package
 
         return aoti_load_package(str(path))
+    if backend == "tensorrt":
+        if not tensorrt_available():
+            raise EngineError("these engines are TensorRT plans: install TensorRT (astraea[tensorrt]) to run them")
+        return _TensorRTEngine(path, device, names)
     raise EngineError(f"unknown backend {backend!r} in the manifest (this runtime knows {', '.join(BACKENDS)})")
 
 
@@ -130,7 +174,7 @@ class EngineTransformer(torch.nn.Module):
         self.engines, per_engine = {}, {}
         for key, e in manifest["engines"].items():
             t = time.perf_counter()
-            self.engines[key] = load_engine(e["backend"], folder / e["file"], device)
+            self.engines[key] = load_engine(e["backend"], folder / e["file"], device, e.get("io"))
             per_engine[key] = time.perf_counter() - t
         self.load_seconds = {"weights": t1 - t0, "engines": time.perf_counter() - t1, "per_engine": per_engine}  # + "verify"
         self.batch = self.inputs[0]["shape"][0]  # the engines' batch: 1 per CFG branch, or the CFG batch

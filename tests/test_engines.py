@@ -182,3 +182,14 @@ def test_runtime_is_pipe_transformer_in_a_diffusers_wan_pipeline(setup, tmp_path
                latents=inputs.noise.clone(), output_type="latent").frames
     torch.testing.assert_close(got.float(), want, atol=1e-4, rtol=1e-4)
     assert set(transformer.branches) == {("cond", 0), ("uncond", 0), (None, 0), (None, 1)}
+
+
+@pytest.mark.trt
+def test_tensorrt_engines_sample_like_the_rewritten_graphs(tmp_path):
+    """Needs TensorRT and a GPU: ONNX -> plans with the AOT Triton plugins -> the runtime's
+    functional (double-buffered) state, over a run."""
+    cfg, model, programs, schedule, inputs, want = engine_case("cuda")
+    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend="tensorrt", progress=False)
+    assert manifest["state_update"] == "functional"
+    got = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines"))
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
