@@ -1,0 +1,47 @@
+"""The peers diffusers ships, applied as their pipelines apply them (astraea.peers): on the
+bundled model each one's cache engages (its sample leaves the dense one, finite and
+correlated with it) under settings that skip work, and a setting that skips nothing gives
+the dense sample. How close each gets at equal speed is astraea-bench's measurement (at 8
+steps TaylorSeer's extrapolation is far from dense: relative error 0.8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from astraea import bundled, loader
+from astraea.peers import PeerTransformer
+from astraea.sampling import denoise, prompt_inputs
+
+
+@pytest.fixture(scope="module")
+def case():
+    cfg = bundled.run_config(["a red circle moving left over a striped background"], steps=8)
+    model = loader.load_model(cfg)
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
+    return cfg, model, inputs, denoise(model, cfg.video, cfg.sampling, inputs)
+
+
+def _sample(case, name, **knobs):
+    cfg, model, inputs, _ = case
+    peer = PeerTransformer(model.transformer, name, model.family.block_containers, **knobs)
+    try:
+        return denoise(model, cfg.video, cfg.sampling, inputs, peer)
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("name,knobs", [("pab", {"skip": 2}), ("first_block_cache", {"threshold": 0.3}),
+                                        ("taylorseer", {"interval": 2, "warmup": 3}), ("faster_cache", {"skip": 2})])
+def test_each_peer_engages_and_stays_close(case, name, knobs):
+    dense = case[3]
+    got = _sample(case, name, **knobs)
+    rel = ((got - dense).norm() / dense.norm()).item()
+    assert torch.isfinite(got).all() and 1e-6 < rel < 1.0, rel
+
+
+def test_a_peer_that_skips_nothing_is_dense(case):
+    got = _sample(case, "first_block_cache", threshold=0.0)
+    torch.testing.assert_close(got, case[3], atol=1e-5, rtol=1e-5)
+    cfg, model, inputs, dense = case
+    torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs), dense)  # close() removed the hooks
