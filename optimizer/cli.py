@@ -27,11 +27,11 @@ hashing its inputs and reused when that key exists):
                 search.png, schedule.png and state.json (checkpoint after every
                 generation; --resume continues it; a finished search is reused)
   6. engines    one engine per distinct budget of the schedule (build.backend: eager,
-                inductor or aoti; README: engines) + <run>/engines/manifest.json; engines
-                whose key exists are not rebuilt
+                inductor, aoti, or tensorrt where TensorRT is installed; README: engines)
+                + <run>/engines/manifest.json; engines whose key exists are not rebuilt
   7. check      astraea.runtime loads the folder (verifying it) and samples the first
-                prompt and seed: seconds and PSNR against dense, <run>/engines-check.json
-TensorRT engines are not built by this release.
+                prompt and seed twice: seconds against the eager dense sample and PSNR
+                against dense, <run>/engines-check.json
 """
 
 
@@ -83,14 +83,13 @@ def _build(args) -> None:
     cfg = config.load(args.config)
     out = args.out or cfg.output_dir
     log = logging.getLogger("astraea")
-    from .runtime import BACKENDS, tensorrt_available
+    from .runtime import BACKENDS, TENSORRT_MISSING, tensorrt_available
 
     if cfg.build.backend not in BACKENDS:
         raise config.ConfigError("build.backend", f"{cfg.build.backend} engines are not built by this release "
                                  f"(it builds {', '.join(BACKENDS)})")
     if cfg.build.backend == "tensorrt" and not tensorrt_available():
-        raise config.ConfigError("build.backend", "tensorrt needs TensorRT, which is not installed here (pip install "
-                                 "'astraea[tensorrt]' where NVIDIA's index is reachable); use eager, inductor or aoti")
+        raise config.ConfigError("build.backend", f"tensorrt needs {TENSORRT_MISSING}; use eager, inductor or aoti")
     model = loader.load_model(cfg)
     layout = model.layout(cfg.video)
     log.info("%s %s on %s/%s: latents %s, tokens %s = %d video + %d text",
@@ -135,6 +134,7 @@ def _engine_stage(cfg, model, programs, result, ref, out: Path, progress: bool, 
     load_s = time.perf_counter() - t0
     s = cfg.sampling
     inputs = prompt_inputs(model, cfg.video, s, s.prompts[0], s.seeds[0], out / "embeddings")
+
     def timed(fn) -> tuple[torch.Tensor, float]:
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)

@@ -17,6 +17,7 @@ by astraea.runtime) is written last, atomically, with every file's sha256.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -88,6 +89,16 @@ def one_branch(kwargs: dict) -> dict:
     return {k: v[1:] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 2 else v for k, v in kwargs.items()}
 
 
+def fixed_schedule(model, cfg: RunConfig, tokens: list[int], key: str) -> dict:
+    """A schedule given as rows per step (not searched), in schedule.json's form: no quality
+    stamp (mse/psnr None), the scheduler's timesteps for cfg.sampling.steps."""
+    n = model.layout(cfg.video).video_tokens
+    timesteps = model.family.set_timesteps(copy.deepcopy(model.scheduler), cfg.sampling.steps, "cpu")
+    return {"tokens_per_step": list(tokens), "budget_per_step": [k / n for k in tokens],
+            "timesteps": [float(t) for t in timesteps], "mse": None, "psnr": None,
+            "mean_budget": sum(tokens) / n / len(tokens), "per_sample": {}, "key": key}
+
+
 def weight_tensors(tp: TokenwiseProgram, names: list[str]) -> dict[str, torch.Tensor]:
     ep = tp.program
     return {n: (ep.state_dict[n] if n in ep.state_dict else ep.constants[n]) for n in names}
@@ -109,8 +120,8 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         raise runtime.EngineError(f"build.backend: {backend!r} engines are not built by this release "
                                   f"(it builds {', '.join(runtime.BACKENDS)})")
     if backend == "tensorrt" and not runtime.tensorrt_available():
-        raise runtime.EngineError("build.backend tensorrt needs TensorRT (pip install 'astraea[tensorrt]' where NVIDIA's "
-                                  "index is reachable); here, build eager, inductor or aoti engines")
+        raise runtime.EngineError(f"build.backend tensorrt needs {runtime.TENSORRT_MISSING}; "
+                                  "here, build eager, inductor or aoti engines")
     folder = out / "engines"
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
@@ -147,39 +158,35 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         name = {"aoti": f"{key}.aoti.pt2", "tensorrt": f"{key}.plan"}.get(backend, f"{key}.pt2")
         engines[key] = {"backend": backend, "file": name, "tokens": k}
         if backend == "tensorrt":
-            from .onnx_export import input_names
+            from . import onnx_export
 
-            engines[key]["io"] = {"inputs": input_names(sig),
-                                  "outputs": ["output"] + [f"new_state_{i}" for i in range(len(sig["state"]))]}
+            engines[key]["io"] = {"inputs": onnx_export.input_names(sig), "outputs": onnx_export.output_names(sig)}
         if (folder / name).is_file():
             continue
-        state = runtime.empty_state(sig["state"], model.device)
         t0 = time.perf_counter()
         (folder / ".partial").mkdir(exist_ok=True)
         tmp = folder / ".partial" / name  # same file name: it names the archive's inner folder
         if backend == "tensorrt":  # ONNX with the astraea nodes, then a plan with their plugins
-            from . import onnx_export, trt_build
+            from . import trt_build
 
             onnx_export.export(tp, sig, flat_weights, tensor_inputs, folder / f"{key}.onnx", model.device)
             trt_build.build_plan(folder / f"{key}.onnx", tmp, folder / "timing.cache")
-            os.replace(tmp, folder / name)
-            timings[key] = time.perf_counter() - t0
-            built.append(key)
-            continue
-        step = _Step(tp.graph, sig["layout"], in_place=True)
-        ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)
-        if backend == "aoti":
-            from torch._inductor import aoti_compile_and_package
-
-            with torch._inductor.config.patch(_cxx_patch(model.device)):
-                aoti_compile_and_package(ep, package_path=str(tmp))
         else:
-            ep.example_inputs = None  # they hold the weights and the state: not stored in engines
-            torch.export.save(ep, str(tmp))
-            if backend == "inductor":  # compile what the runtime compiles, as it calls it: its cache keys
-                compiled = runtime.load_engine(backend, tmp, model.device)
-                with torch.no_grad():
-                    compiled(*[w.detach() for w in flat_weights], *map(runtime.packed, tensor_inputs), *state)
+            state = runtime.empty_state(sig["state"], model.device)
+            step = _Step(tp.graph, sig["layout"], in_place=True)
+            ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)
+            if backend == "aoti":
+                from torch._inductor import aoti_compile_and_package
+
+                with torch._inductor.config.patch(_cxx_patch(model.device)):
+                    aoti_compile_and_package(ep, package_path=str(tmp))
+            else:
+                ep.example_inputs = None  # they hold the weights and the state: not stored in engines
+                torch.export.save(ep, str(tmp))
+                if backend == "inductor":  # compile what the runtime compiles, as it calls it: its cache keys
+                    compiled = runtime.load_engine(backend, tmp, model.device)
+                    with torch.no_grad():
+                        compiled(*[w.detach() for w in flat_weights], *map(runtime.packed, tensor_inputs), *state)
         os.replace(tmp, folder / name)
         timings[key] = time.perf_counter() - t0
         built.append(key)

@@ -34,15 +34,18 @@ def input_names(sig: dict) -> list[str]:
     return [f"weight:{n}" for n in sig["weights"]] + [s["name"] for s in sig["inputs"]] + state
 
 
+def output_names(sig: dict) -> list[str]:
+    return ["output"] + [f"new_state_{i}" for i in range(len(sig["state"]))]
+
+
 def export(tp: TokenwiseProgram, sig: dict, weights: list[torch.Tensor], inputs: list[torch.Tensor], path: Path,
            device: torch.device) -> onnx.ModelProto:
     """Write tp as an ONNX model to path (atomically) and return it."""
     step = _Step(tp.graph, sig["layout"], in_place=False)
     state = runtime.empty_state(sig["state"], device)
-    outputs = ["output"] + [f"new_state_{i}" for i in range(len(sig["state"]))]
     program = torch.onnx.export(step, tuple(w.detach() for w in weights) + tuple(inputs) + tuple(state),
                                 dynamo=True, custom_translation_table=onnx_ops.translation_table(), opset_version=OPSET,
-                                input_names=input_names(sig), output_names=outputs, verbose=False)
+                                input_names=input_names(sig), output_names=output_names(sig), verbose=False)
     model = program.model_proto
     onnx.checker.check_model(model, full_check=True)
     with atomic_file(path, "wb") as fh:

@@ -53,7 +53,7 @@ class PeerTransformer:
     """The diffusers transformer with a peer's cache hooks; called like it."""
 
     def __init__(self, transformer: torch.nn.Module, name: str, blocks: tuple[str, ...] = ("blocks",), **knobs):
-        self.transformer, self.name, self.knobs, self.blocks = transformer, name, knobs, blocks
+        self.transformer = transformer
         self.timestep = None
         transformer.enable_cache(_config(name, knobs, lambda: self.timestep, blocks))
 
@@ -62,11 +62,6 @@ class PeerTransformer:
         self.timestep = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else t
         with self.transformer.cache_context("cfg"):
             return self.transformer(**kwargs)
-
-    def reset(self) -> None:
-        """A new generation: the hooks' state starts over."""
-        self.close()
-        self.transformer.enable_cache(_config(self.name, self.knobs, lambda: self.timestep, self.blocks))
 
     def close(self) -> None:
         self.transformer.disable_cache()

@@ -30,6 +30,10 @@ SCHEMA_VERSION = 1
 BACKENDS = ("eager", "inductor", "aoti", "tensorrt")
 
 
+TENSORRT_MISSING = ("TensorRT, which is not installed here (pip install 'astraea[tensorrt]' where NVIDIA's index "
+                    "is reachable)")
+
+
 def tensorrt_available() -> bool:
     try:
         import tensorrt  # noqa: F401
@@ -148,7 +152,7 @@ def load_engine(backend: str, path: Path, device: torch.device, names: dict | No
         return aoti_load_package(str(path))
     if backend == "tensorrt":
         if not tensorrt_available():
-            raise EngineError("these engines are TensorRT plans: install TensorRT (astraea[tensorrt]) to run them")
+            raise EngineError(f"these engines are TensorRT plans: running them needs {TENSORRT_MISSING}")
         return _TensorRTEngine(path, device, names)
     raise EngineError(f"unknown backend {backend!r} in the manifest (this runtime knows {', '.join(BACKENDS)})")
 

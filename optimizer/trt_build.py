@@ -17,11 +17,8 @@ from .runtime import EngineError
 
 
 def build_plan(onnx_path: Path, plan_path: Path, timing_cache: Path, workspace_gib: float | None = None) -> None:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise EngineError("build.backend tensorrt needs TensorRT (pip install 'astraea[tensorrt]' where NVIDIA's "
-                          "index is reachable); this machine can build the ONNX files only") from None
+    import tensorrt as trt  # engines.build refuses the backend before any work where it is missing
+
     from astraea.plugins import trt as plugins
 
     plugins.register()

@@ -32,12 +32,11 @@ def _triton_type(dtype) -> str:
 def _compile(fn, signature: dict, constexprs: dict, num_warps: int):
     import triton
 
+    full = {**signature, **{k: "constexpr" for k in constexprs}}
     try:  # Triton >= 3.3 names them constexprs; earlier releases, constants
-        src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                                        constexprs=constexprs)
+        src = triton.compiler.ASTSource(fn=fn, signature=full, constexprs=constexprs)
     except TypeError:
-        src = triton.compiler.ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                                        constants=constexprs)
+        src = triton.compiler.ASTSource(fn=fn, signature=full, constants=constexprs)
     return triton.compile(src, options={"num_warps": num_warps})
 
 

@@ -129,7 +129,7 @@ def engine_case(device: str, steps: int = 4):
     """A tiny Wan run for the engine tests: (cfg, model, programs, schedule, inputs, want),
     the schedule dense, a small budget twice (one engine), a skipped step; `want` sampled
     with the rewritten graphs."""
-    from astraea import loader
+    from astraea import engines, loader
     from astraea.sampling import denoise, prompt_inputs
     from astraea.search import build_programs
     from astraea.tokenwise import TokenwiseTransformer
@@ -139,10 +139,7 @@ def engine_case(device: str, steps: int = 4):
     n = model.layout(cfg.video).video_tokens
     programs = build_programs(model, cfg, [n, 3], progress=False)
     tokens = [n, 3, 0, 3] + [3] * (steps - 4)
-    timesteps = model.family.set_timesteps(model.scheduler, steps, "cpu")
-    schedule = {"tokens_per_step": tokens, "budget_per_step": [k / n for k in tokens],
-                "timesteps": [float(t) for t in timesteps], "mse": 0.0, "psnr": 0.0, "mean_budget": sum(tokens) / n / steps,
-                "per_sample": {}, "key": "test"}
+    schedule = engines.fixed_schedule(model, cfg, tokens, "test")
     inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
     want = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, tokens))
     return cfg, model, programs, schedule, inputs, want

@@ -56,51 +56,42 @@ def test_ops_as_onnx_nodes_run_like_the_torch_ops(masked):
     np.testing.assert_allclose(got[2], want[2].numpy(), atol=1e-5)
 
 
-def test_a_rewritten_step_exports_and_runs_in_onnxruntime(tmp_path):
-    cfg, model, programs, schedule, _, _ = engine_case("cpu")
-    n = max(programs)
-    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
-    tp = programs[3]
-    sig = engines.signature(tp, kwargs)
-    table = engines.weight_tensors(tp, sig["weights"])
-    weights, inputs = [table[w] for w in sig["weights"]], [kwargs[s["name"]] for s in sig["inputs"]]
-    onnx_model = onnx_export.export(tp, sig, weights, inputs, tmp_path / "k3.onnx", model.device)
-    assert (tmp_path / "k3.onnx").stat().st_size < 2**20  # the weights are inputs, not initialisers
-    nodes = Counter((n.domain, n.op_type) for n in onnx_model.graph.node)
-    assert nodes[("astraea", "SelectScores")] == tp.blocks == nodes[("astraea", "SparseAttention")]
-    assert [i.name for i in onnx_model.graph.input] == onnx_export.input_names(sig)
-    assert onnx_export.check(onnx_model, tp, programs[n], sig, weights, inputs) < 1e-4
-
-
-@pytest.mark.trt
-def test_a_tensorrt_plan_runs_like_onnxruntime(tmp_path):
-    """Needs TensorRT and a GPU: the plan of a rewritten step (AOT Triton plugins) against
-    onnxruntime's run of the same ONNX file."""
-    import tensorrt as trt
-
-    from astraea import trt_build
-
+def _exported_step(tmp_path):
+    """A tiny Wan run's budget-3 step as ONNX: (programs, tp, sig, weights, inputs, onnx model)."""
     cfg, model, programs, _, _, _ = engine_case("cpu")
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     tp = programs[3]
     sig = engines.signature(tp, kwargs)
     table = engines.weight_tensors(tp, sig["weights"])
     weights, inputs = [table[w] for w in sig["weights"]], [kwargs[s["name"]] for s in sig["inputs"]]
-    onnx_export.export(tp, sig, weights, inputs, tmp_path / "k3.onnx", model.device)
+    onnx_model = onnx_export.export(tp, sig, weights, inputs, tmp_path / "k3.onnx", model.device)
+    return programs, tp, sig, weights, inputs, onnx_model
+
+
+def test_a_rewritten_step_exports_and_runs_in_onnxruntime(tmp_path):
+    programs, tp, sig, weights, inputs, onnx_model = _exported_step(tmp_path)
+    assert (tmp_path / "k3.onnx").stat().st_size < 2**20  # the weights are inputs, not initialisers
+    nodes = Counter((n.domain, n.op_type) for n in onnx_model.graph.node)
+    assert nodes[("astraea", "SelectScores")] == tp.blocks == nodes[("astraea", "SparseAttention")]
+    assert [i.name for i in onnx_model.graph.input] == onnx_export.input_names(sig)
+    assert onnx_export.check(onnx_model, tp, programs[max(programs)], sig, weights, inputs) < 1e-4
+
+
+@pytest.mark.trt
+def test_a_tensorrt_plan_runs_like_onnxruntime(tmp_path):
+    """Needs TensorRT and a GPU: the plan of a rewritten step (AOT Triton plugins), run by
+    the runtime's TensorRT engine, against onnxruntime's run of the same ONNX file."""
+    from astraea import runtime, trt_build
+
+    _, _, sig, weights, inputs, _ = _exported_step(tmp_path)
     trt_build.build_plan(tmp_path / "k3.onnx", tmp_path / "k3.plan", tmp_path / "timing.cache")
-    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine((tmp_path / "k3.plan").read_bytes())
-    context = engine.create_execution_context()
-    feed = [t.detach().cuda().contiguous() for t in [*weights, *inputs]]
-    feed += [t.cuda() for t in __import__("astraea").runtime.empty_state(sig["state"], torch.device("cpu"))]
-    names = onnx_export.input_names(sig)
-    for name, t in zip(names, feed):
-        context.set_tensor_address(name, t.data_ptr())
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    names = {"inputs": onnx_export.input_names(sig), "outputs": onnx_export.output_names(sig)}
+    engine = runtime._TensorRTEngine(tmp_path / "k3.plan", cuda, names)
+    feed = [t.detach().to(cuda).contiguous() for t in [*weights, *inputs]] + runtime.empty_state(sig["state"], cuda)
     session = onnx_ops.ort_session(str(tmp_path / "k3.onnx"))
-    want = session.run(None, {n: t.cpu().numpy() for n, t in zip(names, feed)})
-    outs = [torch.empty(tuple(w.shape), dtype=torch.from_numpy(w).dtype, device="cuda") for w in want]
-    for out, o in zip(session.get_outputs(), outs):
-        context.set_tensor_address(out.name, o.data_ptr())
-    assert context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+    want = session.run(None, {n: t.cpu().numpy() for n, t in zip(names["inputs"], feed)})
+    got = engine(*feed)
     torch.cuda.synchronize()
-    for o, w in zip(outs, want):
+    for o, w in zip(got, want):
         np.testing.assert_allclose(o.cpu().numpy(), w, atol=1e-4, rtol=1e-4)

@@ -24,7 +24,6 @@ or VAE, output_type="latent". Checked on the CPU with a tiny preset (wall-clock 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -58,10 +57,7 @@ def build(args) -> None:
     n = model.layout(cfg.video).video_tokens
     ks = [max(1, round(b * n)) for b in args.budgets]
     tokens = [n] + [ks[i % len(ks)] for i in range(cfg.sampling.steps - 1)]
-    timesteps = model.family.set_timesteps(copy.deepcopy(model.scheduler), cfg.sampling.steps, "cpu")
-    schedule = {"tokens_per_step": tokens, "budget_per_step": [k / n for k in tokens],
-                "timesteps": [float(t) for t in timesteps], "mse": None, "psnr": None,
-                "mean_budget": sum(tokens) / n / len(tokens), "per_sample": {}, "key": "bench_engines"}
+    schedule = engines.fixed_schedule(model, cfg, tokens, "bench_engines")
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.scheduler.save_config(str(folder))  # the run phase builds the pipeline's scheduler from it
@@ -145,6 +141,23 @@ def _generate(pipe, inputs: dict, manifest: dict, steps: int, latents: torch.Ten
                 guidance_scale=5.0, latents=latents.clone(), output_type="latent").frames
 
 
+def _timed_generations(pipe, inputs: dict, manifest: dict, generations: int, log: list) -> tuple[list, torch.Tensor]:
+    """Milliseconds of each generation (peak memory counted from here on; `log` keeps the
+    last generation's per-call events) and the last generation's latents."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    ends, results = [], None
+    for _ in range(generations):
+        log.clear()
+        start, end = _Event(), _Event()
+        start.record()
+        results = _generate(pipe, inputs, manifest, len(manifest["steps"]), inputs["latents"])
+        end.record()
+        _sync()
+        ends.append(start.elapsed_time(end))
+    return ends, results
+
+
 def run_engines(folder: Path, generations: int, warm: bool = True) -> dict:
     from astraea import runtime
 
@@ -180,17 +193,7 @@ def run_engines(folder: Path, generations: int, warm: bool = True) -> dict:
     _generate(pipe, inputs, manifest, steps, inputs["latents"])
     _sync()
     first_generation_s = time.perf_counter() - t0
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    ends, results = [], None
-    for _ in range(generations):
-        log.clear()
-        start, end = _Event(), _Event()
-        start.record()
-        results = _generate(pipe, inputs, manifest, steps, inputs["latents"])
-        end.record()
-        _sync()
-        ends.append(start.elapsed_time(end))
+    ends, results = _timed_generations(pipe, inputs, manifest, generations, log)
     per_call: dict = {}
     for label, s, e in log:
         per_call.setdefault(label, []).append(s.elapsed_time(e))
@@ -222,17 +225,7 @@ def run_dense(folder: Path, generations: int) -> dict:
     transformer.forward = _Timed(transformer.forward, "dense", log)
     _generate(pipe, inputs, manifest, 2, inputs["latents"])  # warm-up
     _sync()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    ends = []
-    for _ in range(generations):
-        log.clear()
-        start, end = _Event(), _Event()
-        start.record()
-        results = _generate(pipe, inputs, manifest, steps, inputs["latents"])
-        end.record()
-        _sync()
-        ends.append(start.elapsed_time(end))
+    ends, results = _timed_generations(pipe, inputs, manifest, generations, log)
     theirs = torch.load(folder / "engines_latents.pt") if (folder / "engines_latents.pt").is_file() else None
     quality = None
     if theirs is not None and theirs.shape == results.shape:

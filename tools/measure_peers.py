@@ -30,7 +30,7 @@ from measure_search import PROMPTS  # noqa: E402
 from astraea import bundled, loader  # noqa: E402
 from astraea.peers import PeerTransformer  # noqa: E402
 from astraea.sampling import denoise, prompt_inputs  # noqa: E402
-from astraea.search import build_programs, level_tokens  # noqa: E402
+from astraea.search import build_programs, level_tokens, psnr  # noqa: E402
 from astraea.tokenwise import TokenwiseTransformer  # noqa: E402
 
 PEER_SETTINGS = {
@@ -85,10 +85,7 @@ def main() -> None:
     dense, dense_s = run(lambda: None)
 
     def score(outs) -> float:
-        vals = []
-        for got, want in zip(outs, dense):
-            mse = float(((got - want) ** 2).mean())
-            vals.append(10 * math.log10(float(want.max() - want.min()) ** 2 / mse) if mse > 0 else float("inf"))
+        vals = [psnr(float(((got - want) ** 2).mean()), float(want.max() - want.min())) for got, want in zip(outs, dense)]
         return sum(vals) / len(vals)
 
     schedules = {f"uniform {b:.0%}": [levels - 1] + [round(b * (levels - 1))] * (args.steps - 1) for b in args.budgets}

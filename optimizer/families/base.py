@@ -163,11 +163,11 @@ def pseudo_embedding(prompt: str, length: int, dim: int) -> tuple[torch.Tensor, 
 
 
 class Family:
+    """Base adapter. Subclasses set the class attributes and the call convention."""
+
     # the family's diffusers pipeline calls the transformer once per CFG branch (batch 1)
     # rather than once with the batch of two: engines for it are built per branch
     pipeline_cfg_per_branch: ClassVar[bool] = True
-
-    """Base adapter. Subclasses set the class attributes and the call convention."""
 
     name: ClassVar[str]
     model_class: ClassVar[type]
