@@ -48,6 +48,8 @@ def _quiet_libraries() -> None:
 def _run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, body: Callable) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=f"{prog}: %(message)s", force=True)
+    for noisy in ("matplotlib", "PIL"):  # their debug output is not ours
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.quiet:
         _quiet_libraries()
     try:
@@ -205,26 +207,78 @@ def build_main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args) -> None:
-    from . import bench, config, loader
+    import dataclasses
+    import json
 
-    cfg = config.load(args.config)
-    out = args.out or cfg.output_dir
-    start = time.perf_counter()
+    from . import bench, config, loader
+    from .errors import AstraeaError
+
+    target = Path(args.config)
+    engine_folder = None
+    if target.is_dir():  # an engine folder: its run folder's config.json describes the model
+        if not (target / "manifest.json").is_file():
+            raise AstraeaError(f"{target} is a folder without manifest.json: give a model.yaml or an engine folder")
+        engine_folder, run_folder = target, target.parent
+        if not (run_folder / "config.json").is_file():
+            raise AstraeaError(f"{run_folder / 'config.json'} is missing: the engine folder must sit in its run folder")
+        cfg = config.from_dict(_config_dict(json.loads((run_folder / "config.json").read_text())),
+                               name=run_folder.name, source=str(run_folder / "config.json"))
+        out = args.out or run_folder
+    else:
+        cfg = config.load(target)
+        out = args.out or cfg.output_dir
+    b = cfg.bench
+    b = dataclasses.replace(b, **{k: tuple(v) if isinstance(v, list) else v for k, v in
+                                  (("methods", args.methods), ("budgets", args.budgets), ("peers", args.peers),
+                                   ("repeats", args.repeats), ("warmup", args.warmup)) if v is not None})
+    cfg = config.from_dict(_config_dict(json.loads(json.dumps(config.to_dict(dataclasses.replace(cfg, bench=b)))),
+                                        steps=args.steps),
+                           name=cfg.name, source=cfg.source)
+    if engine_folder is not None and args.steps is not None:
+        raise AstraeaError("--steps cannot change an engine folder's schedule: rebuild the engines for another count")
     model = loader.load_model(cfg)
-    load_s = time.perf_counter() - start
-    report = bench.dense_step(cfg, model, progress=not args.quiet) | {"load_s": load_s}
-    bench.write_report(report, out / "bench")
-    print(bench.markdown([report]))
+    extra = {}
+    for path in args.schedules or ():
+        extra |= bench.read_schedules(path, cfg.sampling.steps, cfg.search.levels, model.layout(cfg.video).video_tokens)
+    report = bench.run(cfg, model, out, extra_schedules=extra, engine_folder=engine_folder, progress=not args.quiet)
+    print(bench.markdown(report))
+
+
+def _config_dict(raw: dict, steps: int | None = None) -> dict:
+    """A config as a plain mapping for config.from_dict (name/source dropped, --steps applied)."""
+    raw = {k: v for k, v in raw.items() if k not in ("name", "source")}
+    if steps is not None:
+        raw["sampling"] = dict(raw["sampling"], steps=steps)
+    return raw
 
 
 def bench_main(argv: list[str] | None = None) -> int:
+    from .config import BENCH_METHODS
+
     parser = argparse.ArgumentParser(
         prog="astraea-bench",
-        description="Measure a model.yaml's dense (eager) denoising step: CUDA events, warm-up, median of "
-        "bench.repeats, peak memory; writes <run>/bench/dense-step.json and .md.",
+        description="Measure, on one model, prompt set and card: eager dense (diffusers), compiled dense, "
+        "Astraea eager and compiled (engines), and diffusers' peers; latency end to end and per call, peak memory, "
+        "PSNR/SSIM against dense. Writes <run>/bench/bench.json, bench.md and PNGs.",
+        epilog=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _common(parser)
+    parser.add_argument("--methods", nargs="+", choices=BENCH_METHODS, help="what to measure (default bench.methods)")
+    parser.add_argument("--budgets", nargs="+", type=float, help="Astraea's uniform budgets (default bench.budgets)")
+    parser.add_argument("--peers", nargs="+", help="peer settings, e.g. 'pab skip=2 cross=6' (default bench.peers)")
+    parser.add_argument("--schedules", nargs="+", type=Path,
+                        help="more Astraea schedules: schedule.json files or JSON {name: [budget per step]}")
+    parser.add_argument("--steps", type=int, help="denoising steps (default sampling.steps)")
+    parser.add_argument("--repeats", type=int, help="timed generations a sample (default bench.repeats)")
+    parser.add_argument("--warmup", type=int, help="warm-up calls of each budget (default bench.warmup)")
     return _run("astraea-bench", argv, parser, _bench)
+
+
+BENCH_HELP = """CONFIG is a model.yaml; ENGINE_FOLDER is <run>/engines of astraea-build (the run's
+config.json describes the model, and the engines' own schedule is what astraea-compiled runs).
+Rows of an earlier <out>/bench/bench.json with the same model, video, sampling and device
+are kept unless measured again, so a benchmark can be split over several invocations.
+"""
 
 
 if __name__ == "__main__":

@@ -103,10 +103,21 @@ class BuildSpec:
                     doc="engines at batch 1 per CFG branch or at the CFG batch of 2; auto = what the family's diffusers pipeline calls")
 
 
+BENCH_METHODS = ("dense", "dense-compiled", "astraea", "astraea-compiled", "peers")
+DEFAULT_PEERS = ("pab skip=2", "pab skip=2 cross=6", "pab skip=4 cross=8", "first_block_cache threshold=0.1",
+                 "first_block_cache threshold=0.2", "first_block_cache threshold=0.3", "taylorseer interval=2",
+                 "taylorseer interval=3", "faster_cache skip=2", "faster_cache skip=3", "mag_cache threshold=0.06",
+                 "mag_cache threshold=0.12")
+
+
 @dataclass(frozen=True)
 class BenchSpec:
-    warmup: int = spec(2, lo=0, hi=1000)
-    repeats: int = spec(5, lo=1, hi=10000)
+    warmup: int = spec(2, lo=0, hi=1000, doc="warm-up calls of every engine or budget before timing")
+    repeats: int = spec(5, lo=1, hi=10000, doc="timed generations (or dense steps) a method; the median is reported")
+    methods: tuple[str, ...] = spec(BENCH_METHODS, choices=BENCH_METHODS, doc="what astraea-bench measures")
+    budgets: tuple[float, ...] = spec((0.4, 0.5, 0.7), lo=0.0, hi=1.0,
+                                      doc="Astraea's uniform schedules: a dense first step, then this budget")
+    peers: tuple[str, ...] = spec(DEFAULT_PEERS, doc="peer settings: 'name knob=value ...' (README: astraea-bench)")
 
 
 @dataclass(frozen=True)
@@ -194,6 +205,13 @@ def _build(cls: type, raw: Any, path: str):
 
 def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
     m, s, t, se = cfg.model, cfg.sampling, cfg.target, cfg.search
+    from .peers import parse_setting
+
+    for i, text in enumerate(cfg.bench.peers):
+        try:
+            parse_setting(text)
+        except ValueError as e:
+            raise ConfigError(f"bench.peers[{i}]", str(e)) from None
     if (m.preset is None) == (m.checkpoint is None):
         raise ConfigError("model", "set exactly one of preset (random weights) and checkpoint (a local folder)")
     if m.device not in ("auto", "cpu", "meta", "cuda") and not (

@@ -8,11 +8,15 @@ model, prompts and seeds.
     transformer.close()
 
 Peers and their knobs (diffusers' cache configs; a knob left out takes diffusers' default):
-  pab                 PyramidAttentionBroadcast: skip (spatial attention broadcast range, steps),
-                      lo / hi (timesteps between which it broadcasts)
+  pab                 PyramidAttentionBroadcast: skip (self-attention broadcast range, steps),
+                      cross (cross-attention broadcast range; default: cross-attention always
+                      computed), lo / hi (timesteps between which it broadcasts)
   first_block_cache   FirstBlockCache: threshold (relative change of the first block's output)
   taylorseer          TaylorSeer: interval (a full step every interval), order, warmup (steps)
   faster_cache        FasterCache: skip (attention broadcast range), lo / hi (timesteps)
+  mag_cache           MagCache: threshold (accumulated error), max_skip (steps in a row),
+                      retention (fraction of first steps always computed); its per-step
+                      magnitude ratios come from `calibrate_mag_cache` (a dense sample)
 Each call runs inside `transformer.cache_context("cfg")` and tells the hooks the current
 timestep, as diffusers pipelines do; `close()` removes the hooks.
 """
@@ -21,16 +25,38 @@ from __future__ import annotations
 
 import torch
 
-PEERS = ("pab", "first_block_cache", "taylorseer", "faster_cache")
+PEERS = ("pab", "first_block_cache", "taylorseer", "faster_cache", "mag_cache")
+KNOBS = {"pab": {"skip": int, "cross": int, "lo": float, "hi": float}, "first_block_cache": {"threshold": float},
+         "taylorseer": {"interval": int, "order": int, "warmup": int},
+         "faster_cache": {"skip": int, "lo": float, "hi": float},
+         "mag_cache": {"threshold": float, "max_skip": int, "retention": float}}
+
+
+def parse_setting(text: str) -> tuple[str, dict]:
+    """'pab skip=2 cross=6' -> ("pab", {"skip": 2, "cross": 6}); ValueError naming what is wrong."""
+    name, *pairs = text.split()
+    if name not in KNOBS:
+        raise ValueError(f"unknown peer {name!r} (known: {', '.join(PEERS)})")
+    knobs = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or key not in KNOBS[name]:
+            raise ValueError(f"{name} takes {', '.join(f'{k}=' for k in KNOBS[name])}, not {pair!r}")
+        try:
+            knobs[key] = KNOBS[name][key](value)
+        except ValueError:
+            raise ValueError(f"{name} {key}={value!r} is not a {KNOBS[name][key].__name__}") from None
+    return name, knobs
 
 
 def _config(name: str, knobs: dict, timestep, blocks: tuple[str, ...]):
     import diffusers
 
     if name == "pab":
+        span = (knobs.get("lo", 100), knobs.get("hi", 800))
         return diffusers.PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=int(knobs.get("skip", 2)),
-            spatial_attention_timestep_skip_range=(knobs.get("lo", 100), knobs.get("hi", 800)),
+            spatial_attention_block_skip_range=int(knobs.get("skip", 2)), spatial_attention_timestep_skip_range=span,
+            cross_attention_block_skip_range=knobs.get("cross"), cross_attention_timestep_skip_range=span,
             current_timestep_callback=timestep)
     if name == "first_block_cache":
         return diffusers.FirstBlockCacheConfig(threshold=float(knobs.get("threshold", 0.05)))
@@ -46,6 +72,12 @@ def _config(name: str, knobs: dict, timestep, blocks: tuple[str, ...]):
             spatial_attention_timestep_skip_range=(knobs.get("lo", -1), knobs.get("hi", 681)),
             current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.3,
             tensor_format="BCFHW", is_guidance_distilled=False)
+    if name == "mag_cache":
+        return diffusers.MagCacheConfig(threshold=float(knobs.get("threshold", 0.06)),
+                                        max_skip_steps=int(knobs.get("max_skip", 3)),
+                                        retention_ratio=float(knobs.get("retention", 0.2)),
+                                        num_inference_steps=int(knobs["steps"]), mag_ratios=knobs.get("ratios"),
+                                        calibrate=knobs.get("ratios") is None)
     raise ValueError(f"unknown peer {name!r} (known: {', '.join(PEERS)})")
 
 
@@ -65,3 +97,27 @@ class PeerTransformer:
 
     def close(self) -> None:
         self.transformer.disable_cache()
+
+
+def calibrate_mag_cache(transformer: torch.nn.Module, blocks: tuple[str, ...], steps: int, sample) -> list[float]:
+    """MagCache's per-step magnitude ratios for this model: `sample(peer)` runs one dense
+    sample of `steps` steps through the calibrating hooks, which print the ratios at the end
+    (diffusers' calibration interface); they are read back from that line."""
+    import ast
+    import contextlib
+    import io
+
+    peer = PeerTransformer(transformer, "mag_cache", blocks, steps=steps)
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(text):
+            sample(peer)
+    finally:
+        peer.close()
+    lines = [line for line in text.getvalue().splitlines() if line.startswith("[")]
+    if not lines:
+        raise RuntimeError("MagCache's calibration printed no ratios (diffusers' MagCache interface changed?)")
+    ratios = [float(r) for r in ast.literal_eval(lines[-1])]
+    if len(ratios) != steps:
+        raise RuntimeError(f"MagCache calibrated {len(ratios)} ratios for {steps} steps")
+    return ratios

@@ -194,6 +194,23 @@ class EngineTransformer(torch.nn.Module):
     def reset(self) -> None:
         self.branches = {}
 
+    def use_schedule(self, tokens: list[int]) -> None:
+        """Run another schedule over the same engines (one folder, several speed/quality
+        points): rows per step, the first dense, 0 reusing the last output. Every non-zero
+        row count needs an engine in the folder. Starts a new generation."""
+        dense = self.manifest["steps"][0]["tokens"]
+        if len(tokens) != len(self.timesteps):
+            raise EngineError(f"a schedule of {len(tokens)} steps; the engines were built for {len(self.timesteps)}")
+        if tokens[0] != dense:
+            raise EngineError(f"the first step must be dense ({dense} rows): the caches are empty before it")
+        by_tokens = {e["tokens"]: key for key, e in self.manifest["engines"].items()}
+        missing = sorted({k for k in tokens if k} - set(by_tokens))
+        if missing:
+            raise EngineError(f"no engine computes {missing} rows (this folder has {sorted(by_tokens)}): "
+                              "build a schedule that uses them")
+        self.steps = [{"budget": k / dense, "tokens": k, "engine": by_tokens.get(k) if k else None} for k in tokens]
+        self.reset()
+
     @contextmanager
     def cache_context(self, name: str, **_):
         """What diffusers pipelines open around each call ("cond" / "uncond"): each

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig
 from .errors import AstraeaError
 from .io import source_hash, stable_hash, write_json
+from .metrics import psnr
 from .sampling import SampleInputs, Sampler
 from .tokenwise import TokenwiseProgram, TokenwiseTransformer
 
@@ -170,10 +171,6 @@ def lcp(a: Schedule, b: Schedule) -> int:
             break
         n += 1
     return n
-
-
-def psnr(mse: float, peak: float) -> float:
-    return float("inf") if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 class Evaluator:

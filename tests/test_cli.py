@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from astraea.cli import bench_main, build_main
+from astraea.cli import build_main
 from conftest import interrupt_search_after, tiny_raw
 
 
@@ -74,16 +74,6 @@ def test_help_describes_every_stage(capsys):
     text = capsys.readouterr().out
     for stage in ("validate", "load", "reference", "rewrite", "search", "engines", "check"):
         assert stage in text
-
-
-def test_bench_writes_report(tmp_path, capsys):
-    path = _write(tmp_path, tiny_raw(bench={"warmup": 1, "repeats": 3}))
-    assert bench_main([str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
-    report = json.loads((tmp_path / "run" / "bench" / "dense-step.json").read_text())
-    assert len(report["step_ms"]) == 3 and report["batch"] == 2 and report["video_tokens"] == 3 * 2 * 3
-    assert report["median_ms"] > 0
-    assert "| config | device |" in capsys.readouterr().out
-    assert (tmp_path / "run" / "bench" / "dense-step.md").read_text().count("\n") == 3
 
 
 def test_console_script_in_a_fresh_process(tmp_path):

@@ -45,3 +45,27 @@ def test_a_peer_that_skips_nothing_is_dense(case):
     torch.testing.assert_close(got, case[3], atol=1e-5, rtol=1e-5)
     cfg, model, inputs, dense = case
     torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs), dense)  # close() removed the hooks
+
+
+def test_mag_cache_calibrates_then_skips(case):
+    """MagCache's ratios come from a calibrating dense sample (one a step, the first 1.0);
+    with them and a generous threshold it skips steps and stays close to dense."""
+    from astraea.peers import calibrate_mag_cache
+
+    cfg, model, inputs, dense = case
+    ratios = calibrate_mag_cache(model.transformer, model.family.block_containers, cfg.sampling.steps,
+                                 lambda peer: denoise(model, cfg.video, cfg.sampling, inputs, peer))
+    assert len(ratios) == cfg.sampling.steps and ratios[0] == 1.0 and all(r > 0 for r in ratios)
+    got = _sample(case, "mag_cache", threshold=0.5, retention=0.2, steps=cfg.sampling.steps, ratios=ratios)
+    rel = ((got - dense).norm() / dense.norm()).item()
+    assert torch.isfinite(got).all() and 1e-6 < rel < 1.0, rel
+
+
+@pytest.mark.parametrize("text,error", [("pabx skip=2", "unknown peer"), ("pab skip", "takes skip="),
+                                        ("pab skip=two", "is not a int"), ("mag_cache interval=2", "takes threshold=")])
+def test_settings_are_parsed_with_errors_that_name_the_fix(text, error):
+    from astraea.peers import parse_setting
+
+    assert parse_setting("pab skip=2 cross=6") == ("pab", {"skip": 2, "cross": 6})
+    with pytest.raises(ValueError, match=error):
+        parse_setting(text)

@@ -1,0 +1,117 @@
+"""astraea-bench (astraea.bench) and its metrics: SSIM against a direct float64 computation,
+the report's rows against the dense model (a full-budget Astraea schedule and a peer that
+skips nothing equal dense; a skipping peer does less block work), rows merged across
+invocations, and the runtime switching schedules over one engine folder (equal to the
+rewritten graphs of that schedule)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from astraea import metrics
+from astraea.cli import bench_main
+from conftest import engine_case, tiny_raw
+
+
+def _ssim_direct(x, y, data_range, size=11, sigma=1.5):
+    """SSIM by its definition: every valid window's weighted moments, one window at a time."""
+    c = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(c**2) / (2 * sigma**2))
+    w = (g[:, None] * g[None, :]) / (g.sum() ** 2)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    vals = []
+    for a, b in zip(x.reshape(-1, *x.shape[-2:]).double(), y.reshape(-1, *y.shape[-2:]).double()):
+        for i in range(a.shape[0] - size + 1):
+            for j in range(a.shape[1] - size + 1):
+                pa, pb = a[i:i + size, j:j + size], b[i:i + size, j:j + size]
+                ma, mb = (w * pa).sum(), (w * pb).sum()
+                va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+                cov = (w * (pa - ma) * (pb - mb)).sum()
+                vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(torch.stack(vals).mean())
+
+
+def test_ssim_matches_its_definition():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 14, 16, generator=g)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert metrics.ssim(x, y, 1.0) == pytest.approx(_ssim_direct(x, y, 1.0), abs=1e-9)
+    assert metrics.ssim(x, x, 1.0) == pytest.approx(1.0)
+    assert metrics.ssim(x, y, 1.0) < 0.99
+    assert metrics.psnr(0.01, 1.0) == pytest.approx(20.0) and math.isinf(metrics.psnr(0.0, 1.0))
+    with pytest.raises(ValueError, match="at least"):
+        metrics.ssim(x[..., :8, :8], y[..., :8, :8], 1.0)
+
+
+def test_bench_rows_against_dense_and_merged_across_invocations(tmp_path, capsys):
+    raw = tiny_raw(sampling={"steps": 4},
+                   bench={"warmup": 1, "repeats": 2, "methods": ["dense", "astraea", "peers"], "budgets": [0.5, 1.0],
+                          "peers": ["first_block_cache threshold=0", "taylorseer interval=2 warmup=1"]})
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert bench_main([str(path), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "bench" / "bench.json").read_text())
+    rows = {(r["method"], r["setting"]): r for r in report["rows"]}
+    dense = rows[("dense", "diffusers, eager")]
+    assert math.isinf(dense["psnr_latent"]) and dense["speedup"] == 1.0 and dense["work_fraction"] == 1.0
+    assert len(dense["sample_ms_all"]) == 2 and dense["step_calls"] == {"dense": 8}
+    full = rows[("astraea", "uniform 100%")]  # every row recomputed: the oracle says dense
+    assert full["psnr_latent"] > 80 and full["mean_budget"] == 1.0
+    half = rows[("astraea", "uniform 50%")]
+    assert 0 < half["psnr_latent"] < full["psnr_latent"] and half["mean_budget"] < 1
+    assert set(half["step_ms"]) == {"100%", "50%"} and half["step_calls"] == {"100%": 2, "50%": 6}
+    assert math.isinf(rows[("first_block_cache", "threshold=0")]["psnr_latent"])
+    assert rows[("first_block_cache", "threshold=0")]["work_fraction"] == 1.0
+    taylor = rows[("taylorseer", "interval=2 warmup=1")]
+    assert taylor["work_fraction"] < 1 and math.isfinite(taylor["psnr_latent"])
+    for f in ("bench.md", "latency-vs-budget.png", "quality-vs-speedup.png", "step-latency.png"):
+        assert (out / "bench" / f).stat().st_size > 0
+    assert "| astraea | uniform 50% |" in capsys.readouterr().out
+    # a second invocation measures one peer again and keeps the other rows; dense is reused
+    assert bench_main([str(path), "--out", str(out), "--quiet", "--methods", "peers",
+                       "--peers", "taylorseer interval=3 warmup=1"]) == 0
+    again = json.loads((out / "bench" / "bench.json").read_text())
+    keys = [(r["method"], r["setting"]) for r in again["rows"]]
+    assert keys[0] == ("dense", "diffusers, eager") and again["rows"][0]["sample_ms"] == dense["sample_ms"]
+    assert set(rows) | {("taylorseer", "interval=3 warmup=1")} == set(keys) and len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("bad,error", [
+    (["--steps", "0"], "sampling.steps"),
+    (["--peers", "pab skip=two"], "bench.peers[0]"),
+    (["--methods", "dense", "--schedules", "missing.json"], "--schedules"),
+])
+def test_bench_bad_input_is_one_line(tmp_path, capsys, bad, error):
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw()))
+    assert bench_main([str(path), "--out", str(tmp_path / "run"), "--quiet", *bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert error in err and "\n" not in err
+
+
+def test_runtime_switches_schedules_over_one_engine_folder(tmp_path):
+    from astraea import engines, runtime
+    from astraea.sampling import denoise
+    from astraea.tokenwise import TokenwiseTransformer
+
+    cfg, model, programs, schedule, inputs, want = engine_case("cpu", steps=5)
+    engines.build(cfg, model, programs, schedule, tmp_path, backend="eager", progress=False)
+    rt = runtime.load(tmp_path / "engines")
+    torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, rt), want, rtol=1e-5, atol=1e-5)
+    n = max(programs)
+    other = [n, 0, 3, n, 3]
+    rt.use_schedule(other)
+    got = denoise(model, cfg.video, cfg.sampling, inputs, rt)
+    ref = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, other))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert (got - want).abs().max() > 1e-6  # another schedule, another sample
+    for bad, error in (([n, 4, 3, 3, 3], "no engine computes"), ([3, 3, 3, 3, 3], "must be dense"),
+                       ([n, 3], "5")):
+        with pytest.raises(runtime.EngineError, match=error):
+            rt.use_schedule(bad)
