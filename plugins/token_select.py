@@ -39,12 +39,16 @@ def sketch(x: torch.Tensor, dim: int) -> torch.Tensor:
     about sqrt(2 / dim)). The rewrite can keep the sketch of a row's block input instead of
     the input itself for Delta. The matrix is a hash of (d, j) in aten integer ops: the same
     on every device, no stored constant, and traced into any export."""
+    # A 16-bit multiply-xorshift hash: every constant and product stays below 2**31, since
+    # Inductor may lower this index arithmetic to int32 Triton code (larger constants fail
+    # to compile there).
     rows = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64)[:, None]
     cols = torch.arange(dim, device=x.device, dtype=torch.int64)[None, :]
-    h = (rows * 0x9E3779B1 + cols * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
-    h = ((h ^ (h >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
-    h = ((h ^ (h >> 12)) * 0x297A2D39) & 0xFFFFFFFF
-    sign = ((h ^ (h >> 15)) >> 7 & 1).to(torch.float32) * 2 - 1
+    h = (rows * 7919 + cols * 104729 + 12345) & 0xFFFF
+    h = ((h ^ (h >> 7)) * 31321) & 0xFFFF
+    h = ((h ^ (h >> 5)) * 27073) & 0xFFFF
+    h = ((h ^ (h >> 9)) * 19991) & 0xFFFF
+    sign = ((h ^ (h >> 8)) >> 3 & 1).to(torch.float32) * 2 - 1
     return x.to(torch.float32) @ (sign * dim**-0.5)
 
 
