@@ -126,7 +126,7 @@ def main() -> None:
             ax.scatter(*zip(*pts), marker="o" if method == "astraea" else "^", color=f"C{i}",
                        label=method + (" (speed projected)" if method in DATA_DEPENDENT else ""))
     ax.set_xlabel(f"speedup over dense, eager ({ss['device']}, {ss['model']['preset']})")
-    ax.set_ylabel("PSNR of decoded frames against dense (dB), bundled model")
+    ax.set_ylabel("frame PSNR vs dense (dB), bundled model")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
