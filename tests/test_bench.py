@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from astraea import metrics
+from astraea import config, metrics
 from astraea.cli import bench_main
 from conftest import engine_case, tiny_raw
 
@@ -115,3 +115,14 @@ def test_runtime_switches_schedules_over_one_engine_folder(tmp_path):
                        ([n, 3], "5")):
         with pytest.raises(runtime.EngineError, match=error):
             rt.use_schedule(bad)
+
+    # astraea-bench ENGINE_FOLDER: the engines' own schedule, scored against dense as the
+    # rewritten graphs' sample scores
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict(cfg)))
+    assert bench_main([str(tmp_path / "engines"), "--quiet", "--methods", "dense", "astraea-compiled",
+                       "--repeats", "1"]) == 0
+    report = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    row = next(r for r in report["rows"] if r["method"] == "astraea-compiled")
+    dense = denoise(model, cfg.video, cfg.sampling, inputs)
+    assert row["setting"] == "engines" and row["tokens_per_step"] == schedule["tokens_per_step"]
+    assert row["psnr_latent"] == pytest.approx(metrics.compare(model, want, dense)["psnr_latent"], abs=1e-3)
