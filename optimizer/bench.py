@@ -374,6 +374,8 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
                     ratios = calibrate_mag_cache(model.transformer, model.family.block_containers, steps,
                                                  lambda peer: denoise(model, cfg.video, cfg.sampling, first, peer))
                 knobs = knobs | {"steps": steps, "ratios": ratios}
+            if name == "faster_cache":  # its unconditional-branch cache needs the CFG batch
+                knobs = knobs | {"distilled": cfg.sampling.guidance <= 1}
             bench.add(Method(name, text.partition(" ")[2] or "defaults",
                              lambda name=name, knobs=knobs: PeerTransformer(model.transformer, name,
                                                                              model.family.block_containers, **knobs),

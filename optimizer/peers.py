@@ -13,7 +13,8 @@ Peers and their knobs (diffusers' cache configs; a knob left out takes diffusers
                       computed), lo / hi (timesteps between which it broadcasts)
   first_block_cache   FirstBlockCache: threshold (relative change of the first block's output)
   taylorseer          TaylorSeer: interval (a full step every interval), order, warmup (steps)
-  faster_cache        FasterCache: skip (attention broadcast range), lo / hi (timesteps)
+  faster_cache        FasterCache: skip (attention broadcast range), lo / hi (timesteps);
+                      distilled=True where the call has no CFG batch (HunyuanVideo)
   mag_cache           MagCache: threshold (accumulated error), max_skip (steps in a row),
                       retention (fraction of first steps always computed); its per-step
                       magnitude ratios come from `calibrate_mag_cache` (a dense sample)
@@ -71,7 +72,7 @@ def _config(name: str, knobs: dict, timestep, blocks: tuple[str, ...]):
             spatial_attention_block_skip_range=int(knobs.get("skip", 2)),
             spatial_attention_timestep_skip_range=(knobs.get("lo", -1), knobs.get("hi", 681)),
             current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.3,
-            tensor_format="BCFHW", is_guidance_distilled=False)
+            tensor_format="BCFHW", is_guidance_distilled=bool(knobs.get("distilled", False)))
     if name == "mag_cache":
         return diffusers.MagCacheConfig(threshold=float(knobs.get("threshold", 0.06)),
                                         max_skip_steps=int(knobs.get("max_skip", 3)),
