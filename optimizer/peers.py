@@ -1,5 +1,5 @@
 """The peers diffusers ships for the same transformers, applied the way their pipelines use
-them, so `astraea-bench` and tools/measure_peers.py compare Astraea with them on the same
+them, so `astraea-bench` compares Astraea with them on the same
 model, prompts and seeds.
 
     transformer = PeerTransformer(model.transformer, "first_block_cache", model.family.block_containers,
