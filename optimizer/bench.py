@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from .config import RunConfig
 from .families import LoadedModel
 from .io import atomic_file, stable_hash, write_json
-from .metrics import compare
+from .metrics import compare, frames
 
 log = logging.getLogger("astraea")
 
@@ -60,14 +60,14 @@ def device_name(device: torch.device) -> str:
 
 def time_call(device: torch.device, fn) -> float:
     """Milliseconds of one call of fn: CUDA events on a GPU, perf_counter on the CPU."""
-    start, end = _Clock(device), _Clock(device)
+    start, end = Clock(device), Clock(device)
     start.record()
     fn()
     end.record()
     return start.until(end)
 
 
-class _Clock:
+class Clock:
     """A CUDA event on a GPU, a perf_counter reading on the CPU."""
 
     def __init__(self, device: torch.device):
@@ -81,7 +81,7 @@ class _Clock:
         else:
             self.t = time.perf_counter()
 
-    def until(self, end: _Clock) -> float:
+    def until(self, end: Clock) -> float:
         """Milliseconds from this reading to `end` (synchronises on a GPU)."""
         if self.cuda:
             end.event.synchronize()
@@ -94,10 +94,10 @@ class _Timed:
 
     def __init__(self, fn: Callable, labels: list[str], device: torch.device):
         self.fn, self.labels, self.device = fn, labels, device
-        self.calls: list[tuple[str, _Clock, _Clock]] = []
+        self.calls: list[tuple[str, Clock, Clock]] = []
 
     def __call__(self, **kwargs):
-        start, end = _Clock(self.device), _Clock(self.device)
+        start, end = Clock(self.device), Clock(self.device)
         start.record()
         out = self.fn(**kwargs)
         end.record()
@@ -127,9 +127,7 @@ class Method:
 def uniform(budget: float, steps: int, levels: int, n: int) -> list[int]:
     """Rows per step of a uniform schedule: the dense first step, then `budget` (at the
     nearest of the search's levels)."""
-    from .search import level_tokens
-
-    return [n] + [level_tokens(levels, n)[round(budget * (levels - 1))]] * (steps - 1)
+    return schedule_tokens([1.0] + [budget] * (steps - 1), levels, n)
 
 
 def schedule_tokens(budgets: list[float], levels: int, n: int) -> list[int]:
@@ -181,6 +179,7 @@ class Bench:
         self.layout = model.layout(cfg.video)
         self.n = self.layout.video_tokens
         self.dense: dict[str, torch.Tensor] = {}
+        self.dense_frames: dict = {}  # the dense samples decoded once (None without a decoder)
         self.rows: list[dict] = []
         self.setup: dict | None = None  # set by run(): rows are then written as they finish
 
@@ -232,7 +231,7 @@ class Bench:
         for name, inputs in self.samples.items():
             for _ in range(self.cfg.bench.repeats):
                 timed = _Timed(m.make(), labels, self.device)
-                start, end = _Clock(self.device), _Clock(self.device)
+                start, end = Clock(self.device), Clock(self.device)
                 start.record()
                 result = denoise(model, cfg.video, cfg.sampling, inputs, timed)
                 end.record()
@@ -245,9 +244,11 @@ class Bench:
             h.remove()
         peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         if m.method == "dense":
-            self.dense = latents
+            self.dense, self.dense_frames = latents, {}
         for name, got in latents.items():
-            quality[name] = compare(model, got, self.dense[name])
+            if name not in self.dense_frames:
+                self.dense_frames[name] = frames(model, self.dense[name])
+            quality[name] = compare(model, got, self.dense[name], self.dense_frames[name])
         row = {"method": m.method, "setting": m.setting, "tokens_per_step": m.tokens,
                "mean_budget": None if m.tokens is None else sum(m.tokens) / self.n / len(m.tokens),
                "sample_ms": statistics.median(ends), "sample_ms_all": ends, "warmup_s": warm_s,
@@ -274,7 +275,7 @@ class Bench:
                  row["setting"], row["sample_ms"], row["speedup"], q, row["warmup_s"],
                  "" if row["peak_gib"] is None else f"  peak {row['peak_gib']:.1f} GiB")
         if self.setup is not None:
-            write(_merge(self.out / "bench" / "bench.json", self.setup, self.rows), self.out / "bench")
+            write(_merge(self.out / "bench" / "bench.json", self.setup, self.rows), self.out / "bench", plots=False)
         return row
 
 
@@ -309,17 +310,17 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
     methods = tuple(methods or cfg.bench.methods)
     bench = Bench(cfg, model, out, progress)
     steps, levels, n = cfg.sampling.steps, cfg.search.levels, bench.n
-    schedules = {f"uniform {b:.0%}": uniform(b, steps, levels, n) for b in cfg.bench.budgets}
-    timesteps = [float(t) for t in model.family.set_timesteps(copy.deepcopy(model.scheduler), steps, "cpu")]
-    schedules |= run_searched(out, timesteps, n) | (extra_schedules or {})
     engines = None
-    if engine_folder is not None:
+    if engine_folder is not None:  # the folder's own schedule
         from . import runtime
 
         engines = runtime.load(engine_folder, model.device)
         schedules = {"engines": [s["tokens"] for s in engines.manifest["steps"]]}
-    todo = [m for m in ("dense", *methods) if m in methods or m == "dense"]
-    todo = list(dict.fromkeys(todo))
+    else:
+        timesteps = [float(t) for t in model.family.set_timesteps(copy.deepcopy(model.scheduler), steps, "cpu")]
+        schedules = ({f"uniform {b:.0%}": uniform(b, steps, levels, n) for b in cfg.bench.budgets}
+                     | run_searched(out, timesteps, n) | (extra_schedules or {}))
+    todo = list(dict.fromkeys(("dense", *methods)))  # dense always: the baseline of every row
     bar = tqdm(total=len(todo), desc="astraea-bench", unit="method", disable=not progress)
 
     setup = bench.setup = _setup(cfg, model, bench)
@@ -362,7 +363,7 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
                 engines.use_schedule(tokens)
                 bench.add(Method("astraea-compiled", name, lambda: engines, tokens,
                                  info={"backend": backend, "weights_shared": shared,
-                                       "state_gib": _state_gib(engines.manifest)}))
+                                       "state_gib": state_gib(engines.manifest)}))
         bar.update()
     if "peers" in todo:
         ratios = None
@@ -426,7 +427,8 @@ def _stored_dense(folder: Path, key: str) -> tuple[dict, dict] | None:
     return (stored["row"], load_file(str(path))) if stored.get("key") == key else None
 
 
-def _state_gib(manifest: dict) -> float:
+def state_gib(manifest: dict) -> float:
+    """GiB of block state the runtime keeps for a manifest (both CFG branches where per branch)."""
     per = sum(math.prod(s["shape"]) * torch.empty(0, dtype=getattr(torch, s["dtype"])).element_size()
               for s in manifest["state"])
     return per * (2 if manifest.get("per_branch") else 1) / 2**30
@@ -503,11 +505,12 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def write(report: dict, folder: Path) -> None:
+def write(report: dict, folder: Path, plots: bool = True) -> None:
     write_json(folder / "bench.json", report)
     with atomic_file(folder / "bench.md") as fh:
         fh.write(markdown(report))
-    plot(report, folder)
+    if plots:
+        plot(report, folder)
 
 
 def plot(report: dict, folder: Path) -> None:
@@ -519,9 +522,14 @@ def plot(report: dict, folder: Path) -> None:
     rows, s = report["rows"], report["setup"]
     title = (f"{s['model'].get('preset') or 'checkpoint'}, {s['video']['width']}x{s['video']['height']}x"
              f"{s['video']['frames']}, {s['sampling']['steps']} steps; {s['device']}")
-    dense = next(r for r in rows if r["method"] == "dense")
 
-    def save(fig, name):
+    def save(fig, ax, name: str, xlabel: str, ylabel: str) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         with atomic_file(folder / name, "wb") as fh:
             fig.savefig(fh, format="png")
@@ -532,16 +540,12 @@ def plot(report: dict, folder: Path) -> None:
         pts = sorted((r["mean_budget"], r["sample_ms"] / 1e3) for r in rows if r["method"] == method)
         if pts:
             ax.plot(*zip(*pts), style, label=method)
-    for r, style in ((dense, "k--"), (next((r for r in rows if r["method"] == "dense-compiled"), None), "k:")):
-        if r is not None:
-            ax.axhline(r["sample_ms"] / 1e3, linestyle=style[1:], color="k", label=r["method"])
-    ax.set_xlabel("mean budget (fraction of tokens computed)")
-    ax.set_ylabel("seconds a sample")
-    ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    save(fig, "latency-vs-budget.png")
+    for r in rows:
+        if r["method"] in ("dense", "dense-compiled"):
+            ax.axhline(r["sample_ms"] / 1e3, color="k", linestyle="--" if r["method"] == "dense" else ":",
+                       label=r["method"])
+    save(fig, ax, "latency-vs-budget.png", "mean budget (fraction of tokens computed)",
+         "seconds a sample")
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for method in dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("dense")):
@@ -549,13 +553,8 @@ def plot(report: dict, folder: Path) -> None:
                      and math.isfinite(quality_of(r)))
         if pts:
             ax.plot(*zip(*pts), "-o" if method.startswith("astraea") else "--^", label=method)
-    ax.set_xlabel("speedup over the dense eager sample")
-    ax.set_ylabel(("pixel" if s["decoder"] else "latent") + " PSNR against dense (dB)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    save(fig, "quality-vs-speedup.png")
+    save(fig, ax, "quality-vs-speedup.png", "speedup over the dense eager sample",
+         ("pixel" if s["decoder"] else "latent") + " PSNR against dense (dB)")
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for method, style in (("astraea", "o"), ("astraea-compiled", "s")):
@@ -572,10 +571,5 @@ def plot(report: dict, folder: Path) -> None:
         if r["method"] in ("dense", "dense-compiled"):
             ax.axhline(r["step_ms"][r["method"]], color="k", linestyle="--" if r["method"] == "dense" else ":",
                        label=r["method"])
-    ax.set_xlabel("budget of the step")
-    ax.set_ylabel("ms a transformer call")
-    ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
-    save(fig, "step-latency.png")
+    save(fig, ax, "step-latency.png", "budget of the step",
+         "ms a transformer call")

@@ -207,7 +207,6 @@ def build_main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args) -> None:
-    import dataclasses
     import json
 
     from . import bench, config, loader
@@ -221,35 +220,28 @@ def _bench(args) -> None:
         engine_folder, run_folder = target, target.parent
         if not (run_folder / "config.json").is_file():
             raise AstraeaError(f"{run_folder / 'config.json'} is missing: the engine folder must sit in its run folder")
-        cfg = config.from_dict(_config_dict(json.loads((run_folder / "config.json").read_text())),
-                               name=run_folder.name, source=str(run_folder / "config.json"))
-        out = args.out or run_folder
+        if args.steps is not None:
+            raise AstraeaError("--steps cannot change an engine folder's schedule: rebuild the engines for another count")
+        raw = json.loads((run_folder / "config.json").read_text())
+        name, source, out = run_folder.name, str(run_folder / "config.json"), args.out or run_folder
     else:
         cfg = config.load(target)
-        out = args.out or cfg.output_dir
-    b = cfg.bench
-    b = dataclasses.replace(b, **{k: tuple(v) if isinstance(v, list) else v for k, v in
-                                  (("methods", args.methods), ("budgets", args.budgets), ("peers", args.peers),
-                                   ("repeats", args.repeats), ("warmup", args.warmup)) if v is not None})
-    cfg = config.from_dict(_config_dict(json.loads(json.dumps(config.to_dict(dataclasses.replace(cfg, bench=b)))),
-                                        steps=args.steps),
-                           name=cfg.name, source=cfg.source)
-    if engine_folder is not None and args.steps is not None:
-        raise AstraeaError("--steps cannot change an engine folder's schedule: rebuild the engines for another count")
+        raw = json.loads(json.dumps(config.to_dict(cfg)))  # plain lists, paths already resolved
+        name, source, out = cfg.name, cfg.source, args.out or cfg.output_dir
+    # the command line's settings, validated with the rest as config keys
+    raw = {k: v for k, v in raw.items() if k not in ("name", "source")}
+    raw["bench"] = dict(raw.get("bench") or {}, **{k: v for k, v in (
+        ("methods", args.methods), ("budgets", args.budgets), ("peers", args.peers), ("repeats", args.repeats),
+        ("warmup", args.warmup)) if v is not None})
+    if args.steps is not None:
+        raw["sampling"] = dict(raw["sampling"], steps=args.steps)
+    cfg = config.from_dict(raw, name=name, source=source)
     model = loader.load_model(cfg)
     extra = {}
     for path in args.schedules or ():
         extra |= bench.read_schedules(path, cfg.sampling.steps, cfg.search.levels, model.layout(cfg.video).video_tokens)
     report = bench.run(cfg, model, out, extra_schedules=extra, engine_folder=engine_folder, progress=not args.quiet)
     print(bench.markdown(report))
-
-
-def _config_dict(raw: dict, steps: int | None = None) -> dict:
-    """A config as a plain mapping for config.from_dict (name/source dropped, --steps applied)."""
-    raw = {k: v for k, v in raw.items() if k not in ("name", "source")}
-    if steps is not None:
-        raw["sampling"] = dict(raw["sampling"], steps=steps)
-    return raw
 
 
 def bench_main(argv: list[str] | None = None) -> int:

@@ -51,17 +51,24 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, size: int = 11, si
     return float(s.mean())
 
 
-def compare(model, latents: torch.Tensor, dense: torch.Tensor) -> dict:
+def frames(model, latents: torch.Tensor) -> torch.Tensor | None:
+    """One sample's decoded frames (F, 3, H, W) in [0, 1], or None without a decoder."""
+    if getattr(model, "decoder", None) is None:
+        return None
+    from .families.base import decode_frames
+
+    return torch.from_numpy(decode_frames(model, latents.float().cpu())).permute(0, 3, 1, 2)
+
+
+def compare(model, latents: torch.Tensor, dense: torch.Tensor, dense_frames: torch.Tensor | None = None) -> dict:
     """PSNR of the latents (over the dense range) and, with a decoder, PSNR and SSIM of the
-    decoded frames in [0, 1]."""
+    decoded frames in [0, 1] (`dense_frames`: frames(model, dense), if already decoded)."""
     got, want = latents.float().cpu(), dense.float().cpu()
     out = {"psnr_latent": psnr(float(((got - want) ** 2).mean()), float(want.max() - want.min())),
            "psnr_pixels": None, "ssim_pixels": None}
-    if getattr(model, "decoder", None) is not None:
-        from .families.base import decode_frames
-
-        a = torch.from_numpy(decode_frames(model, got)).permute(0, 3, 1, 2)  # (F, 3, H, W) in [0, 1]
-        b = torch.from_numpy(decode_frames(model, want)).permute(0, 3, 1, 2)
+    a = frames(model, got)
+    if a is not None:
+        b = dense_frames if dense_frames is not None else frames(model, want)
         out["psnr_pixels"] = psnr(float(((a.double() - b.double()) ** 2).mean()), 1.0)
         out["ssim_pixels"] = ssim(a, b, 1.0) if min(a.shape[-2:]) >= 11 else None
     return out

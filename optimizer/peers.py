@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import torch
 
-PEERS = ("pab", "first_block_cache", "taylorseer", "faster_cache", "mag_cache")
 KNOBS = {"pab": {"skip": int, "cross": int, "lo": float, "hi": float}, "first_block_cache": {"threshold": float},
          "taylorseer": {"interval": int, "order": int, "warmup": int},
          "faster_cache": {"skip": int, "lo": float, "hi": float},
-         "mag_cache": {"threshold": float, "max_skip": int, "retention": float}}
+         "mag_cache": {"threshold": float, "max_skip": int, "retention": float}}  # the knobs a setting may give
+PEERS = tuple(KNOBS)
 
 
 def parse_setting(text: str) -> tuple[str, dict]:

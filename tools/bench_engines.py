@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea.bench import device_name  # noqa: E402
+from astraea.bench import Clock, device_name, state_gib  # noqa: E402
 
 
 def config_dict(args) -> dict:
@@ -90,22 +90,7 @@ def _inputs(manifest: dict, device) -> dict:
             "latents": torch.randn(hidden, generator=gen, device=device, dtype=torch.float32)}
 
 
-class _Event:
-    """torch.cuda.Event where there is CUDA; a wall-clock stand-in on the CPU (tool checks)."""
-
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-        self.event = torch.cuda.Event(enable_timing=True) if self.cuda else None
-        self.t = 0.0
-
-    def record(self):
-        if self.cuda:
-            self.event.record()
-        else:
-            self.t = time.perf_counter()
-
-    def elapsed_time(self, end: _Event) -> float:
-        return self.event.elapsed_time(end.event) if self.cuda else (end.t - self.t) * 1000
+_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CUDA events there, wall clock here
 
 
 def _sync():
@@ -126,7 +111,7 @@ class _Timed:
         self.fn, self.label, self.log = fn, label, log
 
     def __call__(self, *a, **kw):
-        start, end = _Event(), _Event()
+        start, end = Clock(_DEVICE), Clock(_DEVICE)
         start.record()
         out = self.fn(*a, **kw)
         end.record()
@@ -149,12 +134,12 @@ def _timed_generations(pipe, inputs: dict, manifest: dict, generations: int, log
     ends, results = [], None
     for _ in range(generations):
         log.clear()
-        start, end = _Event(), _Event()
+        start, end = Clock(_DEVICE), Clock(_DEVICE)
         start.record()
         results = _generate(pipe, inputs, manifest, len(manifest["steps"]), inputs["latents"])
         end.record()
         _sync()
-        ends.append(start.elapsed_time(end))
+        ends.append(start.until(end))
     return ends, results
 
 
@@ -196,15 +181,14 @@ def run_engines(folder: Path, generations: int, warm: bool = True) -> dict:
     ends, results = _timed_generations(pipe, inputs, manifest, generations, log)
     per_call: dict = {}
     for label, s, e in log:
-        per_call.setdefault(label, []).append(s.elapsed_time(e))
+        per_call.setdefault(label, []).append(s.until(e))
     torch.save(results.cpu(), folder / "engines_latents.pt")
     return {"load_s": load_s, "load_parts_s": transformer.load_seconds, "loaded_gib": loaded_gib, "first_call_s": first, "first_generation_s": first_generation_s,
             "generation_ms": statistics.median(ends), "generations": generations, "steps": steps,
             "peak_gib": _memory(peak=True),
             "call_ms": {k: statistics.median(v) for k, v in per_call.items()},
             "calls": {k: len(v) for k, v in per_call.items()},
-            "state_gib": sum(torch.Size(s["shape"]).numel() * torch.empty(0, dtype=getattr(torch, s["dtype"])).element_size()
-                             for s in manifest["state"]) * (2 if manifest["per_branch"] else 1) / 2**30}
+            "state_gib": state_gib(manifest)}
 
 
 def run_dense(folder: Path, generations: int) -> dict:
@@ -234,7 +218,7 @@ def run_dense(folder: Path, generations: int) -> dict:
                                           / torch.linalg.vector_norm(results.float().cpu())).item()}
     return {"loaded_gib": loaded_gib, "generation_ms": statistics.median(ends), "generations": generations, "steps": steps,
             "peak_gib": _memory(peak=True),
-            "call_ms": {"dense": statistics.median(s.elapsed_time(e) for _, s, e in log)},
+            "call_ms": {"dense": statistics.median(s.until(e) for _, s, e in log)},
             "engines_vs_dense": quality}
 
 

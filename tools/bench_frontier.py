@@ -72,7 +72,6 @@ def predictor(speed: dict):
             for label, ms in r["step_ms"].items():
                 calls.setdefault(label, []).append(ms)
     median = {k: sorted(v)[len(v) // 2] for k, v in calls.items()}
-    n = speed["setup"]["video_tokens"]
 
     def sample_ms(budgets: list[float]):
         labels = [f"{b:.0%}" if b else "skip" for b in budgets]
@@ -80,12 +79,12 @@ def predictor(speed: dict):
             return None
         return sum(median.get(label, 0.0) for label in labels) + outside
 
-    return sample_ms, dense["sample_ms"], n
+    return sample_ms, dense["sample_ms"]
 
 
 def join(quality: dict, speed: dict) -> list[dict]:
     fast = {(r["method"], r["setting"]): r for r in speed["rows"]}
-    predict, dense_ms, _ = predictor(speed)
+    predict, dense_ms = predictor(speed)
     qn = quality["setup"]["video_tokens"]
     rows = []
     for r in quality["rows"]:
