@@ -83,6 +83,14 @@ class SearchSpec:
     early_stop: bool = spec(True, doc="stop a child once its partial fitness cannot survive (exact)")
     share_prefixes: bool = spec(True, doc="children with a common schedule prefix share its sampling state (exact)")
     prefix_cache_gb: float = spec(4.0, lo=0.0, hi=4096.0, doc="memory for the shared prefixes' sampling states")
+    proxy_video: tuple[int, ...] = spec((), lo=1, doc="[frames, height, width] of a smaller video the search evaluates "
+                                        "candidates at (the same steps and prompts); [] = the full video")
+    rescore: int = spec(6, lo=1, hi=10000, doc="with proxy_video: the proxy's best candidates re-evaluated at the full "
+                                              "video; the schedule chosen is the best of them there")
+    validate: int = spec(6, lo=0, hi=10000, doc="with proxy_video: more candidates, spread over the proxy's ranking, "
+                                               "re-evaluated at the full video to measure how well the proxy ranks")
+    proxy_min_spearman: float = spec(0.6, lo=-1.0, hi=1.0, doc="with proxy_video: below this rank correlation between "
+                                     "proxy and full fitness the build warns that the proxy is not validated")
 
 
 @dataclass(frozen=True)
@@ -246,6 +254,10 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         raise ConfigError("search.mutation_end", "must not exceed search.mutation_start")
     if se.children > se.population:
         raise ConfigError("search.children", "must not exceed search.population")
+    if se.proxy_video and len(se.proxy_video) != 3:
+        raise ConfigError("search.proxy_video", f"give [frames, height, width] (or []), got {list(se.proxy_video)}")
+    if se.proxy_video:
+        _build(VideoSpec, dict(zip(("frames", "height", "width"), se.proxy_video)), "search.proxy_video")
     return dataclasses.replace(cfg, model=m, sampling=s)
 
 
@@ -264,8 +276,22 @@ def from_dict(raw: Any, *, name: str = "run", source: str = "", base: Path | Non
     cfg = _check_cross_fields(cfg, base or Path.cwd())
     from .families import get_family  # families import config types; import late
 
-    get_family(cfg.model.family, path="model.family").validate(cfg)
+    family = get_family(cfg.model.family, path="model.family")
+    family.validate(cfg)
+    if cfg.search.proxy_video:
+        try:
+            family.validate(proxy_config(cfg))
+        except ConfigError as e:
+            raise ConfigError("search.proxy_video", f"{e.message} (as the proxy's {e.path})") from None
     return cfg
+
+
+def proxy_config(cfg: RunConfig) -> RunConfig:
+    """The config the budget search evaluates candidates at: search.proxy_video instead of
+    video, everything else the same."""
+    if not cfg.search.proxy_video:
+        return cfg
+    return dataclasses.replace(cfg, video=VideoSpec(*cfg.search.proxy_video))
 
 
 def load(path: str | Path) -> RunConfig:

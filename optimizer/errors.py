@@ -9,5 +9,5 @@ class ConfigError(AstraeaError):
     """A model.yaml problem, located by its key path (e.g. `video.frames`)."""
 
     def __init__(self, path: str, message: str):
-        self.path = path
+        self.path, self.message = path, message
         super().__init__(f"{path}: {message}" if path else message)

@@ -72,3 +72,26 @@ def compare(model, latents: torch.Tensor, dense: torch.Tensor, dense_frames: tor
         out["psnr_pixels"] = psnr(float(((a.double() - b.double()) ** 2).mean()), 1.0)
         out["ssim_pixels"] = ssim(a, b, 1.0) if min(a.shape[-2:]) >= 11 else None
     return out
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two equal-length sequences (ties get their mean rank):
+    the Pearson correlation of the ranks, in float64. nan when either side is constant."""
+    import numpy as np
+
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"spearman needs two equal 1-D sequences of 2 or more values, got {a.shape} and {b.shape}")
+
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        for value in np.unique(v):  # ties: the mean of their ranks
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    ra, rb = ranks(a) - ranks(a).mean(), ranks(b) - ranks(b).mean()
+    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")

@@ -430,18 +430,27 @@ class Search:
         return float(np.mean([psnr(v, self.ev.samples[st.sample_order[i]].peak) for i, v in enumerate(values)]))
 
     # ---- outputs --------------------------------------------------------------------------
-    def write_outputs(self, st: SearchState, extra: dict) -> dict:
-        best, fit = st.population[0]
-        per_sample = {}
-        for i, v in enumerate(st.memo[best]):
-            sample = self.ev.samples[st.sample_order[i]]
-            per_sample[sample.name] = {"mse": v, "psnr": psnr(v, sample.peak)}
+    def write_outputs(self, st: SearchState, extra: dict, rescored: Rescored | None = None) -> dict:
+        """schedule.json, search.png and schedule.png. With a proxy (`rescored`), the schedule,
+        its tokens, MSE and PSNR are the full video's, and the cost adds the re-scoring."""
+        c = Counters(**vars(st.counters))
+        if rescored is None:
+            best, fit = st.population[0]
+            n, tokens = self.ev.tokens, self.ev.budgets(best)
+            named = [(self.ev.samples[st.sample_order[i]], v) for i, v in enumerate(st.memo[best])]
+            proxy = None
+        else:
+            best, fit = rescored.chosen, fitness_of(rescored.mse[rescored.chosen], len(rescored.samples))
+            n, tokens = rescored.full.tokens, rescored.full.budgets(best)
+            named = list(zip(rescored.samples, rescored.mse[best]))
+            c.add(rescored.counters)
+            proxy = rescored.report(self, st)
+        per_sample = {sample.name: {"mse": v, "psnr": psnr(v, sample.peak)} for sample, v in named}
         top = self.spec.levels - 1
-        c = st.counters
         gpus = max(1, _world()) if self.ev.model.device.type == "cuda" else 0
         schedule = {
-            "key": self.key, "levels": self.spec.levels, "tokens": self.ev.tokens,
-            "budget_per_step": [v / top for v in best], "tokens_per_step": self.ev.budgets(best),
+            "key": self.key, "levels": self.spec.levels, "tokens": n,
+            "budget_per_step": [v / top for v in best], "tokens_per_step": tokens,
             "mean_budget": sum(best) / (top * len(best)), "constraint": {"kind": self.c.kind, "target": self.c.target,
                                                                          "value": self.c.value(best),
                                                                          "bounds": [self.c.low * self.c.target, self.c.high * self.c.target]},
@@ -451,13 +460,107 @@ class Search:
                      "steps_executed": c.steps, "transformer_calls": c.transformer_calls,
                      "naive_steps": c.naive_steps, "wall_seconds": c.seconds, "gpus": gpus,
                      "gpu_hours": c.seconds * gpus / 3600},
+            "proxy": proxy,
             **extra,
         }
         if _is_main():
             write_json(self.folder / "schedule.json", schedule)
-            plot_search(st, self, self.folder / "search.png")
+            plot_search(st, self, self.folder / "search.png", proxy)
             plot_schedule(schedule, self.folder / "schedule.png")
         return schedule
+
+
+# ---- a proxy video, validated and re-scored at the full video ---------------------------
+
+@dataclass
+class Rescored:
+    """Candidates of a proxy search re-evaluated at the full video: the proxy's best
+    `rescore` (the schedule chosen is the best of them there) and `validate` more spread over
+    the proxy's ranking (with the best, the sample on which the proxy's ranking is checked)."""
+
+    full: Evaluator  # at the full video
+    top: list[Schedule]
+    spread: list[Schedule]
+    mse: dict[Schedule, list]  # per-sample MSE at the full video, in sample order
+    counters: Counters
+    min_spearman: float
+    video: tuple[int, ...]
+    proxy_tokens: int
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.full.samples
+
+    @property
+    def chosen(self) -> Schedule:
+        n = len(self.samples)
+        return min(self.top + self.spread, key=lambda s: (fitness_of(self.mse[s], n), s))
+
+    def report(self, search: Search, st: SearchState) -> dict:
+        from .metrics import spearman
+
+        n = len(self.samples)
+        rows = []
+        ranked = sorted((fitness_of(v, search.n), s) for s, v in st.memo.items())
+        rank = {s: i for i, (_, s) in enumerate(ranked)}
+        for s in self.top + self.spread:
+            full = float(np.mean([psnr(v, x.peak) for x, v in zip(self.samples, self.mse[s])]))
+            rows.append({"schedule": list(s), "proxy_rank": rank[s], "proxy_mse": fitness_of(st.memo[s], search.n),
+                         "proxy_psnr": search.mean_psnr(s, st), "mse": fitness_of(self.mse[s], n), "psnr": full,
+                         "role": "best" if s in self.top else "spread"})
+        rho = spearman([r["proxy_mse"] for r in rows], [r["mse"] for r in rows]) if len(rows) > 2 else float("nan")
+        valid = bool(rho >= self.min_spearman)
+        if not valid:
+            log.warning("search: the proxy video %s does not rank schedules like the full video (Spearman %.2f < "
+                        "search.proxy_min_spearman %.2f over %d candidates); the schedule is still the best of them at the "
+                        "full video, but a search at the full video (search.proxy_video: []) may find a better one",
+                        list(self.video), rho, self.min_spearman, len(rows))
+        return {"video": list(self.video), "tokens": self.proxy_tokens, "rescored": len(rows), "spearman": rho,
+                "valid": valid, "min_spearman": self.min_spearman, "chosen_proxy_rank": rank[self.chosen],
+                "rescore_steps": self.counters.steps, "rescore_seconds": self.counters.seconds,
+                "search_seconds": st.counters.seconds, "candidates": rows}
+
+
+def rescore(search: Search, st: SearchState, full: Evaluator, video: tuple[int, ...], progress: bool = True,
+            chunk: int = 4) -> Rescored:
+    """Re-evaluate the proxy's best and a spread of its ranking at the full video, a few
+    candidates at a time, each chunk written to <folder>/rescore.json (reused on a rerun)."""
+    import json
+
+    spec = search.spec
+    ranked = [s for f, s in sorted((fitness_of(v, search.n), s) for s, v in st.memo.items()) if math.isfinite(f)]
+    top, rest = ranked[: spec.rescore], ranked[spec.rescore:]
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(rest) - 1, min(spec.validate, len(rest)))}) if rest else []
+    spread = [rest[i] for i in picks]
+    path = search.folder / "rescore.json"
+    enc = lambda s: ",".join(map(str, s))  # noqa: E731
+    done: dict[Schedule, list] = {}
+    counters = Counters()
+    if path.is_file():
+        raw = json.loads(path.read_text())
+        if raw.get("key") == search.key:
+            done = {tuple(int(v) for v in k.split(",")): v for k, v in raw["mse"].items()}
+            counters = Counters(**raw["counters"])
+    todo = sorted(s for s in top + spread if s not in done)
+    steps = full.cfg.sampling.steps
+    bar = tqdm(total=len(todo) * len(full.samples) * steps, desc="re-score at the full video", unit="step",
+               disable=not progress or not _is_main())
+    try:
+        for i in range(0, len(todo), chunk):
+            part, got = todo[i:i + chunk], Counters()
+            t0 = time.perf_counter()
+            results = full.evaluate(shard(part), math.inf, got, tick=bar.update)
+            got.seconds = time.perf_counter() - t0
+            results, got = gather(results, got)
+            done.update(results)
+            counters.add(got)
+            if _is_main():
+                write_json(path, {"key": search.key, "mse": {enc(s): v for s, v in done.items()},
+                                  "counters": vars(counters)})
+    finally:
+        bar.close()
+    return Rescored(full, top, spread, {s: done[s] for s in top + spread}, counters,
+                    spec.proxy_min_spearman, video, search.ev.tokens)
 
 
 def _world() -> int:
@@ -476,7 +579,7 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     from dataclasses import asdict
 
     settings = asdict(cfg.search)
-    for exact in ("early_stop", "share_prefixes", "prefix_cache_gb"):  # they change the cost, not the result
+    for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
     return stable_hash({"reference": reference_key, "search": settings, "selection": asdict(cfg.selection),
                         "backend": backend, "source": source_hash(),
@@ -495,11 +598,14 @@ def _plt():
     return plt
 
 
-def plot_search(st: SearchState, search: Search, path: Path) -> None:
+def plot_search(st: SearchState, search: Search, path: Path, proxy: dict | None = None) -> None:
     """Best and mean fitness per generation, and every fully evaluated schedule's
-    quality against its cost (the front the search moves along)."""
+    quality against its cost (the front the search moves along); with a proxy, the
+    re-scored candidates' PSNR at the full video against the proxy's."""
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    panels = 3 if proxy is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), dpi=110)
+    a, b = axes[0], axes[1]
     gens = [h["generation"] for h in st.history]
     a.plot(gens, [h["best_mse"] for h in st.history], "-o", ms=3, label="best")
     a.plot(gens, [h["mean_mse"] for h in st.history], "--", label="population mean")
@@ -516,9 +622,21 @@ def plot_search(st: SearchState, search: Search, path: Path) -> None:
     b.scatter([search.c.value(best)], [search.mean_psnr(best, st)], s=40, c="red", label="chosen")
     b.axvspan(search.c.low * search.c.target, search.c.high * search.c.target, color="green", alpha=0.08, label="target band")
     b.set_xlabel("mean budget" if search.c.kind == "budget" else "predicted ms")
-    b.set_ylabel("PSNR against dense (dB)")
+    b.set_ylabel("PSNR against dense (dB)" + (" at the proxy video" if proxy is not None else ""))
     b.grid(alpha=0.3)
     b.legend(fontsize=8)
+    if proxy is not None:
+        r = proxy
+        ax = axes[2]
+        for role, colour in (("best", "tab:red"), ("spread", "tab:blue")):
+            rows = [x for x in r["candidates"] if x["role"] == role]
+            ax.scatter([x["proxy_psnr"] for x in rows], [x["psnr"] for x in rows], s=14, c=colour,
+                       label="proxy's best" if role == "best" else "spread over its ranking")
+        ax.set_xlabel(f"PSNR at the proxy video {'x'.join(map(str, r['video']))} (dB)")
+        ax.set_ylabel("PSNR at the full video (dB)")
+        ax.set_title(f"Spearman {r['spearman']:.2f} over {r['rescored']} candidates", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -608,13 +726,28 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         return json.loads(done.read_text())
     if (folder / "state.json").is_file() and not resume:
         log.info("search: an unfinished search of this configuration exists; starting over (--resume continues it)")
+    cache = int(spec.prefix_cache_gb * 2**30)
     samples = calibration_samples(model, cfg, reference, out_dir / "embeddings")
-    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, int(spec.prefix_cache_gb * 2**30), spec.share_prefixes)
+    full = Evaluator(model, cfg, programs, samples, spec.levels, n, cache, spec.share_prefixes)
+    ev = full
+    if spec.proxy_video:  # candidates evaluated at the smaller video, the best re-scored at the full one
+        from . import reference as dense
+        from .config import proxy_config
+
+        small = proxy_config(cfg)
+        small_ref = dense.run(small, model, out_dir, progress=progress)
+        small_n = model.layout(small.video).video_tokens
+        small_programs = build_programs(model, small, level_tokens(spec.levels, small_n), progress)
+        ev = Evaluator(model, small, small_programs, calibration_samples(model, small, small_ref, out_dir / "embeddings"),
+                       spec.levels, small_n, cache, spec.share_prefixes)
+        log.info("search: candidates at the proxy video %s (%d tokens against %d); the best %d and %d more re-scored "
+                 "at the full video", list(spec.proxy_video), small_n, n, spec.rescore, spec.validate)
     search = Search(cfg, ev, c, folder, key, early_stop=spec.early_stop, predict_ms=cost.schedule_ms)
     st = search.run(resume=resume, progress=progress)
+    rescored = rescore(search, st, full, spec.proxy_video, progress) if spec.proxy_video else None
     return search.write_outputs(st, {"device": cost.device, "dense_step_ms": cost.dense_ms, "dense_ms": steps * cost.dense_ms,
                                      "level_ms": cost.level_ms, "cost_model": cost.key,
-                                     "timesteps": [float(t) for t in ev.samplers[0].timesteps.cpu()]})
+                                     "timesteps": [float(t) for t in full.samplers[0].timesteps.cpu()]}, rescored)
 
 
 def measure_cost(cfg, model, programs, tokens, out_dir, progress):

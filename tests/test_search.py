@@ -225,3 +225,52 @@ def test_two_processes_share_the_work_and_agree(tiny, tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert [(tuple(s), f) for s, f in got["population"]] == local.population
         assert got["candidates"] == local.counters.candidates  # summed over ranks: each did a share
+
+
+def test_spearman_against_its_definition():
+    from astraea.metrics import spearman
+
+    rng = np.random.default_rng(0)
+    for n in (3, 7, 40):
+        x, y = rng.normal(size=n), rng.normal(size=n)
+        rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+        want = 1 - 6 * float(((rx - ry) ** 2).sum()) / (n * (n * n - 1))  # no ties: the closed form
+        assert spearman(x, y) == pytest.approx(want, abs=1e-12)
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0)  # ties on both sides, same order
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_a_proxy_search_is_rescored_and_chosen_at_the_full_video(tiny, tmp_path):
+    """search.proxy_video: candidates are evaluated at a smaller video; the best and a spread
+    of the ranking are re-evaluated at the full video, and the schedule chosen and every
+    number reported for it are the full video's (checked against an independent evaluation)."""
+    cfg, model, n, programs, samples, out = tiny
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, proxy_video=(5, 16, 32), rescore=3, validate=3))
+    ref = reference.run(cfg, model, out, progress=False)
+    result = plan(cfg, model, ref, tmp_path, progress=False, programs=programs)
+    proxy = result["proxy"]
+    assert proxy["video"] == [5, 16, 32] and proxy["tokens"] < n == result["tokens"]
+    assert proxy["rescored"] == 6 and sum(r["role"] == "best" for r in proxy["candidates"]) == 3
+    assert [r["proxy_rank"] for r in proxy["candidates"] if r["role"] == "best"] == [0, 1, 2]
+    chosen = tuple(round(b * (LEVELS - 1)) for b in result["budget_per_step"])
+    assert result["mse"] == min(r["mse"] for r in proxy["candidates"])
+    assert list(chosen) == min(proxy["candidates"], key=lambda r: r["mse"])["schedule"]
+    want = _evaluator(tiny, share=False).evaluate([chosen], math.inf, Counters())[chosen]
+    assert [result["per_sample"][s.name]["mse"] for s in samples] == want
+    assert result["tokens_per_step"] == [level_tokens(LEVELS, n)[v] for v in chosen]
+    lo, hi = result["constraint"]["bounds"]
+    assert lo <= result["mean_budget"] <= hi
+    # the proxy really is another video: its fitness differs from the full one
+    assert any(r["proxy_mse"] != r["mse"] for r in proxy["candidates"])
+    assert -1 <= proxy["spearman"] <= 1
+    assert 0 < proxy["rescore_steps"] <= 6 * len(samples) * STEPS
+    assert result["cost"]["steps_executed"] > proxy["rescore_steps"]
+    folder = tmp_path / "search" / result["key"]
+    assert (folder / "rescore.json").is_file()
+    # a resumed run reuses the re-scored candidates: the same result, no more full-video steps
+    (folder / "schedule.json").unlink()
+    again = plan(cfg, model, ref, tmp_path, resume=True, progress=False, programs=programs)
+    assert again["proxy"]["rescore_steps"] == proxy["rescore_steps"]
+    assert again["budget_per_step"] == result["budget_per_step"] and again["mse"] == result["mse"]
