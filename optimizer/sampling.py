@@ -50,6 +50,18 @@ def make_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, pr
     return SampleInputs(noise, cond, cfg, rng_state)
 
 
+def batch_inputs(parts: list[SampleInputs]) -> SampleInputs:
+    """Several samples as one batch: noise stacked, under CFG the conditioning ordered
+    [negatives..., prompts...] so the loop's chunk(2) splits the branches. For deterministic
+    schedulers only (the batch keeps the first sample's generator)."""
+    noise = torch.cat([p.noise for p in parts])
+    if parts[0].cfg:
+        cond = Conditioning.cat([p.cond.rows(0, 1) for p in parts] + [p.cond.rows(1, 2) for p in parts])
+    else:
+        cond = Conditioning.cat([p.cond for p in parts])
+    return SampleInputs(noise, cond, parts[0].cfg, parts[0].rng_state)
+
+
 def prompt_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, prompt: str, seed: int,
                   cache_dir=None) -> SampleInputs:
     """One prompt and seed: the prompt and the config's negative prompt encoded, the noise drawn."""
@@ -57,10 +69,11 @@ def prompt_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, 
                        encode_prompt(model, sampling.negative_prompt, cache_dir), seed)
 
 
-def first_step_kwargs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec) -> dict:
-    """The transformer's kwargs at the first denoising step of the first prompt and seed
-    (what benchmarks time and what the graph is captured at)."""
-    inputs = prompt_inputs(model, video, sampling, sampling.prompts[0], sampling.seeds[0])
+def first_step_kwargs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec,
+                      inputs: SampleInputs | None = None) -> dict:
+    """The transformer's kwargs at the first denoising step of the first prompt and seed, or
+    of `inputs` (what benchmarks time and what the graph is captured at)."""
+    inputs = inputs or prompt_inputs(model, video, sampling, sampling.prompts[0], sampling.seeds[0])
     x = inputs.noise.to(model.device, model.dtype)
     x = torch.cat([x, x]) if inputs.cfg else x
     t = model.family.set_timesteps(model.scheduler, sampling.steps, model.device)[0]

@@ -174,15 +174,28 @@ def lcp(a: Schedule, b: Schedule) -> int:
 
 
 class Evaluator:
-    """Fitness of schedules: the rewritten programs sampled against the dense reference."""
+    """Fitness of schedules: the rewritten programs sampled against the dense reference.
+
+    With `batch_samples`, every calibration sample of a schedule runs in one batch (the
+    programs must be captured at that batch: `batched_example`); the per-sample MSEs are those
+    of separate runs up to float rounding, and early rejection cannot stop part of a batch."""
 
     def __init__(self, model, cfg: RunConfig, programs: dict[int, TokenwiseProgram], samples: list[Sample],
-                 levels: int, tokens: int, prefix_cache_bytes: int, share_prefixes: bool = True):
+                 levels: int, tokens: int, prefix_cache_bytes: int, share_prefixes: bool = True,
+                 batch_samples: bool = False):
+        from .sampling import batch_inputs
+
         self.model, self.cfg, self.programs, self.samples = model, cfg, programs, samples
         self.levels, self.tokens = levels, tokens
         self.level_rows = level_tokens(levels, tokens)  # the rows each level computes: what build_programs built
         self.cache_bytes, self.share = prefix_cache_bytes, share_prefixes
-        self.samplers = [Sampler(model, cfg.video, cfg.sampling, s.inputs) for s in samples]
+        if batch_samples and len(samples) > 1:
+            self.groups = [list(range(len(samples)))]
+            inputs = [batch_inputs([s.inputs for s in samples])]
+        else:
+            self.groups = [[i] for i in range(len(samples))]
+            inputs = [s.inputs for s in samples]
+        self.samplers = [Sampler(model, cfg.video, cfg.sampling, x) for x in inputs]
 
     def budgets(self, s: Schedule) -> list[int]:
         return [self.level_rows[v] for v in s]
@@ -192,25 +205,26 @@ class Evaluator:
         """Per-sample MSE of each schedule (in `order` of samples); a schedule whose partial
         mean reaches `threshold` stops, its list shorter than the samples."""
         order = list(range(len(self.samples))) if order is None else order
-        steps = self.cfg.sampling.steps
+        where = {si: i for i, si in enumerate(order)}
+        steps, n = self.cfg.sampling.steps, len(self.samples)
         batch = sorted(set(batch))
-        mse: dict[Schedule, list] = {s: [] for s in batch}
+        got: dict[Schedule, dict[int, float]] = {s: {} for s in batch}
         alive = list(batch)
-        for si in order:
-            walk = self._walk(alive, si, counters, tick)
-            for s, value in walk.items():
-                mse[s].append(value)
-            n = len(self.samples)
-            alive = [s for s in alive if sum(mse[s]) / n < threshold]
+        for gi in sorted(range(len(self.groups)), key=lambda g: min(where[i] for i in self.groups[g])):
+            for s, values in self._walk(alive, gi, counters, tick).items():
+                got[s].update(zip(self.groups[gi], values))
+            alive = [s for s in alive if sum(got[s].values()) / n < threshold]
+        mse = {s: [v[si] for si in order if si in v] for s, v in got.items()}
         counters.candidates += len(batch)
-        counters.stopped += sum(len(v) < len(self.samples) for v in mse.values())
-        counters.naive_steps += len(batch) * len(self.samples) * steps
+        counters.stopped += sum(len(v) < n for v in mse.values())
+        counters.naive_steps += len(batch) * n * steps
         return mse
 
     @torch.no_grad()
-    def _walk(self, batch: list[Schedule], si: int, counters: Counters, tick) -> dict[Schedule, float]:
-        """Depth-first over the sorted schedules' prefix trie for sample `si`."""
-        sample, sampler = self.samples[si], self.samplers[si]
+    def _walk(self, batch: list[Schedule], gi: int, counters: Counters, tick) -> dict[Schedule, list[float]]:
+        """Depth-first over the sorted schedules' prefix trie for sample group `gi`."""
+        group, sampler = self.groups[gi], self.samplers[gi]
+        references = [self.samples[i].reference for i in group]
         steps = self.cfg.sampling.steps
         stack: list[tuple[int, object, tuple, int]] = []  # (depth, trajectory, transformer snapshot, bytes)
         held = 0
@@ -243,14 +257,22 @@ class Evaluator:
                         stack.append((i, traj.copy(), snap, size))
                         held += size
                 sampler.advance(traj, runner)
-                counters.steps += 1
+                counters.steps += len(group)  # sample-steps: the naive count's unit
                 counters.transformer_calls += runner.schedule[i] > 0
                 if tick is not None:
-                    tick(1)
+                    tick(len(group))
             final = traj.latents.float().cpu()
-            out[s] = float(((final - sample.reference) ** 2).mean())
+            out[s] = [float(((final[j:j + 1] - ref) ** 2).mean()) for j, ref in enumerate(references)]
             prev = s
         return out
+
+
+def batched_example(model, cfg: RunConfig, samples: list[Sample]) -> dict:
+    """The transformer's first-step kwargs with every sample in one batch: what an Evaluator
+    with `batch_samples` needs its programs captured at."""
+    from .sampling import batch_inputs, first_step_kwargs
+
+    return first_step_kwargs(model, cfg.video, cfg.sampling, batch_inputs([s.inputs for s in samples]))
 
 
 def shard(batch: list[Schedule]) -> list[Schedule]:
@@ -515,7 +537,8 @@ class Rescored:
                         "search.proxy_min_spearman %.2f over %d candidates); the schedule is still the best of them at the "
                         "full video, but a search at the full video (search.proxy_video: []) may find a better one",
                         list(self.video), rho, self.min_spearman, len(rows))
-        return {"video": list(self.video), "tokens": self.proxy_tokens, "rescored": len(rows), "spearman": rho,
+        return {"video": list(self.video), "tokens": self.proxy_tokens, "samples_a_batch": len(search.ev.groups[0]),
+                "rescored": len(rows), "spearman": rho,
                 "valid": valid, "min_spearman": self.min_spearman, "chosen_proxy_rank": rank[self.chosen],
                 "rescore_steps": self.counters.steps, "rescore_seconds": self.counters.seconds,
                 "search_seconds": st.counters.seconds, "candidates": rows}
@@ -737,11 +760,15 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         small = proxy_config(cfg)
         small_ref = dense.run(small, model, out_dir, progress=progress)
         small_n = model.layout(small.video).video_tokens
-        small_programs = build_programs(model, small, level_tokens(spec.levels, small_n), progress)
-        ev = Evaluator(model, small, small_programs, calibration_samples(model, small, small_ref, out_dir / "embeddings"),
-                       spec.levels, small_n, cache, spec.share_prefixes)
-        log.info("search: candidates at the proxy video %s (%d tokens against %d); the best %d and %d more re-scored "
-                 "at the full video", list(spec.proxy_video), small_n, n, spec.rescore, spec.validate)
+        small_samples = calibration_samples(model, small, small_ref, out_dir / "embeddings")
+        batched = spec.batch_samples and len(small_samples) > 1 and not model.family.stochastic(model.scheduler)
+        example = batched_example(model, small, small_samples) if batched else None
+        small_programs = build_programs(model, small, level_tokens(spec.levels, small_n), progress, example=example)
+        ev = Evaluator(model, small, small_programs, small_samples, spec.levels, small_n, cache, spec.share_prefixes,
+                       batch_samples=batched)
+        log.info("search: candidates at the proxy video %s (%d tokens against %d%s); the best %d and %d more re-scored "
+                 "at the full video", list(spec.proxy_video), small_n, n,
+                 f", {len(small_samples)} samples a batch" if batched else "", spec.rescore, spec.validate)
     search = Search(cfg, ev, c, folder, key, early_stop=spec.early_stop, predict_ms=cost.schedule_ms)
     st = search.run(resume=resume, progress=progress)
     rescored = rescore(search, st, full, spec.proxy_video, progress) if spec.proxy_video else None

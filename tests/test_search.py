@@ -252,6 +252,7 @@ def test_a_proxy_search_is_rescored_and_chosen_at_the_full_video(tiny, tmp_path)
     result = plan(cfg, model, ref, tmp_path, progress=False, programs=programs)
     proxy = result["proxy"]
     assert proxy["video"] == [5, 16, 32] and proxy["tokens"] < n == result["tokens"]
+    assert proxy["samples_a_batch"] == len(samples) == 2  # search.batch_samples: both seeds in one batch
     assert proxy["rescored"] == 6 and sum(r["role"] == "best" for r in proxy["candidates"]) == 3
     assert [r["proxy_rank"] for r in proxy["candidates"] if r["role"] == "best"] == [0, 1, 2]
     chosen = tuple(round(b * (LEVELS - 1)) for b in result["budget_per_step"])
@@ -274,3 +275,23 @@ def test_a_proxy_search_is_rescored_and_chosen_at_the_full_video(tiny, tmp_path)
     again = plan(cfg, model, ref, tmp_path, resume=True, progress=False, programs=programs)
     assert again["proxy"]["rescore_steps"] == proxy["rescore_steps"]
     assert again["budget_per_step"] == result["budget_per_step"] and again["mse"] == result["mse"]
+
+
+def test_samples_in_one_batch_give_the_separate_runs_fitness(tiny):
+    """batch_samples: both seeds sampled as one batch (programs captured at batch 4) give each
+    sample's MSE of its own run, up to float rounding, in fewer transformer calls."""
+    from astraea.search import batched_example
+
+    cfg, model, n, programs, samples, _ = tiny
+    batched = build_programs(model, cfg, level_tokens(LEVELS, n), progress=False,
+                             example=batched_example(model, cfg, samples))
+    rng = np.random.default_rng(3)
+    c = Constraint("budget", 0.5, 0.8, 1.2, LEVELS)
+    batch = [repair(random_schedule(STEPS, LEVELS, rng), c, rng) for _ in range(4)]
+    one, apart = Counters(), Counters()
+    got = Evaluator(model, cfg, batched, samples, LEVELS, n, 2**30, True, batch_samples=True).evaluate(batch, math.inf, one)
+    want = _evaluator(tiny).evaluate(batch, math.inf, apart)
+    for s in batch:
+        assert len(got[s]) == 2 and got[s][0] != got[s][1]
+        np.testing.assert_allclose(got[s], want[s], rtol=1e-4)
+    assert one.steps == apart.steps and one.transformer_calls * 2 == apart.transformer_calls

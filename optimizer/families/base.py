@@ -82,6 +82,11 @@ class Conditioning:
 
         return Conditioning(join("embeds"), join("mask"), join("pooled"))
 
+    def rows(self, start: int, stop: int) -> Conditioning:
+        """Batch rows start..stop-1."""
+        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return Conditioning(cut(self.embeds), cut(self.mask), cut(self.pooled))
+
     def to(self, device, dtype) -> Conditioning:
         def move(t):
             if t is None:
@@ -292,6 +297,11 @@ class Family:
 
     def scheduler_step(self, scheduler, pred, t, latents, state: dict) -> torch.Tensor:
         return scheduler.step(pred, t, latents, return_dict=False)[0]
+
+    def stochastic(self, scheduler) -> bool:
+        """Whether scheduler_step draws noise from the sample's generator (then samples cannot
+        share a batch and keep their own noise)."""
+        return False
 
     latents_in_model_dtype: ClassVar[bool] = False  # CogVideoX's pipeline keeps latents in the model dtype
 

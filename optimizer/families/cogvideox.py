@@ -126,6 +126,9 @@ class CogVideoX(Family):
             image_rotary_emb=static["image_rotary_emb"], return_dict=False,
         )
 
+    def stochastic(self, scheduler) -> bool:
+        return isinstance(scheduler, CogVideoXDPMScheduler)
+
     def scheduler_step(self, scheduler, pred, t, latents, state):
         if not isinstance(scheduler, CogVideoXDPMScheduler):
             return scheduler.step(pred, t, latents, return_dict=False)[0]

@@ -1,0 +1,124 @@
+"""What one fitness evaluation of the budget search costs, at the full video and at proxy
+videos, and the paper-size search projected from it in GPU-hours.
+
+For the config's video and each `--proxy FRAMES HEIGHT WIDTH`: the dense reference of the
+first prompt and seed, the rewritten programs of the levels the timed schedule uses, and
+one fitness evaluation (all `sampling.steps` steps through the search's own Evaluator) of
+the uniform schedule at the target (a dense first step, then every step at the target's
+level) timed twice: the first warms up (Triton kernels, allocator), the second is reported.
+The projection of the paper's search (population + children x generations candidates, x
+`--samples` prompts) with a proxy: every candidate at the proxy, less the share of steps
+that shared prefixes saved (`--prefix-saving`, measured on the bundled model), plus
+`search.rescore + search.validate` candidates at the full video.
+Writes search_cost.json and search_cost.md under --out.
+
+    python tools/measure_search_cost.py tools/configs/wan-1.3b-search-cost.yaml --proxy 33 240 416 --out runs/cost
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from astraea import config, loader, reference  # noqa: E402
+from astraea.bench import device_name  # noqa: E402
+from astraea.families import get_family  # noqa: E402
+from astraea.search import Counters, Evaluator, build_programs, calibration_samples, level_tokens  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_video(cfg: config.RunConfig, model, work: Path) -> dict:
+    spec, steps = cfg.search, cfg.sampling.steps
+    top = spec.levels - 1
+    level = min(top, max(1, round(cfg.target.budget * top)))
+    schedule = (top,) + (level,) * (steps - 1)
+    n = model.layout(cfg.video).video_tokens
+    tokens = level_tokens(spec.levels, n)
+    t0 = time.perf_counter()
+    ref = reference.run(cfg, model, work, progress=False)
+    ref_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    programs = build_programs(model, cfg, [tokens[v] for v in set(schedule)], progress=False)
+    rewrite_s = time.perf_counter() - t0
+    samples = calibration_samples(model, cfg, ref, work / "embeddings")[:1]
+    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, 0, share_prefixes=False)
+    seconds, mse = [], None
+    for _ in range(2):
+        _sync(model.device)
+        t0 = time.perf_counter()
+        mse = ev.evaluate([schedule], math.inf, Counters())[schedule][0]
+        _sync(model.device)
+        seconds.append(time.perf_counter() - t0)
+    return {"video": [cfg.video.frames, cfg.video.height, cfg.video.width], "tokens": n, "schedule_level": level,
+            "evaluation_s": seconds[1], "first_evaluation_s": seconds[0], "step_ms": 1000 * seconds[1] / steps,
+            "reference_s": ref_s, "rewrite_s": rewrite_s, "mse": mse}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path)
+    p.add_argument("--proxy", type=int, nargs=3, action="append", default=[], metavar=("FRAMES", "HEIGHT", "WIDTH"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--samples", type=int, default=4, help="prompts x seeds of the projected search (the paper: 4)")
+    p.add_argument("--prefix-saving", type=float, default=0.16, help="share of steps shared prefixes save")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = config.load(args.config)
+    if cfg.target.budget is None:
+        sys.exit("error: target.budget: this tool times the uniform schedule at a mean budget; set one")
+    model = loader.load_model(cfg)
+    spec = cfg.search
+    candidates = spec.population + spec.children * spec.generations
+    report = {"device": device_name(model.device), "torch": torch.__version__, "config": str(args.config),
+              "steps": cfg.sampling.steps, "target": cfg.target.budget, "samples": args.samples,
+              "candidates": candidates, "rescored": spec.rescore + spec.validate,
+              "prefix_saving": args.prefix_saving, "videos": []}
+    work = args.out / "run"
+    for i, video in enumerate([None] + args.proxy):
+        c = cfg if video is None else dataclasses.replace(cfg, video=config.VideoSpec(*video))
+        if video is not None:
+            get_family(cfg.model.family).validate(c)  # a video the family can sample, or a one-line error
+        row = time_video(c, model, work)
+        report["videos"].append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "search_cost.json").write_text(json.dumps(report, indent=1))
+    full = report["videos"][0]["evaluation_s"]
+    naive = candidates * args.samples * full / 3600
+    report["projection"] = [{"video": "full", "gpu_hours": naive, "ratio": 1.0}]
+    for row in report["videos"][1:]:
+        search = candidates * args.samples * row["evaluation_s"] * (1 - args.prefix_saving)
+        rescore = report["rescored"] * args.samples * full
+        hours = (search + rescore) / 3600
+        report["projection"].append({"video": "x".join(map(str, row["video"])), "gpu_hours": hours,
+                                     "search_hours": search / 3600, "rescore_hours": rescore / 3600,
+                                     "ratio": naive / hours})
+    (args.out / "search_cost.json").write_text(json.dumps(report, indent=1))
+    lines = [f"{report['device']}, torch {report['torch']}, {report['steps']} steps, target {report['target']:.0%}; "
+             f"projection: {candidates} candidates x {args.samples} samples, {report['rescored']} re-scored at the full video.",
+             "", "| video | tokens | one evaluation (s) | ms a step | rewrite (s) |", "|---|---|---|---|---|"]
+    for row in report["videos"]:
+        lines.append(f"| {'x'.join(map(str, row['video']))} | {row['tokens']} | {row['evaluation_s']:.1f} | "
+                     f"{row['step_ms']:.0f} | {row['rewrite_s']:.0f} |")
+    lines += ["", "| search at | GPU-hours | of which re-scoring | cheaper than at the full video |", "|---|---|---|---|"]
+    for row in report["projection"]:
+        lines.append(f"| {row['video']} | {row['gpu_hours']:.2f} | {row.get('rescore_hours', 0):.2f} | {row['ratio']:.1f}x |")
+    md = "\n".join(lines) + "\n"
+    (args.out / "search_cost.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
