@@ -193,6 +193,12 @@ def _summary(result: dict, log) -> None:
     log.info("search: %d candidates (%d stopped early), %d of a naive %d denoising steps, %.0f s",
              cost["candidates_evaluated"], cost["stopped_early"], cost["steps_executed"], cost["naive_steps"],
              cost["wall_seconds"])
+    proxy = result.get("proxy")
+    if proxy:
+        log.info("proxy %s: %d candidates re-scored at the full video in %.0f s, Spearman %.2f%s; the chosen one was "
+                 "the proxy's #%d", "x".join(map(str, proxy["video"])), proxy["rescored"], proxy["rescore_seconds"],
+                 proxy["spearman"], "" if proxy["valid"] else f" (below {proxy['min_spearman']}: not validated)",
+                 proxy["chosen_proxy_rank"] + 1)
 
 
 def build_main(argv: list[str] | None = None) -> int:

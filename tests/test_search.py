@@ -270,6 +270,18 @@ def test_a_proxy_search_is_rescored_and_chosen_at_the_full_video(tiny, tmp_path)
     assert result["cost"]["steps_executed"] > proxy["rescore_steps"]
     folder = tmp_path / "search" / result["key"]
     assert (folder / "rescore.json").is_file()
+    import logging
+
+    from astraea.cli import _summary
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("astraea.test-summary")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    _summary(result, log)
+    assert any(m.startswith("proxy 5x16x32: 6 candidates re-scored") and "Spearman" in m for m in seen), seen
     # a resumed run reuses the re-scored candidates: the same result, no more full-video steps
     (folder / "schedule.json").unlink()
     again = plan(cfg, model, ref, tmp_path, resume=True, progress=False, programs=programs)

@@ -32,7 +32,14 @@ import torch  # noqa: E402
 from astraea import config, loader, reference  # noqa: E402
 from astraea.bench import device_name  # noqa: E402
 from astraea.families import get_family  # noqa: E402
-from astraea.search import Counters, Evaluator, build_programs, calibration_samples, level_tokens  # noqa: E402
+from astraea.search import (  # noqa: E402
+    Counters,
+    Evaluator,
+    batched_example,
+    build_programs,
+    calibration_samples,
+    level_tokens,
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -40,31 +47,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_video(cfg: config.RunConfig, model, work: Path) -> dict:
+def time_video(cfg: config.RunConfig, model, work: Path, samples: int = 1) -> dict:
+    """One fitness evaluation of the uniform schedule at the target, timed warm; with
+    `samples` > 1, that many seeds of the first prompt in one batch (search.batch_samples)."""
     spec, steps = cfg.search, cfg.sampling.steps
     top = spec.levels - 1
     level = min(top, max(1, round(cfg.target.budget * top)))
     schedule = (top,) + (level,) * (steps - 1)
+    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, prompts=cfg.sampling.prompts[:1],
+                                                                seeds=tuple(range(samples))))
     n = model.layout(cfg.video).video_tokens
     tokens = level_tokens(spec.levels, n)
     t0 = time.perf_counter()
     ref = reference.run(cfg, model, work, progress=False)
     ref_s = time.perf_counter() - t0
+    cal = calibration_samples(model, cfg, ref, work / "embeddings")
+    batched = samples > 1
     t0 = time.perf_counter()
-    programs = build_programs(model, cfg, [tokens[v] for v in set(schedule)], progress=False)
+    programs = build_programs(model, cfg, [tokens[v] for v in set(schedule)], progress=False,
+                              example=batched_example(model, cfg, cal) if batched else None)
     rewrite_s = time.perf_counter() - t0
-    samples = calibration_samples(model, cfg, ref, work / "embeddings")[:1]
-    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, 0, share_prefixes=False)
+    ev = Evaluator(model, cfg, programs, cal, spec.levels, n, 0, share_prefixes=False, batch_samples=batched)
     seconds, mse = [], None
     for _ in range(2):
         _sync(model.device)
         t0 = time.perf_counter()
-        mse = ev.evaluate([schedule], math.inf, Counters())[schedule][0]
+        mse = ev.evaluate([schedule], math.inf, Counters())[schedule]
         _sync(model.device)
         seconds.append(time.perf_counter() - t0)
-    return {"video": [cfg.video.frames, cfg.video.height, cfg.video.width], "tokens": n, "schedule_level": level,
-            "evaluation_s": seconds[1], "first_evaluation_s": seconds[0], "step_ms": 1000 * seconds[1] / steps,
-            "reference_s": ref_s, "rewrite_s": rewrite_s, "mse": mse}
+    peak = torch.cuda.max_memory_allocated(model.device) / 2**30 if model.device.type == "cuda" else None
+    return {"video": [cfg.video.frames, cfg.video.height, cfg.video.width], "tokens": n, "samples_a_batch": samples,
+            "schedule_level": level, "evaluation_s": seconds[1], "first_evaluation_s": seconds[0],
+            "per_sample_s": seconds[1] / samples, "step_ms": 1000 * seconds[1] / steps, "reference_s": ref_s,
+            "rewrite_s": rewrite_s, "mse": mse, "peak_gib_so_far": peak}
 
 
 def main() -> None:
@@ -72,49 +87,65 @@ def main() -> None:
     p.add_argument("config", type=Path)
     p.add_argument("--proxy", type=int, nargs=3, action="append", default=[], metavar=("FRAMES", "HEIGHT", "WIDTH"))
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--samples", type=int, default=4, help="prompts x seeds of the projected search (the paper: 4)")
-    p.add_argument("--prefix-saving", type=float, default=0.16, help="share of steps shared prefixes save")
+    p.add_argument("--samples", type=int, default=4, help="prompts x seeds of the projected search (the paper: 4); "
+                   "each proxy is also timed with this many samples in one batch")
+    p.add_argument("--prefix-saving", type=float, default=0.16, help="share of sample-steps shared prefixes save")
+    p.add_argument("--full-from", type=Path, help="a search_cost.json of an earlier run on the same machine: take its "
+                   "full-video row instead of timing it again")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = config.load(args.config)
     if cfg.target.budget is None:
         sys.exit("error: target.budget: this tool times the uniform schedule at a mean budget; set one")
     model = loader.load_model(cfg)
-    spec = cfg.search
-    candidates = spec.population + spec.children * spec.generations
+    paper = config.SearchSpec()  # the projection is of a paper-size search, whatever the config's search is
+    candidates = paper.population + paper.children * paper.generations
     report = {"device": device_name(model.device), "torch": torch.__version__, "config": str(args.config),
               "steps": cfg.sampling.steps, "target": cfg.target.budget, "samples": args.samples,
-              "candidates": candidates, "rescored": spec.rescore + spec.validate,
+              "candidates": candidates, "rescored": paper.rescore + paper.validate,
               "prefix_saving": args.prefix_saving, "videos": []}
     work = args.out / "run"
-    for i, video in enumerate([None] + args.proxy):
-        c = cfg if video is None else dataclasses.replace(cfg, video=config.VideoSpec(*video))
-        if video is not None:
-            get_family(cfg.model.family).validate(c)  # a video the family can sample, or a one-line error
-        row = time_video(c, model, work)
+
+    def save(row):
         report["videos"].append(row)
         print(json.dumps(row), flush=True)
         (args.out / "search_cost.json").write_text(json.dumps(report, indent=1))
-    full = report["videos"][0]["evaluation_s"]
+
+    if args.full_from:
+        earlier = json.loads(args.full_from.read_text())
+        if earlier["device"] != report["device"]:
+            sys.exit(f"error: --full-from: {args.full_from} was measured on {earlier['device']}, not {report['device']}")
+        save({**earlier["videos"][0], "from": str(args.full_from)})
+    else:
+        save(time_video(cfg, model, work))
+    for video in args.proxy:
+        c = dataclasses.replace(cfg, video=config.VideoSpec(*video))
+        get_family(cfg.model.family).validate(c)  # a video the family can sample, or a one-line error
+        for samples in sorted({1, args.samples}):
+            save(time_video(c, model, work, samples))
+    full = report["videos"][0]["per_sample_s"]
     naive = candidates * args.samples * full / 3600
-    report["projection"] = [{"video": "full", "gpu_hours": naive, "ratio": 1.0}]
+    report["projection"] = [{"video": "full", "samples_a_batch": 1, "gpu_hours": naive, "ratio": 1.0}]
     for row in report["videos"][1:]:
-        search = candidates * args.samples * row["evaluation_s"] * (1 - args.prefix_saving)
+        search = candidates * args.samples * row["per_sample_s"] * (1 - args.prefix_saving)
         rescore = report["rescored"] * args.samples * full
         hours = (search + rescore) / 3600
-        report["projection"].append({"video": "x".join(map(str, row["video"])), "gpu_hours": hours,
-                                     "search_hours": search / 3600, "rescore_hours": rescore / 3600,
+        report["projection"].append({"video": "x".join(map(str, row["video"])), "samples_a_batch": row["samples_a_batch"],
+                                     "gpu_hours": hours, "search_hours": search / 3600, "rescore_hours": rescore / 3600,
                                      "ratio": naive / hours})
     (args.out / "search_cost.json").write_text(json.dumps(report, indent=1))
     lines = [f"{report['device']}, torch {report['torch']}, {report['steps']} steps, target {report['target']:.0%}; "
              f"projection: {candidates} candidates x {args.samples} samples, {report['rescored']} re-scored at the full video.",
-             "", "| video | tokens | one evaluation (s) | ms a step | rewrite (s) |", "|---|---|---|---|---|"]
+             "", "| video | tokens | samples a batch | one evaluation (s) | a sample (s) | ms a step | rewrite (s) |",
+             "|---|---|---|---|---|---|---|"]
     for row in report["videos"]:
-        lines.append(f"| {'x'.join(map(str, row['video']))} | {row['tokens']} | {row['evaluation_s']:.1f} | "
-                     f"{row['step_ms']:.0f} | {row['rewrite_s']:.0f} |")
-    lines += ["", "| search at | GPU-hours | of which re-scoring | cheaper than at the full video |", "|---|---|---|---|"]
+        lines.append(f"| {'x'.join(map(str, row['video']))} | {row['tokens']} | {row['samples_a_batch']} | "
+                     f"{row['evaluation_s']:.1f} | {row['per_sample_s']:.2f} | {row['step_ms']:.0f} | {row['rewrite_s']:.0f} |")
+    lines += ["", "| search at | samples a batch | GPU-hours | of which re-scoring | cheaper than at the full video |",
+              "|---|---|---|---|---|"]
     for row in report["projection"]:
-        lines.append(f"| {row['video']} | {row['gpu_hours']:.2f} | {row.get('rescore_hours', 0):.2f} | {row['ratio']:.1f}x |")
+        lines.append(f"| {row['video']} | {row['samples_a_batch']} | {row['gpu_hours']:.2f} | "
+                     f"{row.get('rescore_hours', 0):.2f} | {row['ratio']:.1f}x |")
     md = "\n".join(lines) + "\n"
     (args.out / "search_cost.md").write_text(md)
     print(md)
