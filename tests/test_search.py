@@ -247,7 +247,8 @@ def test_a_proxy_search_is_rescored_and_chosen_at_the_full_video(tiny, tmp_path)
     of the ranking are re-evaluated at the full video, and the schedule chosen and every
     number reported for it are the full video's (checked against an independent evaluation)."""
     cfg, model, n, programs, samples, out = tiny
-    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, proxy_video=(5, 16, 32), rescore=3, validate=3))
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, proxy_video=(5, 16, 32), rescore=3, validate=3,
+                                                              generations=1))
     ref = reference.run(cfg, model, out, progress=False)
     result = plan(cfg, model, ref, tmp_path, progress=False, programs=programs)
     proxy = result["proxy"]

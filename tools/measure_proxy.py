@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--schedules", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=Path("runs/measure-proxy"), help="references, embeddings (reused)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base = bundled.run_config(PROMPTS, steps=args.steps)
@@ -90,7 +91,7 @@ def main() -> None:
     scheds = schedules(args.steps, levels, args.target, args.schedules, args.seed)
     report = {"model": "bundled", "device": "cpu", "steps": args.steps, "target": args.target, "samples": len(PROMPTS),
               "schedules": [list(s) for s in scheds], "videos": []}
-    work = args.out / "run"
+    work = args.work
     full = evaluate(base, model, bundled.VIDEO, scheds, work, levels)
     report["videos"].append(full)
     print(f"full {full['video']}: {full['seconds']:.0f} s", flush=True)
