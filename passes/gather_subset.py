@@ -3,7 +3,8 @@
 Inserts a row gather (plain aten expand + gather) on every full-to-subset edge that
 classify_rows recorded, memoised per source, and rewrites the size arguments of subset
 view/reshape/expand nodes from N to k at their token axis. `meta['val']` is refreshed by
-the cleanup pass.
+the cleanup pass. At the dense budget (k = N) every edge stays as it was: the selection is
+every row in order, so a gather would only copy.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def _resize(node: fx.Node, args: list, n: int, k: int) -> int:
 
 def gather_subset(gm: fx.GraphModule, ctx) -> dict[str, int]:
     counts = {"gathers": 0, "resized": 0}
+    if ctx.budget == ctx.layout.video_tokens:  # every row in order: a gather would copy its source unchanged
+        return counts
     memo: dict[tuple[fx.Node, str], fx.Node] = {}
     for node in list(gm.graph.nodes):
         block = node.meta.get("astraea_block")

@@ -6,6 +6,8 @@ across steps (cache (B, N, D) in the stream's dtype, lse (B, N) float32, ref (B,
 the mark. With `ctx.sketch_dim` the reference is the block input's sketch (B, N, dim)
 float32 (token_select.sketch), and the score compares it with the sketch of x. State is explicit (inputs in, new state out): AOTInductor packages and TensorRT
 engines both take it that way, and the runtime donates the buffers.
+At the dense budget (k = N) the selection is every row in order, an arange: no scores and
+no top-k (and gather_subset inserts no gathers), the state written as at any budget.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from astraea.plugins.token_select import sketch
 from .graph_util import add_placeholder
 
 MARK = torch.ops.astraea.token_mark.default
+aten = torch.ops.aten
 
 
 def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
@@ -43,8 +46,18 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
             seen.meta["val"] = ref
             state["seen"] = seen
         with gm.graph.inserting_after(seen):
-            idx = gm.graph.call_function(torch.ops.astraea.token_select.default,
-                                         (state["lse"], seen, state["ref"], state["skips"], ctx.budget, ctx.w_beta, None))
+            if ctx.budget == ctx.layout.video_tokens:  # dense: every row, in order (what top-N would give)
+                rows = gm.graph.call_function(aten.arange.default, (ctx.budget,), {"device": x.device})
+                rows.meta["val"] = x.new_empty((ctx.budget,), dtype=torch.int64)
+                with gm.graph.inserting_after(rows):
+                    line = gm.graph.call_function(aten.view.default, (rows, [1, ctx.budget]))
+                line.meta["val"] = x.new_empty((1, ctx.budget), dtype=torch.int64)
+                with gm.graph.inserting_after(line):
+                    idx = gm.graph.call_function(aten.expand.default, (line, [b, ctx.budget]))
+            else:
+                idx = gm.graph.call_function(torch.ops.astraea.token_select.default,
+                                             (state["lse"], seen, state["ref"], state["skips"], ctx.budget, ctx.w_beta,
+                                              None))
         idx.meta["val"] = x.new_empty((b, ctx.budget), dtype=torch.int64)
         idx.meta["astraea_block"] = block
         ctx.blocks[block] = {"mark": mark, "idx": idx, "index": i, **state}

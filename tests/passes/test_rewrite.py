@@ -53,6 +53,12 @@ def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget, sketc
     _, cap_dense, gm_dense, _ = _rewritten(family, preset, n, sketch_dim)  # step 0 is always dense
     model, cap, gm, ctx = _rewritten(family, preset, k, sketch_dim)
     assert not [x for x in gm.graph.nodes if x.target is SDPA and x.meta.get("astraea_attention") == "self"]
+    selects = [x for x in gm.graph.nodes if x.target is torch.ops.astraea.token_select.default]
+    if k == n:  # the dense budget selects every row in order: no scores, no top-k, no row gathers
+        assert not selects and not [x for x in gm_dense.graph.nodes if x.target is torch.ops.astraea.token_select.default]
+        assert ctx.stats["gather_subset"]["gathers"] == 0
+    else:
+        assert len(selects) == len(ctx.blocks) and ctx.stats["gather_subset"]["gathers"] > 0
     blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
     ex0 = cap.example
     calls0, want0 = block_calls(model, ex0)
