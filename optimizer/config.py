@@ -256,9 +256,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         raise ConfigError("search.mutation_end", "must not exceed search.mutation_start")
     if se.children > se.population:
         raise ConfigError("search.children", "must not exceed search.population")
-    if se.proxy_video and len(se.proxy_video) != 3:
-        raise ConfigError("search.proxy_video", f"give [frames, height, width] (or []), got {list(se.proxy_video)}")
     if se.proxy_video:
+        if len(se.proxy_video) != 3:
+            raise ConfigError("search.proxy_video", f"give [frames, height, width] (or []), got {list(se.proxy_video)}")
         _build(VideoSpec, dict(zip(("frames", "height", "width"), se.proxy_video)), "search.proxy_video")
     return dataclasses.replace(cfg, model=m, sampling=s)
 

@@ -92,6 +92,7 @@ def spearman(x, y) -> float:
             r[tied] = r[tied].mean()
         return r
 
-    ra, rb = ranks(a) - ranks(a).mean(), ranks(b) - ranks(b).mean()
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
     den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
     return float((ra * rb).sum() / den) if den > 0 else float("nan")

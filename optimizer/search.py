@@ -315,24 +315,36 @@ class SearchState:
     sample_order: list[int] = field(default_factory=list)
 
     def to_json(self, key: str) -> dict:
-        enc = lambda s: ",".join(map(str, s))  # noqa: E731
         return {"version": STATE_VERSION, "key": key, "generation": self.generation, "rng": self.rng,
                 "population": [[list(s), f] for s, f in self.population],
-                "memo": {enc(s): v for s, v in self.memo.items()}, "history": self.history,
+                "memo": {_encode(s): v for s, v in self.memo.items()}, "history": self.history,
                 "counters": vars(self.counters), "sample_order": self.sample_order}
 
     @classmethod
     def from_json(cls, raw: dict, key: str) -> SearchState:
         if raw.get("version") != STATE_VERSION or raw.get("key") != key:
             raise SearchError("the search checkpoint belongs to another configuration; remove it or drop --resume")
-        dec = lambda t: tuple(int(v) for v in t.split(","))  # noqa: E731
         return cls(raw["generation"], raw["rng"], [(tuple(s), f) for s, f in raw["population"]],
-                   {dec(k): v for k, v in raw["memo"].items()}, raw["history"], Counters(**raw["counters"]),
+                   {_decode(k): v for k, v in raw["memo"].items()}, raw["history"], Counters(**raw["counters"]),
                    raw["sample_order"])
 
 
 def fitness_of(values: list, samples: int) -> float:
     return sum(values) / samples if len(values) == samples else math.inf
+
+
+def _encode(s: Schedule) -> str:
+    """A schedule as a JSON object key ("10,5,5,...")."""
+    return ",".join(map(str, s))
+
+
+def _decode(text: str) -> Schedule:
+    return tuple(int(v) for v in text.split(","))
+
+
+def ranking(st: SearchState, samples: int) -> list[tuple[float, Schedule]]:
+    """Every evaluated schedule with its fitness, best first (stopped ones last, at inf)."""
+    return sorted((fitness_of(v, samples), s) for s, v in st.memo.items())
 
 
 class Search:
@@ -505,9 +517,6 @@ class Rescored:
     spread: list[Schedule]
     mse: dict[Schedule, list]  # per-sample MSE at the full video, in sample order
     counters: Counters
-    min_spearman: float
-    video: tuple[int, ...]
-    proxy_tokens: int
 
     @property
     def samples(self) -> list[Sample]:
@@ -521,48 +530,45 @@ class Rescored:
     def report(self, search: Search, st: SearchState) -> dict:
         from .metrics import spearman
 
-        n = len(self.samples)
+        n, bound, video = len(self.samples), search.spec.proxy_min_spearman, list(search.spec.proxy_video)
         rows = []
-        ranked = sorted((fitness_of(v, search.n), s) for s, v in st.memo.items())
-        rank = {s: i for i, (_, s) in enumerate(ranked)}
+        rank = {s: i for i, (_, s) in enumerate(ranking(st, search.n))}
         for s in self.top + self.spread:
             full = float(np.mean([psnr(v, x.peak) for x, v in zip(self.samples, self.mse[s])]))
             rows.append({"schedule": list(s), "proxy_rank": rank[s], "proxy_mse": fitness_of(st.memo[s], search.n),
                          "proxy_psnr": search.mean_psnr(s, st), "mse": fitness_of(self.mse[s], n), "psnr": full,
                          "role": "best" if s in self.top else "spread"})
         rho = spearman([r["proxy_mse"] for r in rows], [r["mse"] for r in rows]) if len(rows) > 2 else float("nan")
-        valid = bool(rho >= self.min_spearman)
+        valid = bool(rho >= bound)
         if not valid:
             log.warning("search: the proxy video %s does not rank schedules like the full video (Spearman %.2f < "
                         "search.proxy_min_spearman %.2f over %d candidates); the schedule is still the best of them at the "
                         "full video, but a search at the full video (search.proxy_video: []) may find a better one",
-                        list(self.video), rho, self.min_spearman, len(rows))
-        return {"video": list(self.video), "tokens": self.proxy_tokens, "samples_a_batch": len(search.ev.groups[0]),
+                        video, rho, bound, len(rows))
+        return {"video": video, "tokens": search.ev.tokens, "samples_a_batch": len(search.ev.groups[0]),
                 "rescored": len(rows), "spearman": rho,
-                "valid": valid, "min_spearman": self.min_spearman, "chosen_proxy_rank": rank[self.chosen],
+                "valid": valid, "min_spearman": bound, "chosen_proxy_rank": rank[self.chosen],
                 "rescore_steps": self.counters.steps, "rescore_seconds": self.counters.seconds,
                 "search_seconds": st.counters.seconds, "candidates": rows}
 
 
-def rescore(search: Search, st: SearchState, full: Evaluator, video: tuple[int, ...], progress: bool = True,
-            chunk: int = 4) -> Rescored:
+def rescore(search: Search, st: SearchState, full: Evaluator, progress: bool = True, chunk: int = 4) -> Rescored:
     """Re-evaluate the proxy's best and a spread of its ranking at the full video, a few
     candidates at a time, each chunk written to <folder>/rescore.json (reused on a rerun)."""
     import json
 
     spec = search.spec
-    ranked = [s for f, s in sorted((fitness_of(v, search.n), s) for s, v in st.memo.items()) if math.isfinite(f)]
+    ranked = [s for f, s in ranking(st, search.n) if math.isfinite(f)]
     top, rest = ranked[: spec.rescore], ranked[spec.rescore:]
     picks = sorted({int(round(i)) for i in np.linspace(0, len(rest) - 1, min(spec.validate, len(rest)))}) if rest else []
     spread = [rest[i] for i in picks]
     path = search.folder / "rescore.json"
-    enc = lambda s: ",".join(map(str, s))  # noqa: E731
     done: dict[Schedule, list] = {}
     counters = Counters()
     if path.is_file():
         raw = json.loads(path.read_text())
         if raw.get("key") == search.key:
-            done = {tuple(int(v) for v in k.split(",")): v for k, v in raw["mse"].items()}
+            done = {_decode(k): v for k, v in raw["mse"].items()}
             counters = Counters(**raw["counters"])
     todo = sorted(s for s in top + spread if s not in done)
     steps = full.cfg.sampling.steps
@@ -578,12 +584,11 @@ def rescore(search: Search, st: SearchState, full: Evaluator, video: tuple[int, 
             done.update(results)
             counters.add(got)
             if _is_main():
-                write_json(path, {"key": search.key, "mse": {enc(s): v for s, v in done.items()},
+                write_json(path, {"key": search.key, "mse": {_encode(s): v for s, v in done.items()},
                                   "counters": vars(counters)})
     finally:
         bar.close()
-    return Rescored(full, top, spread, {s: done[s] for s in top + spread}, counters,
-                    spec.proxy_min_spearman, video, search.ev.tokens)
+    return Rescored(full, top, spread, {s: done[s] for s in top + spread}, counters)
 
 
 def _world() -> int:
@@ -649,15 +654,14 @@ def plot_search(st: SearchState, search: Search, path: Path, proxy: dict | None 
     b.grid(alpha=0.3)
     b.legend(fontsize=8)
     if proxy is not None:
-        r = proxy
         ax = axes[2]
         for role, colour in (("best", "tab:red"), ("spread", "tab:blue")):
-            rows = [x for x in r["candidates"] if x["role"] == role]
+            rows = [x for x in proxy["candidates"] if x["role"] == role]
             ax.scatter([x["proxy_psnr"] for x in rows], [x["psnr"] for x in rows], s=14, c=colour,
                        label="proxy's best" if role == "best" else "spread over its ranking")
-        ax.set_xlabel(f"PSNR at the proxy video {'x'.join(map(str, r['video']))} (dB)")
+        ax.set_xlabel(f"PSNR at the proxy video {'x'.join(map(str, proxy['video']))} (dB)")
         ax.set_ylabel("PSNR at the full video (dB)")
-        ax.set_title(f"Spearman {r['spearman']:.2f} over {r['rescored']} candidates", fontsize=9)
+        ax.set_title(f"Spearman {proxy['spearman']:.2f} over {proxy['rescored']} candidates", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -771,7 +775,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
                  f", {len(small_samples)} samples a batch" if batched else "", spec.rescore, spec.validate)
     search = Search(cfg, ev, c, folder, key, early_stop=spec.early_stop, predict_ms=cost.schedule_ms)
     st = search.run(resume=resume, progress=progress)
-    rescored = rescore(search, st, full, spec.proxy_video, progress) if spec.proxy_video else None
+    rescored = rescore(search, st, full, progress) if spec.proxy_video else None
     return search.write_outputs(st, {"device": cost.device, "dense_step_ms": cost.dense_ms, "dense_ms": steps * cost.dense_ms,
                                      "level_ms": cost.level_ms, "cost_model": cost.key,
                                      "timesteps": [float(t) for t in full.samplers[0].timesteps.cpu()]}, rescored)

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from astraea.plugins.token_select import sketch
 
-from .graph_util import add_placeholder
+from .graph_util import add_placeholder, call
 
 MARK = torch.ops.astraea.token_mark.default
 aten = torch.ops.aten
@@ -45,15 +45,11 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
                 seen = gm.graph.call_function(sketch, (mark, ctx.sketch_dim))
             seen.meta["val"] = ref
             state["seen"] = seen
-        with gm.graph.inserting_after(seen):
+        with gm.graph.inserting_before(seen.next):  # in creation order, right after `seen`
             if ctx.budget == ctx.layout.video_tokens:  # dense: every row, in order (what top-N would give)
                 rows = gm.graph.call_function(aten.arange.default, (ctx.budget,), {"device": x.device})
-                rows.meta["val"] = x.new_empty((ctx.budget,), dtype=torch.int64)
-                with gm.graph.inserting_after(rows):
-                    line = gm.graph.call_function(aten.view.default, (rows, [1, ctx.budget]))
-                line.meta["val"] = x.new_empty((1, ctx.budget), dtype=torch.int64)
-                with gm.graph.inserting_after(line):
-                    idx = gm.graph.call_function(aten.expand.default, (line, [b, ctx.budget]))
+                idx = call(gm.graph, aten.expand.default, call(gm.graph, aten.view.default, rows, [1, ctx.budget]),
+                           [b, ctx.budget])
             else:
                 idx = gm.graph.call_function(torch.ops.astraea.token_select.default,
                                              (state["lse"], seen, state["ref"], state["skips"], ctx.budget, ctx.w_beta,

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from astraea import config, loader, reference  # noqa: E402
-from astraea.bench import device_name  # noqa: E402
+from astraea.bench import Clock, device_name  # noqa: E402
 from astraea.families import get_family  # noqa: E402
 from astraea.search import (  # noqa: E402
     Counters,
@@ -40,11 +40,6 @@ from astraea.search import (  # noqa: E402
     calibration_samples,
     level_tokens,
 )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_video(cfg: config.RunConfig, model, work: Path, samples: int = 1) -> dict:
@@ -70,11 +65,11 @@ def time_video(cfg: config.RunConfig, model, work: Path, samples: int = 1) -> di
     ev = Evaluator(model, cfg, programs, cal, spec.levels, n, 0, share_prefixes=False, batch_samples=batched)
     seconds, mse = [], None
     for _ in range(2):
-        _sync(model.device)
-        t0 = time.perf_counter()
+        start, end = Clock(model.device), Clock(model.device)
+        start.record()
         mse = ev.evaluate([schedule], math.inf, Counters())[schedule]
-        _sync(model.device)
-        seconds.append(time.perf_counter() - t0)
+        end.record()
+        seconds.append(start.until(end) / 1e3)
     peak = torch.cuda.max_memory_allocated(model.device) / 2**30 if model.device.type == "cuda" else None
     return {"video": [cfg.video.frames, cfg.video.height, cfg.video.width], "tokens": n, "samples_a_batch": samples,
             "schedule_level": level, "evaluation_s": seconds[1], "first_evaluation_s": seconds[0],
