@@ -10,9 +10,11 @@
     score = lse * ||x - x_ref||_2 + w_beta * exp(skips)        (w_alpha = 1)
 
 Top-k by score with ties broken by the lower row index, so the choice is the same on every
-device: the float32 score is mapped to an order-preserving integer and combined with the
-row index into one int64 key for torch.topk. On CUDA the scores come from one Triton pass
-over x and x_ref (kernels/select.py); elsewhere from the reference below. k is static (one
+device. On CUDA two Triton kernels (kernels/select.py) do it: one pass over x and x_ref
+for the scores, then a radix select that writes the k rows in ascending order (no sort, no
+int64 keys; torch.topk over int64 keys cost most of the selection on the H100). Elsewhere
+the reference below: the float32 score mapped to an order-preserving integer and combined
+with the row index into one int64 key for torch.topk, then sorted. k is static (one
 engine per budget); values are data-dependent. The skip counters are updated by
 astraea::cache_update, where the selection is applied.
 """
@@ -74,6 +76,16 @@ def _scores_triton(lse, x, x_ref, skips, w_beta, forced) -> torch.Tensor:
     return out
 
 
+TOP_K_BLOCK = 2048  # rows a top-k program reads at a time
+
+
+def _top_k_triton(score: torch.Tensor, k: int) -> torch.Tensor:
+    b, n = score.shape
+    out = torch.empty((b, k), dtype=torch.int64, device=score.device)
+    wrap_triton(_kernels.top_k_kernel)[(b,)](score.contiguous(), out, n, k, BLOCK=TOP_K_BLOCK, num_warps=8)
+    return out
+
+
 def top_k_rows(score: torch.Tensor, k: int) -> torch.Tensor:
     """Ascending indices of the k best rows per batch row; ties go to the lower index."""
     bits = score.contiguous().view(torch.int32)
@@ -93,7 +105,5 @@ def token_select(
         raise ValueError(f"token_select: lse {tuple(lse.shape)}, x {tuple(x.shape)}, x_ref {tuple(x_ref.shape)}, "
                          f"skips {tuple(skips.shape)}, k={k} do not agree")
     if x.device.type == "cuda" and _kernels is not None:
-        s = _scores_triton(lse, x, x_ref, skips, w_beta, forced)
-    else:
-        s = scores(lse, x, x_ref, skips, w_beta, forced)
-    return top_k_rows(s.float(), k).contiguous()
+        return _top_k_triton(_scores_triton(lse, x, x_ref, skips, w_beta, forced), k)
+    return top_k_rows(scores(lse, x, x_ref, skips, w_beta, forced).float(), k).contiguous()

@@ -113,6 +113,17 @@ def test_token_select_on_cuda_matches_cpu(n, k):
     assert overlap > 0.999
 
 
+@pytest.mark.parametrize("n,k", [(1, 1), (300, 299), (26520, 10608), (118800, 59400)])
+def test_top_k_kernel_on_cuda_is_the_reference_selection(n, k):
+    from astraea.plugins import token_select as ts
+
+    s = torch.randn(2, n)
+    s[0, : n // 3] = 0.5  # a run of ties across the k-th place
+    s[1, ::7] = float("inf")
+    got = ts._top_k_triton(s.cuda(), k).cpu()
+    assert torch.equal(got, ts.top_k_rows(s, k))
+
+
 def test_ops_compile_on_cuda_with_the_triton_kernels():
     """The three ops in one graph under torch.compile(fullgraph) on CUDA: Inductor takes the
     Triton kernels in (triton_op) and the result matches eager."""

@@ -6,7 +6,9 @@ against SDPA's rows first, then times (triton.testing.do_bench, median, warm-up 
   triton       the op's Triton kernel alone (sparse_attention.launch, with LSE)
   sdpa         F.scaled_dot_product_attention(q_sel, k, v)             (default dispatch: cuDNN on the H100; no LSE)
   gather_sdpa  gather q rows from the full Q, SDPA, scatter into a full output (PyTorch)
-and token_select at the same (B, N, hidden) against one dense diffusers Wan block.
+and token_select at the same (B, N, hidden) against one dense diffusers Wan block, at the
+CFG batch (2) and one branch (1, as per-branch engines call it), split into its scoring pass
+and its top-k, the radix-select kernel against the torch.topk path it replaced.
 Writes bench_kernels.json, bench_kernels.md and bench_kernels.png under --out.
 
     python3 tools/bench_kernels.py --out $OUT/kernels
@@ -86,6 +88,8 @@ def attention_rows(name: str, shape, budgets) -> list[dict]:
 def selection_rows(name: str, shape) -> dict:
     from diffusers import WanTransformer3DModel
 
+    from astraea.plugins import token_select as ts
+
     b, h, n, d, hidden = shape
     x, x_ref = (torch.randn(b, n, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     lse = torch.rand(b, n, device="cuda")
@@ -93,6 +97,16 @@ def selection_rows(name: str, shape) -> dict:
     k = n // 2
     select_ms = bench(lambda: torch.ops.astraea.token_select(lse, x, x_ref, skips, k, 0.5, None))
     row = {"shape": name, "select_ms": select_ms}
+    for batch in (b, 1):  # the CFG batch, and one branch
+        args = (lse[:batch], x[:batch], x_ref[:batch], skips[:batch])
+        s = ts._scores_triton(*args, 0.5, None)
+        assert torch.equal(ts._top_k_triton(s, k), ts.top_k_rows(s, k))
+        row[f"b{batch}"] = {
+            "select_ms": bench(lambda: torch.ops.astraea.token_select(*args, k, 0.5, None)),
+            "scores_ms": bench(lambda: ts._scores_triton(*args, 0.5, None)),
+            "top_k_kernel_ms": bench(lambda: ts._top_k_triton(s, k)),
+            "torch_topk_ms": bench(lambda: ts.top_k_rows(s, k)),
+        }
     if name.startswith("wan"):  # one dense diffusers Wan 2.1 1.3B block at this token count
         frames = {26520: 17, 32760: 21}[n]
         with torch.device("cuda"):
@@ -124,6 +138,14 @@ def markdown(rows: list[dict], sel: list[dict], device: str) -> str:
     for s in sel:
         lines.append(f"| {s['shape']} | {s['select_ms']:.3f} | {s.get('block_ms', float('nan')):.2f} | "
                      f"{s.get('block_over_select', float('nan')):.0f}x |")
+    lines += ["", "| shape | batch | token_select (ms) | scores (ms) | top-k kernel (ms) | torch.topk path (ms) | "
+              "top-k speedup |", "|---|---|---|---|---|---|---|"]
+    for s in sel:
+        for key in (k for k in s if k.startswith("b") and k[1:].isdigit()):
+            t = s[key]
+            lines.append(f"| {s['shape']} | {key[1:]} | {t['select_ms']:.3f} | {t['scores_ms']:.3f} | "
+                         f"{t['top_k_kernel_ms']:.3f} | {t['torch_topk_ms']:.3f} | "
+                         f"{t['torch_topk_ms'] / t['top_k_kernel_ms']:.1f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,17 +175,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--budgets", type=float, nargs="*", default=BUDGETS)
+    p.add_argument("--selection-only", action="store_true", help="skip the attention table")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    rows = [r for name, shape in SHAPES.items() for r in attention_rows(name, shape, args.budgets)]
+    rows = [] if args.selection_only else [
+        r for name, shape in SHAPES.items() for r in attention_rows(name, shape, args.budgets)]
     sel = [selection_rows(name, shape) for name, shape in SHAPES.items()]
     device = torch.cuda.get_device_name()
     (args.out / "bench_kernels.json").write_text(json.dumps({"device": device, "torch": torch.__version__,
                                                              "attention": rows, "selection": sel}, indent=1))
     md = markdown(rows, sel, device)
     (args.out / "bench_kernels.md").write_text(md)
-    plot(rows, args.out / "bench_kernels.png")
+    if rows:
+        plot(rows, args.out / "bench_kernels.png")
     print(md)
 
 

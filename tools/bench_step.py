@@ -7,7 +7,10 @@ bf16) it times one transformer call (CUDA events, warm-up first, median of --rep
   astraea_eager      the rewritten program at each budget (eager fx GraphModule)
   astraea_compiled   torch.compile of the rewritten program at each budget
 The rewritten programs run from a state left by one dense (budget N) call, as in sampling.
-Each compiled variant reports its compile seconds. The predicted ratio is the hand-wired
+Each compiled variant reports its compile seconds. --profile also records each variant's
+GPU kernels over two calls (torch.profiler): time by kernel and by kind (GEMM, attention,
+top-k/sort, gather/scatter, fused Triton, other) into profile.json, to see where a step's
+time goes. --batch 1 times one CFG branch a call, as per-branch engines run. The predicted ratio is the hand-wired
 block's linear fit (docs/benchmarks.md: a + b k over the dense block). JSON is rewritten
 after every variant (a time-out keeps what finished); markdown and PNG at the end.
 
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from astraea import config, loader  # noqa: E402
 from astraea.bench import device_name  # noqa: E402
 from astraea.capture import capture  # noqa: E402
+from astraea.engines import one_branch  # noqa: E402
 from astraea.sampling import first_step_kwargs  # noqa: E402
 from astraea.tokenwise import TokenwiseTransformer, rewrite  # noqa: E402
 
@@ -53,6 +57,38 @@ def time_calls(fn, warmup: int, repeats: int) -> tuple[float, float]:
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
+KINDS = (("top-k/sort", ("topk", "sort", "radix", "top_k")), ("attention", ("attn", "fmha", "flash", "cudnn", "sdpa")),
+         ("gemm", ("gemm", "cutlass", "nvjet", "sm90", "xmma", "cublas")),
+         ("gather/scatter", ("gather", "scatter", "index")), ("fused triton", ("triton",)))
+
+
+def kernel_profile(fn, calls: int = 2) -> dict:
+    """GPU time by kernel over `calls` calls: the 25 largest, and totals by kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0.0, 0])
+            k[0] += e.device_time_total / 1000 / calls
+            k[1] += 1
+    kinds: dict[str, float] = {}
+    for name, (ms, _) in kernels.items():
+        low = name.lower()
+        kind = next((kind for kind, keys in KINDS if any(key in low for key in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"ms_per_call": sum(v[0] for v in kernels.values()), "launches_per_call": sum(v[1] for v in kernels.values()) / calls,
+            "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": name[:160], "ms": ms, "launches": n / calls} for name, (ms, n) in top]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -65,6 +101,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--batch", type=int, choices=(1, 2), default=2, help="2: the CFG batch; 1: one branch a call")
+    p.add_argument("--profile", action="store_true", help="also write each variant's kernel profile to profile.json")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = config.from_dict({
@@ -75,11 +113,22 @@ def main() -> None:
     model = loader.load_model(cfg)
     n = model.layout(cfg.video).video_tokens
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    if args.batch == 1:
+        kwargs = one_branch(kwargs)
     report = {"device": device_name(model.device), "torch": torch.__version__, "preset": args.preset,
               "video": f"{args.width}x{args.height}x{args.frames}", "tokens": n, "batch": kwargs["hidden_states"].shape[0],
               "block_fit": BLOCK_FIT, "rows": []}
 
-    def record(row: dict) -> None:
+    profiles: dict[str, dict] = {}
+
+    def record(row: dict, fn=None) -> None:
+        if args.profile and fn is not None:
+            try:
+                profiles[f"{row['variant']} {row['budget']}"] = prof = kernel_profile(fn)
+                row["profiled_ms"], row["launches"] = prof["ms_per_call"], prof["launches_per_call"]
+            except Exception as e:  # a profiler failure must not lose the timing
+                row["profile_error"] = f"{type(e).__name__}: {e}"
+            (args.out / "profile.json").write_text(json.dumps(profiles, indent=1))
         report["rows"].append(row)
         (args.out / "bench_step.json").write_text(json.dumps(report, indent=1))
         print(json.dumps(row), flush=True)
@@ -87,7 +136,7 @@ def main() -> None:
     with torch.no_grad():
         if "dense_eager" in args.variants:
             ms, peak = time_calls(lambda: model.transformer(**kwargs), args.warmup, args.repeats)
-            record({"variant": "dense_eager", "budget": 1.0, "ms": ms, "peak_gb": peak})
+            record({"variant": "dense_eager", "budget": 1.0, "ms": ms, "peak_gb": peak}, lambda: model.transformer(**kwargs))
         if "dense_compiled" in args.variants:
             compiled = torch.compile(model.transformer, dynamic=False)
             t0 = time.perf_counter()
@@ -95,12 +144,13 @@ def main() -> None:
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             ms, peak = time_calls(lambda: compiled(**kwargs), args.warmup, args.repeats)
-            record({"variant": "dense_compiled", "budget": 1.0, "ms": ms, "peak_gb": peak, "compile_s": compile_s})
+            record({"variant": "dense_compiled", "budget": 1.0, "ms": ms, "peak_gb": peak, "compile_s": compile_s},
+                   lambda: compiled(**kwargs))
             del compiled
         if not {"astraea_eager", "astraea_compiled"} & set(args.variants):
             return finish(report, args.out)
         t0 = time.perf_counter()
-        cap = capture(model, cfg)
+        cap = capture(model, cfg, example=kwargs)
         capture_s = time.perf_counter() - t0
         full = rewrite(model, cfg, n, captured=cap)
         flat = full.flat_inputs(kwargs)
@@ -131,7 +181,7 @@ def main() -> None:
                 row["ms"], row["peak_gb"] = time_calls(step, args.warmup, args.repeats)
                 fit = BLOCK_FIT
                 row["predicted_ratio"] = (fit["a_ms"] + fit["b_ms_per_row"] * k) / fit["dense_block_ms"]
-                record(row)
+                record(row, step)
                 del graph, state
             if tp is not full:
                 del tp
