@@ -57,7 +57,7 @@ def top_k_kernel(S, OUT, N, K, BLOCK: tl.constexpr):
     prefix = tl.full([], 0, tl.uint32)
     need = K
     for p in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * p
+        shift = 24 - 8 * p
         hist = tl.zeros([256], dtype=tl.int32)
         for start in range(0, N, BLOCK):
             offs = start + lanes

@@ -270,6 +270,49 @@ def test_triton_top_k_is_the_reference_selection(n, k):
         assert s[1][chosen].min() >= s[1][~chosen].max()
 
 
+_TTIR = """
+import sys
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+
+from astraea.plugins.kernels import select
+
+signatures = {
+    "score_kernel": ({"X": "*bf16", "XR": "*bf16", "LSE": "*fp32", "SKIPS": "*i32", "FORCED": "*i1", "OUT": "*fp32",
+                      "w_beta": "fp32", "R": "i32", "N": "i32", "D": "i32", "HAS_FORCED": "constexpr",
+                      "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}, {"HAS_FORCED": True, "BLOCK_R": 32, "BLOCK_D": 128}),
+    "top_k_kernel": ({"S": "*fp32", "OUT": "*i64", "N": "i32", "K": "i32", "BLOCK": "constexpr"}, {"BLOCK": 2048}),
+}
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+options = backend.parse_options({})
+for kernel, (signature, constexprs) in signatures.items():
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = ASTSource(getattr(select, kernel), signature, constexprs).make_ir(
+        target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+    assert f"tt.func public @{kernel}" in str(module), kernel
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sa._kernels is None, reason="triton is not installed")
+def test_select_kernels_compile_for_hopper():
+    """Triton's front end (Python to TTIR) for an sm_90 target, on this CPU and without the
+    interpreter (a subprocess): it rejects what the interpreter lets through (a reassigned
+    constexpr cost a GPU run once)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _TTIR], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def test_output_is_laid_out_like_the_query():
     """As SDPA does: a graph that permutes the output back and views it depends on it."""
     q = torch.randn(2, 7, 3, 16).permute(0, 2, 1, 3)  # (B, H, M, D) over (B, M, H, D) memory
