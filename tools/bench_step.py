@@ -126,6 +126,9 @@ def main() -> None:
             try:
                 profiles[f"{row['variant']} {row['budget']}"] = prof = kernel_profile(fn)
                 row["profiled_ms"], row["launches"] = prof["ms_per_call"], prof["launches_per_call"]
+                print(json.dumps({"profile": f"{row['variant']} {row['budget']}", "by_kind_ms": prof["by_kind_ms"]}))
+                for t in prof["top"][:15]:
+                    print(f"  {t['ms']:8.2f} ms {t['launches']:6.0f}x  {t['kernel'][:110]}")
             except Exception as e:  # a profiler failure must not lose the timing
                 row["profile_error"] = f"{type(e).__name__}: {e}"
             (args.out / "profile.json").write_text(json.dumps(profiles, indent=1))
