@@ -76,13 +76,17 @@ def _scores_triton(lse, x, x_ref, skips, w_beta, forced) -> torch.Tensor:
     return out
 
 
-TOP_K_BLOCK = 2048  # rows a top-k program reads at a time
-
-
-def _top_k_triton(score: torch.Tensor, k: int) -> torch.Tensor:
+def _top_k_triton(score: torch.Tensor, k: int, tuned: bool = True) -> torch.Tensor:
+    """The radix-select kernel; autotuned over its chunk size on CUDA (tuned=False: the first
+    config, for the interpreter)."""
     b, n = score.shape
     out = torch.empty((b, k), dtype=torch.int64, device=score.device)
-    wrap_triton(_kernels.top_k_kernel)[(b,)](score.contiguous(), out, n, k, BLOCK=TOP_K_BLOCK, num_warps=8)
+    if tuned:
+        wrap_triton(_kernels.tuned_top_k_kernel)[(b,)](score.contiguous(), out, n, k)
+    else:
+        config = _kernels.TOP_K_CONFIGS[0]
+        wrap_triton(_kernels.top_k_kernel)[(b,)](score.contiguous(), out, n, k, **config.kwargs,
+                                                 num_warps=config.num_warps)
     return out
 
 

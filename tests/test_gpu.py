@@ -116,12 +116,17 @@ def test_token_select_on_cuda_matches_cpu(n, k):
 @pytest.mark.parametrize("n,k", [(1, 1), (300, 299), (26520, 10608), (118800, 59400)])
 def test_top_k_kernel_on_cuda_is_the_reference_selection(n, k):
     from astraea.plugins import token_select as ts
+    from astraea.plugins.kernels import select
 
     s = torch.randn(2, n)
     s[0, : n // 3] = 0.5  # a run of ties across the k-th place
     s[1, ::7] = float("inf")
-    got = ts._top_k_triton(s.cuda(), k).cpu()
-    assert torch.equal(got, ts.top_k_rows(s, k))
+    want = ts.top_k_rows(s, k)
+    assert torch.equal(ts._top_k_triton(s.cuda(), k).cpu(), want)  # the autotuner's choice
+    for config in select.TOP_K_CONFIGS:  # and every config it may choose
+        out = torch.empty((2, k), dtype=torch.int64, device="cuda")
+        select.top_k_kernel[(2,)](s.cuda(), out, n, k, **config.kwargs, num_warps=config.num_warps)
+        assert torch.equal(out.cpu(), want), config
 
 
 def test_ops_compile_on_cuda_with_the_triton_kernels():

@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--children", type=int, default=6)
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--no-ablation", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="search.seed (the evolution's own randomness)")
     p.add_argument("--proxy", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"),
                    help="search at this proxy video (search.proxy_video), the best re-scored at the full one")
     p.add_argument("--rescore", type=int, default=4, help="search.rescore with --proxy")
@@ -80,12 +81,13 @@ def main() -> None:
     ev = Evaluator(model, base, programs, samples, levels, n, 0, share_prefixes=False)
     report = {"device": args.device, "steps": args.steps, "samples": len(samples), "levels": levels,
               "proxy_video": args.proxy,
-              "search": {"population": args.population, "children": args.children, "generations": args.generations},
+              "search": {"population": args.population, "children": args.children, "generations": args.generations,
+                         "seed": args.seed},
               "rows": []}
     for ti, target in enumerate(args.targets):
         cfg = dataclasses.replace(base, target=config.TargetSpec(budget=target), search=dataclasses.replace(
             base.search, population=args.population, children=args.children, generations=args.generations,
-            proxy_video=tuple(args.proxy or ()), rescore=args.rescore, validate=args.validate))
+            seed=args.seed, proxy_video=tuple(args.proxy or ()), rescore=args.rescore, validate=args.validate))
         t0 = time.perf_counter()
         result = plan(cfg, model, ref, work, programs=programs)
         wall = time.perf_counter() - t0

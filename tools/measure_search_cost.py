@@ -79,7 +79,7 @@ def time_video(cfg: config.RunConfig, model, work: Path, samples: int = 1) -> di
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", type=Path)
+    p.add_argument("config", type=Path, nargs="?")
     p.add_argument("--proxy", type=int, nargs=3, action="append", default=[], metavar=("FRAMES", "HEIGHT", "WIDTH"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--samples", type=int, default=4, help="prompts x seeds of the projected search (the paper: 4); "
@@ -87,8 +87,14 @@ def main() -> None:
     p.add_argument("--prefix-saving", type=float, default=0.16, help="share of sample-steps shared prefixes save")
     p.add_argument("--full-from", type=Path, help="a search_cost.json of an earlier run on the same machine: take its "
                    "full-video row instead of timing it again")
+    p.add_argument("--report-only", type=Path, metavar="JSON", help="no timing: the projection and table of an earlier "
+                   "search_cost.json (one cut short included), written under --out")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        return finish(json.loads(args.report_only.read_text()), args.out)
+    if args.config is None:
+        p.error("give a CONFIG to time, or --report-only JSON")
     cfg = config.load(args.config)
     if cfg.target.budget is None:
         sys.exit("error: target.budget: this tool times the uniform schedule at a mean budget; set one")
@@ -118,19 +124,27 @@ def main() -> None:
         get_family(cfg.model.family).validate(c)  # a video the family can sample, or a one-line error
         for samples in sorted({1, args.samples}):
             save(time_video(c, model, work, samples))
+    finish(report, args.out)
+
+def finish(report: dict, out: Path) -> None:
+    """The projection and the markdown table from the timed rows (also of a run cut short:
+    --report-only). Shared prefixes save the same share of steps at every video, the full
+    one included (conservative for the proxy: at the full video fewer snapshots fit)."""
     full = report["videos"][0]["per_sample_s"]
-    naive = candidates * args.samples * full / 3600
+    candidates, samples, saving = report["candidates"], report["samples"], report["prefix_saving"]
+    naive = candidates * samples * full * (1 - saving) / 3600
     report["projection"] = [{"video": "full", "samples_a_batch": 1, "gpu_hours": naive, "ratio": 1.0}]
     for row in report["videos"][1:]:
-        search = candidates * args.samples * row["per_sample_s"] * (1 - args.prefix_saving)
-        rescore = report["rescored"] * args.samples * full
+        search = candidates * samples * row["per_sample_s"] * (1 - saving)
+        rescore = report["rescored"] * samples * full
         hours = (search + rescore) / 3600
         report["projection"].append({"video": "x".join(map(str, row["video"])), "samples_a_batch": row["samples_a_batch"],
                                      "gpu_hours": hours, "search_hours": search / 3600, "rescore_hours": rescore / 3600,
                                      "ratio": naive / hours})
-    (args.out / "search_cost.json").write_text(json.dumps(report, indent=1))
+    (out / "search_cost.json").write_text(json.dumps(report, indent=1))
     lines = [f"{report['device']}, torch {report['torch']}, {report['steps']} steps, target {report['target']:.0%}; "
-             f"projection: {candidates} candidates x {args.samples} samples, {report['rescored']} re-scored at the full video.",
+             f"projection: {candidates} candidates x {samples} samples (shared prefixes saving {saving:.0%} of the "
+             f"steps at every video), {report['rescored']} re-scored at the full video.",
              "", "| video | tokens | samples a batch | one evaluation (s) | a sample (s) | ms a step | rewrite (s) |",
              "|---|---|---|---|---|---|---|"]
     for row in report["videos"]:
@@ -142,7 +156,7 @@ def main() -> None:
         lines.append(f"| {row['video']} | {row['samples_a_batch']} | {row['gpu_hours']:.2f} | "
                      f"{row.get('rescore_hours', 0):.2f} | {row['ratio']:.1f}x |")
     md = "\n".join(lines) + "\n"
-    (args.out / "search_cost.md").write_text(md)
+    (out / "search_cost.md").write_text(md)
     print(md)
 
 

@@ -86,3 +86,9 @@ def top_k_kernel(S, OUT, N, K, BLOCK: tl.constexpr):
         tl.store(out + pos, offs.to(tl.int64), mask=sel)
         taken += tl.sum(sel.to(tl.int32), 0)
         equal_seen += tl.sum(equal.to(tl.int32), 0)
+
+
+# Larger chunks mean fewer sequential iterations of the five passes (the kernel is latency
+# bound: one program per batch row); the first config is the one measured untuned.
+TOP_K_CONFIGS = [triton.Config({"BLOCK": blk}, num_warps=w) for blk, w in [(2048, 8), (4096, 16), (8192, 16), (8192, 32)]]
+tuned_top_k_kernel = triton.autotune(configs=TOP_K_CONFIGS, key=["N"])(top_k_kernel)

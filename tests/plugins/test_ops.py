@@ -262,12 +262,27 @@ def test_triton_top_k_is_the_reference_selection(n, k):
     from astraea.plugins import token_select as ts
 
     s = _tied_scores(2, n)
-    got = ts._top_k_triton(s, k)
+    got = ts._top_k_triton(s, k, tuned=False)
     assert torch.equal(got, ts.top_k_rows(s, k))
     if n == 5000:  # an independent check of the set: every chosen score >= every other
         chosen = torch.zeros(n, dtype=torch.bool)
         chosen[got[1]] = True
         assert s[1][chosen].min() >= s[1][~chosen].max()
+
+
+@pytest.mark.skipif(sa._kernels is None, reason="triton is not installed")
+def test_every_top_k_config_is_the_reference_selection():
+    """Each chunk size the autotuner may pick (one and several chunks a pass)."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter run is for CPU machines; tests/test_gpu covers CUDA")
+    from astraea.plugins import token_select as ts
+    from astraea.plugins.kernels import select
+
+    s = _tied_scores(2, 9000)
+    for config in select.TOP_K_CONFIGS:
+        out = torch.empty((2, 4000), dtype=torch.int64)
+        select.top_k_kernel[(2,)](s, out, 9000, 4000, **config.kwargs, num_warps=config.num_warps)
+        assert torch.equal(out, ts.top_k_rows(s, 4000)), config
 
 
 _TTIR = """
