@@ -314,7 +314,7 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
     if engine_folder is not None:  # the folder's own schedule
         from . import runtime
 
-        engines = runtime.load(engine_folder, model.device)
+        engines = runtime.load(engine_folder, model.device, cuda_graphs=cfg.bench.cuda_graphs)
         schedules = {"engines": [s["tokens"] for s in engines.manifest["steps"]]}
     else:
         timesteps = [float(t) for t in model.family.set_timesteps(copy.deepcopy(model.scheduler), steps, "cpu")]
@@ -361,8 +361,9 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
             backend = engines.manifest["build"]["backend"]
             for name, tokens in schedules.items():
                 engines.use_schedule(tokens)
-                bench.add(Method("astraea-compiled", name, lambda: engines, tokens,
-                                 info={"backend": backend, "weights_shared": shared,
+                label = f"{name}, CUDA graphs" if engines.cuda_graphs else name  # its own row beside the plain one
+                bench.add(Method("astraea-compiled", label, lambda: engines, tokens,
+                                 info={"backend": backend, "weights_shared": shared, "cuda_graphs": engines.cuda_graphs,
                                        "state_gib": state_gib(engines.manifest)}))
         bar.update()
     if "peers" in todo:
@@ -399,7 +400,7 @@ def _bench_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dic
     tokens = [n] + [ks[i % len(ks)] for i in range(steps - 1)]
     schedule = engines.fixed_schedule(model, cfg, tokens, "astraea-bench")
     engines.build(cfg, model, {}, schedule, out / "bench", progress=progress)
-    return runtime.load(out / "bench" / "engines", model.device)
+    return runtime.load(out / "bench" / "engines", model.device, cuda_graphs=cfg.bench.cuda_graphs)
 
 
 def _store_dense(folder: Path, key: str, bench: Bench) -> None:

@@ -238,7 +238,7 @@ def _bench(args) -> None:
     raw = {k: v for k, v in raw.items() if k not in ("name", "source")}
     raw["bench"] = dict(raw.get("bench") or {}, **{k: v for k, v in (
         ("methods", args.methods), ("budgets", args.budgets), ("peers", args.peers), ("repeats", args.repeats),
-        ("warmup", args.warmup)) if v is not None})
+        ("warmup", args.warmup), ("cuda_graphs", args.cuda_graphs or None)) if v is not None})
     if args.steps is not None:
         raw["sampling"] = dict(raw["sampling"], steps=args.steps)
     cfg = config.from_dict(raw, name=name, source=source)
@@ -269,6 +269,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="denoising steps (default sampling.steps)")
     parser.add_argument("--repeats", type=int, help="timed generations a sample (default bench.repeats)")
     parser.add_argument("--warmup", type=int, help="warm-up calls of each budget (default bench.warmup)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="astraea-compiled: replay the engines as CUDA graphs (default bench.cuda_graphs)")
     return _run("astraea-bench", argv, parser, _bench)
 
 

@@ -128,6 +128,7 @@ class BenchSpec:
     budgets: tuple[float, ...] = spec((0.4, 0.5, 0.7), lo=0.0, hi=1.0,
                                       doc="Astraea's uniform schedules: a dense first step, then this budget")
     peers: tuple[str, ...] = spec(DEFAULT_PEERS, doc="peer settings: 'name knob=value ...' (README: astraea-bench)")
+    cuda_graphs: bool = spec(False, doc="astraea-compiled: replay the engines as CUDA graphs (runtime.load(cuda_graphs=True))")
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,8 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
             parse_setting(text)
         except ValueError as e:
             raise ConfigError(f"bench.peers[{i}]", str(e)) from None
+    if cfg.bench.cuda_graphs and not (m.device == "auto" or m.device.startswith("cuda")):
+        raise ConfigError("bench.cuda_graphs", f"needs a CUDA device (model.device is {m.device})")
     if (m.preset is None) == (m.checkpoint is None):
         raise ConfigError("model", "set exactly one of preset (random weights) and checkpoint (a local folder)")
     if m.device not in ("auto", "cpu", "meta", "cuda") and not (

@@ -9,7 +9,10 @@ finds the denoising step from the timestep (the stored scheduler timesteps; the 
 timestep starts a new generation and resets the caches), runs that step's engine (a budget
 of 0 reuses the last output; the first step is dense), owns the per-block state and
 returns `(output,)` or an object with `.sample`. The weights are loaded once and passed to
-every engine as inputs. This module imports none of the build code (torch, safetensors and
+every engine as inputs. `load(..., cuda_graphs=True)` replays each engine as a CUDA graph
+per CFG branch (captured at its second call, the first having compiled and warmed it up):
+one launch a call instead of about 1,300, for engines that update their state in place.
+This module imports none of the build code (torch, safetensors and
 the standard library only), so a deployment needs the engine folder and `astraea.runtime`.
 """
 
@@ -160,7 +163,8 @@ def load_engine(backend: str, path: Path, device: torch.device, names: dict | No
 class EngineTransformer(torch.nn.Module):
     """A drop-in for the family's diffusers transformer, running the compiled schedule."""
 
-    def __init__(self, folder: Path, manifest: dict, device: torch.device, warm: bool = True):
+    def __init__(self, folder: Path, manifest: dict, device: torch.device, warm: bool = True,
+                 cuda_graphs: bool = False):
         super().__init__()
         from safetensors.torch import load_file
 
@@ -186,6 +190,11 @@ class EngineTransformer(torch.nn.Module):
         self.context = None
         self.config = _Config(manifest.get("transformer_config", {}))
         self.in_place = manifest.get("state_update", "functional") == "in_place"
+        if cuda_graphs and (device.type != "cuda" or not self.in_place):
+            raise EngineError("cuda_graphs needs a CUDA device and engines that update their state in place "
+                              f"(aoti, inductor); these are {device.type} {manifest.get('state_update')} engines")
+        self.cuda_graphs = cuda_graphs
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -267,11 +276,12 @@ class EngineTransformer(torch.nn.Module):
         if step == 0 or branch is None:
             if step != 0:
                 raise EngineError(f"called at step {step} before step 0 of this generation")
-            state = branch["state"] if branch is not None and self.in_place else None
-            if state is not None:  # a new generation in the same buffers
+            kept = branch if branch is not None and self.in_place else {}
+            state = kept.get("state")
+            if state is not None:  # a new generation in the same buffers (and the same CUDA graphs)
                 for t in state:
                     t.zero_()
-            branch = self.branches[key] = {"step": 0, "state": state, "last": None}
+            branch = self.branches[key] = {"step": 0, "state": state, "last": None, "graphs": kept.get("graphs", {})}
         elif step != branch["step"]:
             raise EngineError(f"called at step {step} after step {branch['step'] - 1}: steps must run in order")
         entry = self.steps[step]
@@ -281,16 +291,39 @@ class EngineTransformer(torch.nn.Module):
         flat = self._flat(kwargs)
         if branch["state"] is None:
             branch["state"] = empty_state(self.manifest["state"], self.device)
-        result = self.engines[entry["engine"]](*self.weights, *flat, *branch["state"])
+        result = self._call(entry["engine"], branch, flat)
         if not self.in_place:  # the functional pair: (output, new state...)
             branch["state"] = list(result[1:])
         branch["last"] = result[0]  # in place: the engine wrote the new state into branch["state"]
         return result[0]
 
+    def _call(self, key: str, branch: dict, flat: list) -> tuple:
+        engine = self.engines[key]
+        if not self.cuda_graphs:
+            return engine(*self.weights, *flat, *branch["state"])
+        graph = branch["graphs"].get(key)
+        if graph is None:  # the first call runs as it is: compiles, autotunes, sets up cuBLAS and cuDNN
+            branch["graphs"][key] = "warm"
+            return engine(*self.weights, *flat, *branch["state"])
+        if graph == "warm":  # capture (nothing runs), then replay below
+            static = [t.clone() for t in flat]
+            cuda_graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize(self.device)
+            with torch.cuda.graph(cuda_graph, pool=self._graph_pool):
+                out = engine(*self.weights, *static, *branch["state"])
+            graph = branch["graphs"][key] = (cuda_graph, static, out[0])
+        cuda_graph, static, out = graph
+        for dst, src in zip(static, flat):
+            dst.copy_(src)
+        cuda_graph.replay()
+        return (out.clone(),)  # the graph's output buffer is rewritten at its next replay
 
-def load(folder: str | Path, device: str | torch.device | None = None, warm: bool = True) -> EngineTransformer:
+
+def load(folder: str | Path, device: str | torch.device | None = None, warm: bool = True,
+         cuda_graphs: bool = False) -> EngineTransformer:
     """Verify and load an engine folder (see the module docstring). Raises EngineError.
-    warm=False ignores the build's Inductor cache artifacts (a cold compile, to compare)."""
+    warm=False ignores the build's Inductor cache artifacts (a cold compile, to compare);
+    cuda_graphs=True replays the engines as CUDA graphs (CUDA, in-place engines)."""
     t0 = time.perf_counter()
     folder = Path(folder)
     path = folder / "manifest.json"
@@ -313,6 +346,6 @@ def load(folder: str | Path, device: str | torch.device | None = None, warm: boo
         device = torch.device("cuda", torch.cuda.current_device())
     check_toolchain(manifest["toolchain"], device)
     verify = time.perf_counter() - t0
-    transformer = EngineTransformer(folder, manifest, device, warm)
+    transformer = EngineTransformer(folder, manifest, device, warm, cuda_graphs)
     transformer.load_seconds["verify"] = verify
     return transformer

@@ -94,6 +94,7 @@ BAD = [
     ("build.backend", "onnx", "build.backend", "eager, inductor, aoti, tensorrt"),
     ("build.precision", "int8", "build.precision", "model, bf16, fp16, fp32"),
     ("bench.repeats", 0, "bench.repeats", "below the minimum 1"),
+    ("bench.cuda_graphs", True, "bench.cuda_graphs", "needs a CUDA device (model.device is cpu)"),
 ]
 
 

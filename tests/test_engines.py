@@ -114,6 +114,12 @@ def test_tampered_missing_and_foreign_folders_are_refused(setup, tmp_path):
     engine.write_bytes(backup)
     runtime.load(folder)  # restored: fine again
 
+
+def test_cuda_graphs_are_refused_off_cuda(setup, tmp_path):
+    folder, _ = _built(setup, tmp_path)
+    with pytest.raises(runtime.EngineError, match="cuda_graphs needs a CUDA device"):
+        runtime.load(folder, cuda_graphs=True)
+
     other = tmp_path / "other"
     shutil.copytree(folder, other)
     m = json.loads((other / "manifest.json").read_text())

@@ -155,6 +155,24 @@ def test_ops_compile_on_cuda_with_the_triton_kernels():
 
 
 @pytest.mark.parametrize("backend", ["aoti", "inductor"])
+def test_engines_replay_as_cuda_graphs(backend, tmp_path):
+    """runtime.load(cuda_graphs=True): two generations through captured graphs give the
+    numbers of the same engines called launch by launch, in the same state buffers."""
+    from astraea import engines, runtime
+
+    cfg, model, programs, schedule, inputs, want = engine_case("cuda")
+    engines.build(cfg, model, programs, schedule, tmp_path, backend=backend, progress=False)
+    plain = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines"))
+    transformer = runtime.load(tmp_path / "engines", cuda_graphs=True)
+    for _ in range(2):  # the second generation replays graphs captured in the first
+        got = denoise(model, cfg.video, cfg.sampling, inputs, transformer)
+        torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    graphs = [g for branch in transformer.branches.values() for g in branch["graphs"].values()]
+    assert graphs and all(isinstance(g, tuple) for g in graphs)  # every engine that ran twice was captured
+
+
+@pytest.mark.parametrize("backend", ["aoti", "inductor"])
 def test_engines_on_cuda(backend, tmp_path):
     """Engines built on the GPU (AOTInductor with g++ 12, ../shared/GPU.md) sample like the
     rewritten graphs, in this process and in a new one (inductor: warm from the build's cache)."""

@@ -125,11 +125,11 @@ def selection_rows(name: str, shape) -> dict:
     return row
 
 
-def markdown(rows: list[dict], sel: list[dict], device: str) -> str:
-    lines = [f"Card: {device}, torch {torch.__version__}; bf16, batch 2 (CFG); median of do_bench.", "",
-             "| shape | k/N | astraea op (ms) | its Triton kernel (ms) | SDPA (ms) | gather+SDPA+scatter (ms) "
-             "| op / SDPA speed | Triton / SDPA speed | op TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def markdown(rows: list[dict], sel: list[dict], device: str, version: str = torch.__version__) -> str:
+    lines = [f"Card: {device}, torch {version}; bf16, batch 2 (CFG) unless said; median of do_bench."]
+    if rows:
+        lines += ["", "| shape | k/N | astraea op (ms) | its Triton kernel (ms) | SDPA (ms) | gather+SDPA+scatter (ms) "
+                  "| op / SDPA speed | Triton / SDPA speed | op TFLOP/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['budget']:.1f} | {r['astraea_ms']:.3f} | {r['triton_ms']:.3f} | {r['sdpa_ms']:.3f} | "
                      f"{r['gather_sdpa_ms']:.3f} | {r['astraea_over_sdpa']:.2f}x | {r['triton_over_sdpa']:.2f}x | "

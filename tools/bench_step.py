@@ -204,13 +204,14 @@ def finish(report: dict, out: Path) -> None:
             r["speedup_vs_dense_eager"] = base["dense_eager"] / r["ms"]
     (out / "bench_step.json").write_text(json.dumps(report, indent=1))
     lines = [f"Card: {report['device']}, torch {report['torch']}; {report['preset']} at {report['video']} "
-             f"({report['tokens']} tokens), batch {report['batch']} (CFG), bf16; median step.", "",
+             f"({report['tokens']} tokens), batch {report['batch']} ({'the CFG batch' if report['batch'] == 2 else 'one CFG branch'}), "
+             "bf16; median step.", "",
              "| variant | budget | step (ms) | peak (GiB) | speedup vs dense eager | ratio vs dense of its kind | predicted ratio (block fit) | compile (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r.get("ratio_vs_dense_compiled", r.get("ratio_vs_dense_eager"))
         cells = [r["variant"], f"{r['budget']:.1f}", f"{r['ms']:.1f}", f"{r['peak_gb']:.2f}",
-                 f"{r.get('speedup_vs_dense_eager', float('nan')):.2f}x", "-" if ratio is None else f"{ratio:.3f}",
+                 f"{r['speedup_vs_dense_eager']:.2f}x" if "speedup_vs_dense_eager" in r else "-", "-" if ratio is None else f"{ratio:.3f}",
                  f"{r['predicted_ratio']:.3f}" if "predicted_ratio" in r else "-",
                  f"{r['compile_s']:.0f}" if "compile_s" in r else "-"]
         lines.append("| " + " | ".join(cells) + " |")
