@@ -223,14 +223,14 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
             parse_setting(text)
         except ValueError as e:
             raise ConfigError(f"bench.peers[{i}]", str(e)) from None
-    if cfg.bench.cuda_graphs and not (m.device == "auto" or m.device.startswith("cuda")):
-        raise ConfigError("bench.cuda_graphs", f"needs a CUDA device (model.device is {m.device})")
     if (m.preset is None) == (m.checkpoint is None):
         raise ConfigError("model", "set exactly one of preset (random weights) and checkpoint (a local folder)")
     if m.device not in ("auto", "cpu", "meta", "cuda") and not (
         m.device.startswith("cuda:") and m.device[5:].isdigit()
     ):
         raise ConfigError("model.device", f"{m.device!r} is not one of auto, cpu, cuda, cuda:N, meta")
+    if cfg.bench.cuda_graphs and not (m.device == "auto" or m.device.startswith("cuda")):
+        raise ConfigError("bench.cuda_graphs", f"needs a CUDA device (model.device is {m.device})")
     if m.checkpoint is not None:
         ckpt = (base / m.checkpoint).expanduser()
         if not (ckpt / "transformer" / "config.json").is_file():

@@ -299,11 +299,10 @@ class EngineTransformer(torch.nn.Module):
 
     def _call(self, key: str, branch: dict, flat: list) -> tuple:
         engine = self.engines[key]
-        if not self.cuda_graphs:
-            return engine(*self.weights, *flat, *branch["state"])
-        graph = branch["graphs"].get(key)
-        if graph is None:  # the first call runs as it is: compiles, autotunes, sets up cuBLAS and cuDNN
-            branch["graphs"][key] = "warm"
+        graph = branch["graphs"].get(key) if self.cuda_graphs else None
+        if graph is None:  # without graphs; or an engine's first call: it compiles, autotunes, sets up cuBLAS and cuDNN
+            if self.cuda_graphs:
+                branch["graphs"][key] = "warm"
             return engine(*self.weights, *flat, *branch["state"])
         if graph == "warm":  # capture (nothing runs), then replay below
             static = [t.clone() for t in flat]

@@ -10,8 +10,8 @@ The rewritten programs run from a state left by one dense (budget N) call, as in
 Each compiled variant reports its compile seconds. --profile also records each variant's
 GPU kernels over two calls (torch.profiler): time by kernel and by kind (GEMM, attention,
 top-k/sort, gather/scatter, fused Triton, other) into profile.json, to see where a step's
-time goes. --batch 1 times one CFG branch a call, as per-branch engines run. The predicted ratio is the hand-wired
-block's linear fit (docs/benchmarks.md: a + b k over the dense block). JSON is rewritten
+time goes. --batch 1 times one CFG branch a call, as per-branch engines run. The predicted
+ratio is the hand-wired block's linear fit (docs/benchmarks.md: a + b k over the dense block). JSON is rewritten
 after every variant (a time-out keeps what finished); markdown and PNG at the end.
 
     python3 tools/bench_step.py --out $OUT/step --budgets 0.1 0.5 --variants dense_eager dense_compiled astraea_compiled
@@ -123,10 +123,11 @@ def main() -> None:
 
     def record(row: dict, fn=None) -> None:
         if args.profile and fn is not None:
+            label = f"{row['variant']} {row['budget']}"
             try:
-                profiles[f"{row['variant']} {row['budget']}"] = prof = kernel_profile(fn)
+                profiles[label] = prof = kernel_profile(fn)
                 row["profiled_ms"], row["launches"] = prof["ms_per_call"], prof["launches_per_call"]
-                print(json.dumps({"profile": f"{row['variant']} {row['budget']}", "by_kind_ms": prof["by_kind_ms"]}))
+                print(json.dumps({"profile": label, "by_kind_ms": prof["by_kind_ms"]}))
                 for t in prof["top"][:15]:
                     print(f"  {t['ms']:8.2f} ms {t['launches']:6.0f}x  {t['kernel'][:110]}")
             except Exception as e:  # a profiler failure must not lose the timing

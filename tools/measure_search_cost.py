@@ -126,6 +126,7 @@ def main() -> None:
             save(time_video(c, model, work, samples))
     finish(report, args.out)
 
+
 def finish(report: dict, out: Path) -> None:
     """The projection and the markdown table from the timed rows (also of a run cut short:
     --report-only). Shared prefixes save the same share of steps at every video, the full
