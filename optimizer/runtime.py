@@ -143,7 +143,11 @@ class _Config(dict):
             raise AttributeError(name) from None
 
 
-def load_engine(backend: str, path: Path, device: torch.device, names: dict | None = None):
+def load_engine(backend: str, path: Path, device: torch.device, names: dict | None = None,
+                single_threaded: bool = False):
+    """One engine file as a callable. single_threaded (aoti): run the package without its model
+    container's thread synchronisation, which queries CUDA events between runs and so cannot
+    be captured in a CUDA graph."""
     if backend in ("eager", "inductor"):
         module = torch.export.load(str(path)).module()
         if backend == "inductor":  # compiled at its first call: warm from the build's cache artifacts
@@ -152,7 +156,7 @@ def load_engine(backend: str, path: Path, device: torch.device, names: dict | No
     if backend == "aoti":
         from torch._inductor import aoti_load_package
 
-        return aoti_load_package(str(path))
+        return aoti_load_package(str(path), run_single_threaded=single_threaded)
     if backend == "tensorrt":
         if not tensorrt_available():
             raise EngineError(f"these engines are TensorRT plans: running them needs {TENSORRT_MISSING}")
@@ -182,7 +186,8 @@ class EngineTransformer(torch.nn.Module):
         self.engines, per_engine = {}, {}
         for key, e in manifest["engines"].items():
             t = time.perf_counter()
-            self.engines[key] = load_engine(e["backend"], folder / e["file"], device, e.get("io"))
+            self.engines[key] = load_engine(e["backend"], folder / e["file"], device, e.get("io"),
+                                            single_threaded=cuda_graphs)
             per_engine[key] = time.perf_counter() - t
         self.load_seconds = {"weights": t1 - t0, "engines": time.perf_counter() - t1, "per_engine": per_engine}  # + "verify"
         self.batch = self.inputs[0]["shape"][0]  # the engines' batch: 1 per CFG branch, or the CFG batch
