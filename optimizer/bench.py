@@ -15,7 +15,8 @@ denoising loop, `sampling.denoise`):
   peers             each `bench.peers` setting ("pab skip=2 cross=6", astraea.peers)
 Per method: generation time end to end and each transformer call's time by budget (CUDA
 events on a GPU, perf_counter on the CPU; warm-up first: every budget or engine is called
-`bench.warmup` times in a partial generation, which also compiles; then `bench.repeats`
+`bench.warmup` times in warm-up generations, the last cut short, which also compiles and
+captures CUDA graphs; then `bench.repeats`
 generations a sample, the median reported), peak device memory over the timed generations
 (and its excess over dense), and quality against the dense eager sample: PSNR of the final
 latents and, where the model has a decoder, PSNR and SSIM of the decoded frames
@@ -193,15 +194,20 @@ class Bench:
             return [m.method if m.method.startswith("dense") else "call"] * steps
         return [f"{k / self.n:.0%}" if k else "skip" for k in m.tokens]
 
-    def _warm_steps(self, labels: list[str]) -> int:
-        """The shortest prefix that calls every label at least bench.warmup times (at least once)."""
+    def _warm_runs(self, labels: list[str]) -> list[int]:
+        """Warm-up generations, as steps run in each: the shortest run that calls every label at
+        least bench.warmup times (at least once). A label called fewer times in one generation
+        (the dense first step) takes more generations, cut at the step that completes the count:
+        a CUDA-graph engine is captured at its second call, and that must not fall in a timed run."""
         need = max(1, self.cfg.bench.warmup)
-        seen: dict[str, int] = {}
+        per_run = {x: labels.count(x) for x in set(labels)}
+        runs = max(-(-need // c) for c in per_run.values())
+        seen = {x: c * (runs - 1) for x, c in per_run.items()}  # the full generations before the last
         for i, label in enumerate(labels):
-            seen[label] = seen.get(label, 0) + 1
-            if all(seen.get(x, 0) >= need for x in set(labels)):
-                return i + 1
-        return len(labels)
+            seen[label] += 1
+            if all(c >= need for c in seen.values()):
+                return [len(labels)] * (runs - 1) + [i + 1]
+        return [len(labels)] * runs
 
     def measure(self, m: Method) -> dict:
         from .sampling import Sampler, denoise
@@ -212,10 +218,11 @@ class Bench:
         t0 = time.perf_counter()
         transformer = m.make()
         sampler = Sampler(model, cfg.video, cfg.sampling, first)
-        traj = sampler.start()
         with torch.no_grad():
-            for _ in range(self._warm_steps(labels)):
-                sampler.advance(traj, transformer)
+            for steps in self._warm_runs(labels):
+                traj = sampler.start()
+                for _ in range(steps):
+                    sampler.advance(traj, transformer)
         self._sync()
         m.finish(transformer)
         warm_s = time.perf_counter() - t0

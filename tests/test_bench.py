@@ -48,6 +48,26 @@ def test_ssim_matches_its_definition():
         metrics.ssim(x[..., :8, :8], y[..., :8, :8], 1.0)
 
 
+@pytest.mark.parametrize("need", [1, 2, 3])
+@pytest.mark.parametrize("labels", [["100%"] + ["40%"] * 9, ["100%", "skip", "40%", "50%", "40%", "skip"],
+                                    ["call"] * 4, ["50%"] * 3 + ["100%"]])
+def test_warm_up_calls_every_label_before_the_timed_runs(labels, need):
+    """Every label (an engine: CUDA graphs are captured at its second call) is called `need`
+    times in the warm-up, with more generations where one has too few such calls, and no
+    step more than that takes."""
+    from types import SimpleNamespace
+
+    from astraea.bench import Bench
+
+    fake = SimpleNamespace(cfg=SimpleNamespace(bench=SimpleNamespace(warmup=need)))
+    runs = Bench._warm_runs(fake, labels)
+    called = [label for steps in runs for label in labels[:steps]]
+    assert all(called.count(x) >= need for x in set(labels))
+    assert all(steps == len(labels) for steps in runs[:-1]) and 1 <= runs[-1] <= len(labels)
+    short = called[:-1]  # one step less is not enough
+    assert any(short.count(x) < need for x in set(labels))
+
+
 def test_bench_rows_against_dense_and_merged_across_invocations(tmp_path, capsys):
     raw = tiny_raw(sampling={"steps": 4},
                    bench={"warmup": 1, "repeats": 2, "methods": ["dense", "astraea", "peers"], "budgets": [0.5, 1.0],
