@@ -102,6 +102,9 @@ class SelectionSpec:
                       doc="Delta from the block input at the row's last compute (full: D values a row in the state) "
                           "or from a random sketch of it (sketch_dim float32 values a row)")
     sketch_dim: int = spec(64, lo=4, hi=4096, doc="dimensions of the sketch when delta is sketch")
+    cache: str = spec("model", choices=("model", "float8"),
+                      doc="the cached block outputs in the model's dtype, or float8 (e4m3) with a float32 scale a "
+                          "row: half the state's largest part in bf16, at a quality cost (docs/benchmarks.md)")
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,9 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     if backend not in runtime.BACKENDS:
         raise runtime.EngineError(f"build.backend: {backend!r} engines are not built by this release "
                                   f"(it builds {', '.join(runtime.BACKENDS)})")
+    if backend == "tensorrt" and cfg.selection.cache != "model":
+        raise runtime.EngineError("selection.cache float8 is not built for the tensorrt backend (its ONNX state is "
+                                  "the model's dtype); use cache: model, or an inductor or aoti backend")
     if backend == "tensorrt" and not runtime.tensorrt_available():
         raise runtime.EngineError(f"build.backend tensorrt needs {runtime.TENSORRT_MISSING}; "
                                   "here, build eager, inductor or aoti engines")

@@ -54,7 +54,8 @@ def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | No
     gm = copy_graph_module(cap.program.graph_module) if captured else cap.program.graph_module
     sel = cfg.selection
     ctx = pipeline.PassContext(model.family, cap.layout, dump_dir=dump_dir, budget=budget, w_beta=sel.w_beta,
-                               sketch_dim=sel.sketch_dim if sel.delta == "sketch" else 0)
+                               sketch_dim=sel.sketch_dim if sel.delta == "sketch" else 0,
+                               cache_dtype=torch.float8_e4m3fn if sel.cache == "float8" else None)
     pipeline.run(gm, ctx)
     return TokenwiseProgram(cap.program, gm, budget, len(ctx.blocks), ctx.stats)
 

@@ -3,7 +3,8 @@
 For each block's `astraea::token_mark` adds four graph inputs, the state the runtime owns
 across steps (cache (B, N, D) in the stream's dtype, lse (B, N) float32, ref (B, N, D), skips
 (B, N) int32), and `idx = astraea::token_select(lse, x, ref, skips, k, w_beta)` right after
-the mark. With `ctx.sketch_dim` the reference is the block input's sketch (B, N, dim)
+the mark. With `ctx.cache_dtype` float8_e4m3fn the cache holds the rows in float8 with a
+fifth input, one float32 scale a row (B, N) (write_cache.py). With `ctx.sketch_dim` the reference is the block input's sketch (B, N, dim)
 float32 (token_select.sketch), and the score compares it with the sketch of x. State is explicit (inputs in, new state out): AOTInductor packages and TensorRT
 engines both take it that way, and the runtime donates the buffers.
 At the dense budget (k = N) the selection is every row in order, an arange: no scores and
@@ -33,12 +34,15 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
         block = next(iter(mark.users)).meta["astraea_block"]
         i = mark.args[1]
         ref = x.new_empty((b, n, ctx.sketch_dim), dtype=torch.float32) if ctx.sketch_dim else x.new_empty(x.shape)
+        cache_dtype = ctx.cache_dtype or x.dtype
         state = {
-            "cache": add_placeholder(gm, f"state_{i}_cache", x.new_empty(x.shape)),
+            "cache": add_placeholder(gm, f"state_{i}_cache", x.new_empty(x.shape, dtype=cache_dtype)),
             "lse": add_placeholder(gm, f"state_{i}_lse", x.new_empty((b, n), dtype=torch.float32)),
             "ref": add_placeholder(gm, f"state_{i}_ref", ref),
             "skips": add_placeholder(gm, f"state_{i}_skips", x.new_empty((b, n), dtype=torch.int32)),
         }
+        if cache_dtype != x.dtype:
+            state["scale"] = add_placeholder(gm, f"state_{i}_scale", x.new_empty((b, n), dtype=torch.float32))
         seen = mark  # what the score compares with the reference: the block input, or its sketch
         if ctx.sketch_dim:
             with gm.graph.inserting_after(mark):
@@ -57,4 +61,4 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
         idx.meta["val"] = x.new_empty((b, ctx.budget), dtype=torch.int64)
         idx.meta["astraea_block"] = block
         ctx.blocks[block] = {"mark": mark, "idx": idx, "index": i, **state}
-    return {"selections": len(marks), "state_inputs": 4 * len(marks)}
+    return {"selections": len(marks), "state_inputs": sum(len(st) - 3 - ("seen" in st) for st in ctx.blocks.values())}

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import torch.fx as fx
 
 from astraea.errors import AstraeaError
@@ -38,6 +39,7 @@ class PassContext:
     budget: int | None = None  # k, the rows each block recomputes (the rewrite passes)
     w_beta: float = 0.5  # staleness weight of the selection score
     sketch_dim: int = 0  # Delta from a sketch of the block input with this many dims (0: the full input)
+    cache_dtype: torch.dtype | None = None  # the cached block outputs' dtype (None: the stream's); float8 adds a scale a row
     blocks: dict[str, dict] = field(default_factory=dict)  # per block: its mark, index and state nodes
 
 

@@ -8,6 +8,13 @@ outside the block now reads the full new cache. The row writes are `aten.index_p
 (batch, row) indices: when an engine copies the new state back into its state inputs
 (engines.py), Inductor and AOTInductor turn them into in-place writes of k rows into the
 caller's buffers, so a step holds one copy of the state, not two.
+
+A float8 cache (ctx.cache_dtype, with a `scale` state input) stores each written row
+divided by its scale, amax / the format's largest value, so every row uses the format's
+whole range; the block output outside the block is then the dequantized cache with the
+k fresh rows written over it exact: the selected rows still equal the dense block's, the
+others are the cache's (now float8) rows, as the oracle states. New state per block:
+cache, lse, ref, skips, then scale.
 """
 
 from __future__ import annotations
@@ -29,6 +36,23 @@ def _block_output(gm: fx.GraphModule, block: str) -> fx.Node:
     return outs[0]
 
 
+def _write_float8(g: fx.Graph, st: dict, at: list, rows: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """The rows into a float8 cache with a float32 scale a row; the full block output (the
+    dequantized cache, the fresh rows exact)."""
+    dtype, stream = st["cache"].meta["val"].dtype, st["mark"].meta["val"].dtype
+    f32 = g.call_function(aten._to_copy.default, (rows,), {"dtype": torch.float32})
+    amax = call(g, aten.amax.default, call(g, aten.abs.default, f32), [-1])
+    s = call(g, aten.div.Tensor, call(g, aten.clamp_min.default, amax, 1e-30), torch.finfo(dtype).max)
+    q = call(g, aten.div.Tensor, f32, call(g, aten.unsqueeze.default, s, -1))
+    q = g.call_function(aten._to_copy.default, (q,), {"dtype": dtype})
+    cache = call(g, aten.index_put.default, st["cache"], at, q)
+    scale = call(g, aten.index_put.default, st["scale"], at, s)
+    deq = call(g, aten.mul.Tensor, g.call_function(aten._to_copy.default, (cache,), {"dtype": torch.float32}),
+               call(g, aten.unsqueeze.default, scale, -1))
+    deq = g.call_function(aten._to_copy.default, (deq,), {"dtype": stream})
+    return cache, scale, call(g, aten.index_put.default, deq, at, rows)
+
+
 def write_cache(gm: fx.GraphModule, ctx) -> dict[str, int]:
     new_state = []
     for block, st in ctx.blocks.items():
@@ -40,7 +64,10 @@ def write_cache(gm: fx.GraphModule, ctx) -> dict[str, int]:
             arange = g.call_function(aten.arange.default, (b,), {"device": idx.meta["val"].device})
             batch = call(g, aten.view.default, arange, [b, 1])
             at = [batch, idx]  # (B, 1) and (B, k) broadcast to the (B, k) rows written
-            cache = call(g, aten.index_put.default, st["cache"], at, rows)
+            if "scale" in st:
+                cache, scale, full = _write_float8(g, st, at, rows)
+            else:
+                cache = full = call(g, aten.index_put.default, st["cache"], at, rows)
             lse = call(g, aten.index_put.default, st["lse"], at, st["row_lse"])
             if "seen" in st:  # the sketch of the selected rows' input
                 x_sel = gather_rows(g, st["seen"], idx, 1)
@@ -49,7 +76,7 @@ def write_cache(gm: fx.GraphModule, ctx) -> dict[str, int]:
             ref = call(g, aten.index_put.default, st["ref"], at, x_sel)
             skips = call(g, aten.scatter.value, call(g, aten.add.Tensor, st["skips"], 1), 1, idx, 0)
         for user in outside:
-            user.replace_input_with(rows, cache)
-        new_state += [cache, lse, ref, skips]
+            user.replace_input_with(rows, full)
+        new_state += [cache, lse, ref, skips] + ([scale] if "scale" in st else [])
     add_outputs(gm, new_state)
     return {"caches": len(ctx.blocks), "state_outputs": len(new_state)}

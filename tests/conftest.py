@@ -125,7 +125,7 @@ def call_in_fresh_process(folder, kwargs: dict, tmp_path):
     return torch.load(tmp_path / "out.pt"), json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def engine_case(device: str, steps: int = 4):
+def engine_case(device: str, steps: int = 4, **sections):
     """A tiny Wan run for the engine tests: (cfg, model, programs, schedule, inputs, want),
     the schedule dense, a small budget twice (one engine), a skipped step; `want` sampled
     with the rewritten graphs."""
@@ -134,7 +134,8 @@ def engine_case(device: str, steps: int = 4):
     from astraea.search import build_programs
     from astraea.tokenwise import TokenwiseTransformer
 
-    cfg = tiny_config("wan", "tiny", model={"device": device}, sampling={"steps": steps}, build={"cfg": "batched"})
+    cfg = tiny_config("wan", "tiny", model={"device": device}, sampling={"steps": steps}, build={"cfg": "batched"},
+                      **sections)
     model = loader.load_model(cfg)
     n = model.layout(cfg.video).video_tokens
     programs = build_programs(model, cfg, [n, 3], progress=False)

@@ -94,6 +94,22 @@ def _run_from_cpp(folder, manifest, kwargs, tmp_path) -> torch.Tensor:
     return torch.frombuffer(bytearray((tmp_path / "cpp-out.bin").read_bytes()), dtype=torch.float32).view(shape)
 
 
+def test_float8_cache_engines_sample_like_their_graphs_and_near_the_bf16_cache(tmp_path):
+    """selection.cache float8: Inductor engines over a float8 block state (the state's dtype
+    in the manifest, the runtime's buffers in it) sample as the rewritten float8 graphs do,
+    and near the model-dtype cache's sample; TensorRT is refused with one line."""
+    cfg, model, programs, schedule, inputs, want = engine_case("cpu", STEPS, selection={"cache": "float8"})
+    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend="inductor", progress=False)
+    assert {s["dtype"] for s in manifest["state"]} == {"float8_e4m3fn", "float32", "int32"}
+    got = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines"))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    full = engine_case("cpu", STEPS)[-1]  # the same run with the cache in the model's dtype (fp32 here)
+    rel = float((want - full).norm() / full.norm())
+    assert 0 < rel < 0.05, rel
+    with pytest.raises(runtime.EngineError, match="selection.cache float8"):
+        engines.build(cfg, model, programs, schedule, tmp_path / "trt", backend="tensorrt", progress=False)
+
+
 def test_unchanged_engines_are_not_rebuilt(setup, tmp_path):
     _, first = _built(setup, tmp_path)
     assert len(first["build"]["rebuilt"]) == 2

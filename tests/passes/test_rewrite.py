@@ -18,12 +18,12 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 VIDEO = {"frames": 9, "height": 48, "width": 64}
 
 
-def _rewritten(family, preset, k, sketch_dim=0):
+def _rewritten(family, preset, k, sketch_dim=0, cache_dtype=None):
     cfg = tiny_config(family, preset, video=VIDEO)
     model = loader.load_model(cfg)
     cap = capture(model, cfg)
     gm = cap.program.graph_module
-    ctx = pipeline.PassContext(model.family, cap.layout, budget=k, sketch_dim=sketch_dim)
+    ctx = pipeline.PassContext(model.family, cap.layout, budget=k, sketch_dim=sketch_dim, cache_dtype=cache_dtype)
     pipeline.run(gm, ctx)
     return model, cap, gm, ctx
 
@@ -90,3 +90,56 @@ def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget, sketc
         chain["hidden_states"] = cache  # the next block reads the full cache ...
         if isinstance(dense, tuple):
             chain["encoder_hidden_states"] = dense[1]  # ... and the text rows, always recomputed
+
+
+def test_float8_cache_follows_the_oracle_within_its_rounding():
+    """selection.cache float8: the selected rows leave the block exact (the next block reads
+    them as the dense block made them); the cache keeps them as float8 times a float32 scale
+    a row (amax / 448), within float8 e4m3's rounding of the float64 rows; the other rows are
+    the old cache's, dequantized; state per block: cache, lse, ref, skips, scale."""
+    f8 = torch.float8_e4m3fn
+    probe = tiny_config("wan", "tiny", video=VIDEO)
+    n = loader.load_model(probe).layout(probe.video).video_tokens
+    k = n // 2
+    _, cap_dense, gm_dense, _ = _rewritten("wan", "tiny", n, cache_dtype=f8)
+    model, cap, gm, ctx = _rewritten("wan", "tiny", k, cache_dtype=f8)
+    assert ctx.stats["insert_selection"]["state_inputs"] == 5 * len(ctx.blocks)
+    blocks = list(model.transformer.blocks)
+    ex0 = cap.example
+    calls0, want0 = block_calls(model, ex0)
+    b, _, d = calls0[0]["hidden_states"].shape
+    zero = [torch.zeros(b, n, d, dtype=f8), torch.zeros(b, n), torch.zeros(b, n, d), torch.zeros(b, n, dtype=torch.int32),
+            torch.zeros(b, n)]
+    out0, state = _run(cap_dense, gm_dense, ex0, [t.clone() for _ in blocks for t in zero])
+    torch.testing.assert_close(out0, want0, atol=1e-5, rtol=1e-5)  # fresh rows exact: budget N is still dense
+    ex1 = dict(ex0, hidden_states=ex0["hidden_states"] + 0.3 * torch.randn_like(ex0["hidden_states"]),
+               timestep=(ex0["timestep"] * 0.9).to(ex0["timestep"].dtype))
+    calls, _ = block_calls(model, ex1)
+    _, new_state = _run(cap, gm, ex1, [t.clone() for t in state])
+    chain, quantized = {}, 0
+    for i, block in enumerate(blocks):
+        call = {**calls[i], **chain}
+        cache_old, lse_old, ref_old, skips_old, scale_old = state[5 * i: 5 * i + 5]
+        cache, lse, ref, skips, scale = new_state[5 * i: 5 * i + 5]
+        assert cache.dtype == f8 and scale.dtype == torch.float32
+        score = lse_old.double() * (call["hidden_states"].double() - ref_old.double()).norm(dim=-1) \
+            + 0.5 * torch.exp(skips_old.double())
+        want_rows = torch.sort(torch.topk(score, k, dim=-1).indices, dim=-1).values
+        fresh = skips == 0
+        assert torch.equal(torch.nonzero(fresh)[:, 1].view(-1, k), want_rows)
+        with torch.no_grad():
+            dense = block(**call).double()
+        amax = dense.abs().amax(-1)
+        torch.testing.assert_close(scale[fresh].double(), (amax / 448)[fresh], atol=0, rtol=1e-5)
+        deq = cache.double() * scale.double()[..., None]
+        err = (deq[fresh] - dense[fresh]).abs()
+        bound = dense[fresh].abs() / 16 + (scale.double()[fresh] * 2.0**-9)[..., None] + 1e-5  # half an ulp, e4m3
+        assert (err <= bound).all(), float((err - bound).max())
+        quantized += int((err > 1e-4).sum())
+        assert torch.equal(cache[~fresh].view(torch.uint8), cache_old[~fresh].view(torch.uint8))
+        assert torch.equal(scale[~fresh], scale_old[~fresh])
+        # the next block reads the dequantized cache with this block's fresh rows exact
+        nxt = cache.float() * scale[..., None]
+        nxt[fresh] = dense[fresh].float()
+        chain["hidden_states"] = nxt
+    assert quantized > 0  # the cache really holds rounded rows
