@@ -173,6 +173,22 @@ def test_engines_replay_as_cuda_graphs(backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["aoti", "inductor"])
+def test_float8_cache_engines_on_cuda(backend, tmp_path):
+    """selection.cache float8 on the GPU: the compiled engines' float8 conversions (Triton's
+    e4m3 on sm_89+) sample as the rewritten float8 graphs do, also replayed as CUDA graphs."""
+    from astraea import engines, runtime
+
+    cfg, model, programs, schedule, inputs, want = engine_case("cuda", selection={"cache": "float8"})
+    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend=backend, progress=False)
+    assert "float8_e4m3fn" in {s["dtype"] for s in manifest["state"]}
+    for graphs in (False, True):
+        transformer = runtime.load(tmp_path / "engines", cuda_graphs=graphs)
+        for _ in range(2 if graphs else 1):
+            got = denoise(model, cfg.video, cfg.sampling, inputs, transformer)
+            torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["aoti", "inductor"])
 def test_engines_on_cuda(backend, tmp_path):
     """Engines built on the GPU (AOTInductor with g++ 12, ../shared/GPU.md) sample like the
     rewritten graphs, in this process and in a new one (inductor: warm from the build's cache)."""
