@@ -14,7 +14,8 @@ from conftest import tiny_raw
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")) + sorted((ROOT / "tools/configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
 def test_examples_validate(path):
     cfg = config.load(path)
     assert cfg.name == path.stem and cfg.sampling.prompts
@@ -92,6 +93,7 @@ BAD = [
     ("search.proxy_video", [5, 4, 16], "search.proxy_video.height", "below the minimum 8"),
     ("search.rescore", 0, "search.rescore", "below the minimum 1"),
     ("build.backend", "onnx", "build.backend", "eager, inductor, aoti, tensorrt"),
+    ("selection.cache", "fp8", "selection.cache", "model, float8"),
     ("build.precision", "int8", "build.precision", "model, bf16, fp16, fp32"),
     ("bench.repeats", 0, "bench.repeats", "below the minimum 1"),
     ("bench.cuda_graphs", True, "bench.cuda_graphs", "needs a CUDA device (model.device is cpu)"),
