@@ -88,6 +88,85 @@ def top_k_kernel(S, OUT, N, K, BLOCK: tl.constexpr):
         equal_seen += tl.sum(equal.to(tl.int32), 0)
 
 
+@triton.jit
+def _chunk_hists(H, C):
+    """The sum of C chunks' 256-bin histograms stored one after the other from H."""
+    bins = tl.arange(0, 256)
+    hist = tl.zeros([256], dtype=tl.int32)
+    for c in range(0, C):
+        hist += tl.load(H + c * 256 + bins)
+    return hist
+
+
+@triton.jit
+def _pick_digit(hist, need):
+    """The digit of the need-th largest candidate, and how many of that digit to take."""
+    bins = tl.arange(0, 256)
+    at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # candidates with digit >= d
+    d = tl.max(tl.where(at_least >= need, bins, 0), 0)
+    return d, need - tl.sum(tl.where(bins > d, hist, 0), 0)
+
+
+@triton.jit
+def top_k_hist_kernel(S, HIST, N, K, C, P: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass P of the radix select across programs (grid (B, C): one program per BLOCK-row
+    chunk): it replays passes 0..P-1 from their per-chunk histograms in HIST (B, 4, C, 256)
+    to get the prefix, then stores its chunk's histogram of the 8-bit digit at pass P of the
+    rows that still match it. The same digits as top_k_kernel, from every chunk at once."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    bins = tl.arange(0, 256)
+    prefix = tl.full([], 0, tl.uint32)
+    need = K
+    for p in tl.static_range(P):
+        d, need = _pick_digit(_chunk_hists(HIST + (b * 4 + p) * C * 256, C), need)
+        prefix = (prefix << 8) | d.to(tl.uint32)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    key = _order_key(tl.load(S + b * N + offs, mask=ok, other=0.0))
+    if P == 0:
+        cand = ok
+    else:
+        cand = ok & ((key >> (32 - 8 * P)) == prefix)
+    digit = tl.where(cand, (key >> (24 - 8 * P)) & 0xFF, 0).to(tl.int32)
+    hist = tl.histogram(digit, 256) - tl.where(bins == 0, BLOCK - tl.sum(cand.to(tl.int32), 0), 0)
+    tl.store(HIST + ((b * 4 + P) * C + c) * 256 + bins, hist)
+
+
+@triton.jit
+def top_k_write_kernel(S, HIST, OUT, N, K, C, BLOCK: tl.constexpr):
+    """The last pass across programs: the K-th largest key T from the four passes'
+    histograms; this chunk's rows above T and its share of the rows equal to T, written at
+    the positions the earlier chunks leave (their counts, read off the same histograms: a
+    row above T shows at the first pass where its digit beats T's)."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    bins = tl.arange(0, 256)
+    prefix = tl.full([], 0, tl.uint32)
+    need = K
+    above_before = 0
+    equal_before = 0
+    for p in tl.static_range(4):
+        h = HIST + (b * 4 + p) * C * 256
+        d, need = _pick_digit(_chunk_hists(h, C), need)
+        prefix = (prefix << 8) | d.to(tl.uint32)
+        before = _chunk_hists(h, c)  # the chunks before this one
+        above_before += tl.sum(tl.where(bins > d, before, 0), 0)
+        if p == 3:
+            equal_before = tl.sum(tl.where(bins == d, before, 0), 0)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    key = _order_key(tl.load(S + b * N + offs, mask=ok, other=0.0))
+    equal = ok & (key == prefix)
+    sel = (ok & (key > prefix)) | (equal & (equal_before + tl.cumsum(equal.to(tl.int32), 0) <= need))
+    pos = above_before + tl.minimum(equal_before, need) + tl.cumsum(sel.to(tl.int32), 0) - 1
+    tl.store(OUT + b * K + pos, offs.to(tl.int64), mask=sel)
+
+
+# The chunk of the parallel top-k: N / 1024 programs a batch row and pass (26 at Wan 65 frames).
+PARALLEL_TOP_K_BLOCK = 1024
+
+
 # Larger chunks mean fewer sequential iterations of the five passes (the kernel is latency
 # bound: one program per batch row); the first config is the one measured untuned.
 TOP_K_CONFIGS = [triton.Config({"BLOCK": blk}, num_warps=w) for blk, w in [(2048, 8), (4096, 16), (8192, 16), (8192, 32)]]
