@@ -131,11 +131,16 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     tokens = schedule["tokens_per_step"]
     per_branch = cfg.sampling.guidance > 1 and (
         cfg.build.cfg == "per_branch" or (cfg.build.cfg == "auto" and model.family.pipeline_cfg_per_branch))
+    wanted = sorted({k for k in tokens if k > 0})
     if per_branch:  # the same programs at batch 1: one CFG branch a call (each branch selects its own rows)
         from .search import build_programs
 
         kwargs = one_branch(kwargs)
-        programs = build_programs(model, cfg, sorted({k for k in tokens if k > 0}), progress, example=kwargs)
+        programs = build_programs(model, cfg, wanted, progress, example=kwargs)
+    elif not set(wanted) <= set(programs):  # the schedule's budgets that the caller did not rewrite
+        from .search import build_programs
+
+        programs = {**programs, **build_programs(model, cfg, [k for k in wanted if k not in programs], progress)}
     any_tp = programs[max(programs)]
     sig = signature(any_tp, kwargs)
     tc = runtime.toolchain(model.device)
@@ -152,7 +157,6 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     flat_weights = [weights[n] for n in sig["weights"]]
     tensor_inputs = [kwargs[s["name"]] for s in sig["inputs"]]
     engines, built, timings = {}, [], {}
-    wanted = sorted({k for k in tokens if k > 0})
     for k in tqdm(wanted, desc=f"engines ({backend})", unit="engine", disable=not progress):
         tp = programs[k]
         key = stable_hash({"graph": tp.graph.code, "inputs": sig["inputs"], "state": sig["state"], "backend": backend,

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from astraea import engines, runtime
-from astraea.sampling import denoise, first_step_kwargs
+from astraea.sampling import denoise, first_step_kwargs, prompt_inputs
 from astraea.tokenwise import TokenwiseTransformer
-from conftest import call_in_fresh_process, engine_case
+from conftest import call_in_fresh_process, engine_case, tiny_config
 
 STEPS = 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +108,26 @@ def test_float8_cache_engines_sample_like_their_graphs_and_near_the_bf16_cache(t
     assert 0 < rel < 0.05, rel
     with pytest.raises(runtime.EngineError, match="selection.cache float8"):
         engines.build(cfg, model, programs, schedule, tmp_path / "trt", backend="tensorrt", progress=False)
+
+
+def test_batched_cfg_engines_rewrite_the_budgets_they_are_not_given(tmp_path):
+    """engines.build with no programs (as astraea-bench calls it) for a family whose pipeline
+    calls the transformer at the CFG batch (CogVideoX): it rewrites the schedule's budgets
+    itself (it failed on an empty dict), and the engines sample like those programs."""
+    from astraea import loader
+    from astraea.search import build_programs
+
+    cfg = tiny_config("cogvideox", "tiny", sampling={"steps": STEPS})
+    model = loader.load_model(cfg)
+    n = model.layout(cfg.video).video_tokens
+    tokens = [n] + [n // 2] * (STEPS - 1)
+    schedule = engines.fixed_schedule(model, cfg, tokens, "test")
+    manifest = engines.build(cfg, model, {}, schedule, tmp_path, backend="eager", progress=False)
+    assert not manifest.get("per_branch") and len(manifest["engines"]) == 2
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
+    want = denoise(model, cfg.video, cfg.sampling, inputs,
+                   TokenwiseTransformer(build_programs(model, cfg, tokens, progress=False), tokens))
+    assert torch.equal(denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines")), want)
 
 
 def test_unchanged_engines_are_not_rebuilt(setup, tmp_path):
