@@ -3,10 +3,12 @@
 For each block's `astraea::token_mark` adds four graph inputs, the state the runtime owns
 across steps (cache (B, N, D) in the stream's dtype, lse (B, N) float32, ref (B, N, D), skips
 (B, N) int32), and `idx = astraea::token_select(lse, x, ref, skips, k, w_beta)` right after
-the mark. With `ctx.cache_dtype` float8_e4m3fn the cache holds the rows in float8 with a
-fifth input, one float32 scale a row (B, N) (write_cache.py). With `ctx.sketch_dim` the reference is the block input's sketch (B, N, dim)
-float32 (token_select.sketch), and the score compares it with the sketch of x. State is explicit (inputs in, new state out): AOTInductor packages and TensorRT
-engines both take it that way, and the runtime donates the buffers.
+the mark. With `ctx.cache_dtype` float8_e4m3fn the cache holds the rows in float8, with a
+fifth input, one float32 scale a row (B, N) (write_cache.py). With `ctx.sketch_dim` the
+reference is the block input's sketch (B, N, dim) float32 (token_select.sketch), and the
+score compares it with the sketch of x. State is explicit (inputs in, new state out):
+AOTInductor packages and TensorRT engines both take it that way, and the runtime donates
+the buffers.
 At the dense budget (k = N) the selection is every row in order, an arange: no scores and
 no top-k (and gather_subset inserts no gathers), the state written as at any budget.
 """
