@@ -6,6 +6,9 @@ bf16) it times one transformer call (CUDA events, warm-up first, median of --rep
   dense_compiled     torch.compile(transformer)
   astraea_eager      the rewritten program at each budget (eager fx GraphModule)
   astraea_compiled   torch.compile of the rewritten program at each budget
+  astraea_engine     the program as an `inductor` engine runs it: exported with the block state
+                     updated in place (engines._Step), then compiled as the runtime compiles it
+  astraea_graph      that engine replayed as a CUDA graph (runtime.load(..., cuda_graphs=True))
 The rewritten programs run from a state left by one dense (budget N) call, as in sampling.
 Each compiled variant reports its compile seconds. --profile also records each variant's
 GPU kernels over two calls (torch.profiler): time by kernel and by kind (GEMM, attention,
@@ -15,6 +18,8 @@ ratio is the hand-wired block's linear fit (docs/benchmarks.md: a + b k over the
 after every variant (a time-out keeps what finished); markdown and PNG at the end.
 
     python3 tools/bench_step.py --out $OUT/step --budgets 0.1 0.5 --variants dense_eager dense_compiled astraea_compiled
+    python3 tools/bench_step.py --out $OUT/eng --batch 1 --budgets 0.4 --variants dense_compiled astraea_engine \
+        astraea_graph --profile   (the engines' own kernels, not yet run on a GPU)
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea import config, loader  # noqa: E402
+from astraea import config, engines, loader, runtime  # noqa: E402
 from astraea.bench import device_name  # noqa: E402
 from astraea.capture import capture  # noqa: E402
 from astraea.engines import one_branch  # noqa: E402
 from astraea.sampling import first_step_kwargs  # noqa: E402
 from astraea.tokenwise import TokenwiseTransformer, rewrite  # noqa: E402
 
-VARIANTS = ("dense_eager", "dense_compiled", "astraea_eager", "astraea_compiled")
+VARIANTS = ("dense_eager", "dense_compiled", "astraea_eager", "astraea_compiled", "astraea_engine", "astraea_graph")
+ASTRAEA = VARIANTS[2:]
 BLOCK_FIT = {"a_ms": 4.46, "b_ms_per_row": 1.183e-3, "dense_block_ms": 31.15}  # H100, Wan 1.3B block, 26,520 rows
 
 
@@ -87,6 +93,25 @@ def kernel_profile(fn, calls: int = 2) -> dict:
     return {"ms_per_call": sum(v[0] for v in kernels.values()), "launches_per_call": sum(v[1] for v in kernels.values()) / calls,
             "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": name[:160], "ms": ms, "launches": n / calls} for name, (ms, n) in top]}
+
+
+def engine_step(tp, kwargs: dict, state: list, graph: bool):
+    """One call of tp as an `inductor` engine (engines.build and runtime.load_engine): export
+    with the state updated in place, torch.compile of the exported module, called on
+    detached weights and packed inputs; graph: captured after its first call and replayed."""
+    sig = engines.signature(tp, kwargs)
+    weights = engines.weight_tensors(tp, sig["weights"])
+    args = [weights[name].detach() for name in sig["weights"]] + [runtime.packed(kwargs[s["name"]]) for s in sig["inputs"]]
+    ep = torch.export.export(engines._Step(tp.graph, sig["layout"], in_place=True), tuple(args + state), strict=False)
+    compiled = torch.compile(ep.module(), dynamic=False)
+    compiled(*args, *state)  # compiles and autotunes
+    if not graph:
+        return lambda: compiled(*args, *state)
+    cuda_graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(cuda_graph):
+        compiled(*args, *state)
+    return cuda_graph.replay
 
 
 def main() -> None:
@@ -151,7 +176,7 @@ def main() -> None:
             record({"variant": "dense_compiled", "budget": 1.0, "ms": ms, "peak_gb": peak, "compile_s": compile_s},
                    lambda: compiled(**kwargs))
             del compiled
-        if not {"astraea_eager", "astraea_compiled"} & set(args.variants):
+        if not set(ASTRAEA) & set(args.variants):
             return finish(report, args.out)
         t0 = time.perf_counter()
         cap = capture(model, cfg, example=kwargs)
@@ -165,28 +190,36 @@ def main() -> None:
             t0 = time.perf_counter()
             tp = full if k == n else rewrite(model, cfg, k, captured=cap)
             rewrite_s = time.perf_counter() - t0 + capture_s
-            for variant in ("astraea_eager", "astraea_compiled"):
+            for variant in ASTRAEA:
                 if variant not in args.variants:
                     continue
-                graph = tp.graph
                 row = {"variant": variant, "budget": frac, "k": k, "rewrite_s": rewrite_s}
-                if variant == "astraea_compiled":
-                    graph = torch.compile(tp.graph, dynamic=False)
+                state = [t.clone() for t in warm_state]
+                if variant in ("astraea_eager", "astraea_compiled"):
+                    graph = tp.graph
+                    if variant == "astraea_compiled":
+                        graph = torch.compile(tp.graph, dynamic=False)
+                        t0 = time.perf_counter()
+                        graph(*flat, *warm_state)
+                        torch.cuda.synchronize()
+                        row["compile_s"] = time.perf_counter() - t0
+
+                    def step(graph=graph, state=state):
+                        out = graph(*flat, *state)
+                        state[:] = out[1:]
+
+                    del graph
+                else:  # the engine: weights, packed inputs, then the state it writes in place
                     t0 = time.perf_counter()
-                    graph(*flat, *warm_state)
+                    step = engine_step(tp, kwargs, state, graph=variant == "astraea_graph")
                     torch.cuda.synchronize()
                     row["compile_s"] = time.perf_counter() - t0
-                state = [t.clone() for t in warm_state]
-
-                def step(graph=graph, state=state):
-                    out = graph(*flat, *state)
-                    state[:] = out[1:]
 
                 row["ms"], row["peak_gb"] = time_calls(step, args.warmup, args.repeats)
                 fit = BLOCK_FIT
                 row["predicted_ratio"] = (fit["a_ms"] + fit["b_ms_per_row"] * k) / fit["dense_block_ms"]
                 record(row, step)
-                del graph, state
+                del step, state
             if tp is not full:
                 del tp
             torch.cuda.empty_cache()
@@ -197,7 +230,7 @@ def finish(report: dict, out: Path) -> None:
     rows = report["rows"]
     base = {r["variant"]: r["ms"] for r in rows if r["variant"].startswith("dense")}
     for r in rows:
-        if r["variant"] == "astraea_compiled" and "dense_compiled" in base:
+        if r["variant"] in ("astraea_compiled", "astraea_engine", "astraea_graph") and "dense_compiled" in base:
             r["ratio_vs_dense_compiled"] = r["ms"] / base["dense_compiled"]
         if r["variant"] == "astraea_eager" and "dense_eager" in base:
             r["ratio_vs_dense_eager"] = r["ms"] / base["dense_eager"]
@@ -225,7 +258,8 @@ def finish(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
-    for variant, style in (("astraea_eager", "-o"), ("astraea_compiled", "-s")):
+    for variant, style in (("astraea_eager", "-o"), ("astraea_compiled", "-s"), ("astraea_engine", "-^"),
+                           ("astraea_graph", "-v")):
         sub = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["budget"])
         if sub:
             ax.plot([r["budget"] for r in sub], [r["ms"] for r in sub], style, ms=4, label=variant)
