@@ -30,6 +30,7 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
     if ctx.budget is None or not 1 <= ctx.budget <= ctx.layout.video_tokens:
         raise ValueError(f"budget {ctx.budget} must be in 1..{ctx.layout.video_tokens}")
     marks = [n for n in gm.graph.nodes if n.target is MARK]
+    inputs = 0
     for mark in marks:
         x = mark.meta["val"]
         b, n, _ = x.shape
@@ -45,6 +46,7 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
         }
         if cache_dtype != x.dtype:
             state["scale"] = add_placeholder(gm, f"state_{i}_scale", x.new_empty((b, n), dtype=torch.float32))
+        inputs += len(state)
         seen = mark  # what the score compares with the reference: the block input, or its sketch
         if ctx.sketch_dim:
             with gm.graph.inserting_after(mark):
@@ -63,4 +65,4 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
         idx.meta["val"] = x.new_empty((b, ctx.budget), dtype=torch.int64)
         idx.meta["astraea_block"] = block
         ctx.blocks[block] = {"mark": mark, "idx": idx, "index": i, **state}
-    return {"selections": len(marks), "state_inputs": sum(len(st) - 3 - ("seen" in st) for st in ctx.blocks.values())}
+    return {"selections": len(marks), "state_inputs": inputs}

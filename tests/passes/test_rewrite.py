@@ -35,9 +35,10 @@ def _run(cap, gm, example, state):
     return out[0], list(out[1:])
 
 
-def _zero_state(x, blocks, sketch_dim=0):
+def _zero_state(x, blocks, sketch_dim=0, cache_dtype=None):
     b, n, d = x.shape
-    one = [torch.zeros(b, n, d), torch.zeros(b, n), torch.zeros(b, n, sketch_dim or d), torch.zeros(b, n, dtype=torch.int32)]
+    one = [torch.zeros(b, n, d, dtype=cache_dtype), torch.zeros(b, n), torch.zeros(b, n, sketch_dim or d),
+           torch.zeros(b, n, dtype=torch.int32)] + ([torch.zeros(b, n)] if cache_dtype is not None else [])  # + scale
     return [t.clone() for _ in range(blocks) for t in one]
 
 
@@ -107,10 +108,7 @@ def test_float8_cache_follows_the_oracle_within_its_rounding():
     blocks = list(model.transformer.blocks)
     ex0 = cap.example
     calls0, want0 = block_calls(model, ex0)
-    b, _, d = calls0[0]["hidden_states"].shape
-    zero = [torch.zeros(b, n, d, dtype=f8), torch.zeros(b, n), torch.zeros(b, n, d), torch.zeros(b, n, dtype=torch.int32),
-            torch.zeros(b, n)]
-    out0, state = _run(cap_dense, gm_dense, ex0, [t.clone() for _ in blocks for t in zero])
+    out0, state = _run(cap_dense, gm_dense, ex0, _zero_state(calls0[0]["hidden_states"], len(blocks), cache_dtype=f8))
     torch.testing.assert_close(out0, want0, atol=1e-5, rtol=1e-5)  # fresh rows exact: budget N is still dense
     ex1 = dict(ex0, hidden_states=ex0["hidden_states"] + 0.3 * torch.randn_like(ex0["hidden_states"]),
                timestep=(ex0["timestep"] * 0.9).to(ex0["timestep"].dtype))
