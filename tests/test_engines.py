@@ -150,12 +150,6 @@ def test_tampered_missing_and_foreign_folders_are_refused(setup, tmp_path):
     engine.write_bytes(backup)
     runtime.load(folder)  # restored: fine again
 
-
-def test_cuda_graphs_are_refused_off_cuda(setup, tmp_path):
-    folder, _ = _built(setup, tmp_path)
-    with pytest.raises(runtime.EngineError, match="cuda_graphs needs a CUDA device"):
-        runtime.load(folder, cuda_graphs=True)
-
     other = tmp_path / "other"
     shutil.copytree(folder, other)
     m = json.loads((other / "manifest.json").read_text())
@@ -172,6 +166,12 @@ def test_cuda_graphs_are_refused_off_cuda(setup, tmp_path):
         runtime.load(other)
     with pytest.raises(runtime.EngineError, match="no manifest.json"):
         runtime.load(tmp_path / "nowhere")
+
+
+def test_cuda_graphs_are_refused_off_cuda(setup, tmp_path):
+    folder, _ = _built(setup, tmp_path)
+    with pytest.raises(runtime.EngineError, match="cuda_graphs needs a CUDA device"):
+        runtime.load(folder, cuda_graphs=True)
 
 
 def test_wrong_inputs_are_named(setup, tmp_path):
