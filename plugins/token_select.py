@@ -13,9 +13,9 @@ Top-k by score with ties broken by the lower row index, so the choice is the sam
 device. On CUDA two Triton kernels (kernels/select.py) do it: one pass over x and x_ref
 for the scores, then a radix select that writes the k rows in ascending order (no sort, no
 int64 keys; torch.topk over int64 keys cost most of the selection on the H100). The radix
-select runs as one program a batch row (measured on the H100: 0.13 ms at Wan's N), or,
-with ASTRAEA_TOP_K=parallel at build time, spread over N / 1024 programs a pass (five
-launches; the same rows, bit for bit; not yet timed on a GPU). Elsewhere
+select runs as one program a batch row (measured on the H100: 0.13 ms at Wan's N; a form
+spread over N / 1024 programs a pass, five launches, measured about twice as slow and was
+removed: docs/benchmarks.md). Elsewhere
 the reference below: the float32 score mapped to an order-preserving integer and combined
 with the row index into one int64 key for torch.topk, then sorted. k is static (one
 engine per budget); values are data-dependent. The skip counters are updated by
@@ -23,8 +23,6 @@ astraea::cache_update, where the selection is applied.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -95,21 +93,6 @@ def _top_k_triton(score: torch.Tensor, k: int, tuned: bool = True) -> torch.Tens
     return out
 
 
-def _top_k_parallel(score: torch.Tensor, k: int, block: int | None = None) -> torch.Tensor:
-    """The same selection as _top_k_triton, each pass spread over N / 1024 programs a batch
-    row (five launches) instead of one program a row looping over N."""
-    b, n = score.shape
-    block = block or _kernels.PARALLEL_TOP_K_BLOCK
-    chunks = triton.cdiv(n, block)
-    score = score.contiguous()
-    hist = torch.empty((b, 4, chunks, 256), dtype=torch.int32, device=score.device)
-    out = torch.empty((b, k), dtype=torch.int64, device=score.device)
-    for p in range(4):
-        wrap_triton(_kernels.top_k_hist_kernel)[(b, chunks)](score, hist, n, k, chunks, P=p, BLOCK=block, num_warps=4)
-    wrap_triton(_kernels.top_k_write_kernel)[(b, chunks)](score, hist, out, n, k, chunks, BLOCK=block, num_warps=4)
-    return out
-
-
 def top_k_rows(score: torch.Tensor, k: int) -> torch.Tensor:
     """Ascending indices of the k best rows per batch row; ties go to the lower index."""
     bits = score.contiguous().view(torch.int32)
@@ -130,5 +113,5 @@ def token_select(
                          f"skips {tuple(skips.shape)}, k={k} do not agree")
     if x.device.type == "cuda" and _kernels is not None:
         score = _scores_triton(lse, x, x_ref, skips, w_beta, forced)
-        return _top_k_parallel(score, k) if os.environ.get("ASTRAEA_TOP_K") == "parallel" else _top_k_triton(score, k)
+        return _top_k_triton(score, k)
     return top_k_rows(scores(lse, x, x_ref, skips, w_beta, forced).float(), k).contiguous()

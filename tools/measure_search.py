@@ -61,6 +61,10 @@ def main() -> None:
     p.add_argument("--population", type=int, default=10)
     p.add_argument("--children", type=int, default=6)
     p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--levels", type=int, default=None, help="search.levels (default the config's, 11): fewer levels, "
+                   "fewer distinct budgets, fewer engines to build")
+    p.add_argument("--repair-high", type=float, default=None, help="search.repair_high (default 1.1); 1.0 keeps every "
+                   "searched mean budget at or under its target")
     p.add_argument("--no-ablation", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="search.seed (the evolution's own randomness)")
     p.add_argument("--proxy", type=int, nargs=3, metavar=("FRAMES", "HEIGHT", "WIDTH"),
@@ -71,6 +75,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     base = bundled.run_config(PROMPTS[: args.prompts], steps=args.steps, device=args.device)
     base = dataclasses.replace(base, bench=config.BenchSpec(warmup=1, repeats=3))
+    base = dataclasses.replace(base, search=dataclasses.replace(
+        base.search, levels=args.levels or base.search.levels, repair_high=args.repair_high or base.search.repair_high))
     model = loader.load_model(base)
     work = args.out / "run"
     ref = reference.run(base, model, work)
@@ -80,6 +86,7 @@ def main() -> None:
     samples = calibration_samples(model, base, ref, work / "embeddings")
     ev = Evaluator(model, base, programs, samples, levels, n, 0, share_prefixes=False)
     report = {"device": args.device, "steps": args.steps, "samples": len(samples), "levels": levels,
+              "repair": [base.search.repair_low, base.search.repair_high],
               "proxy_video": args.proxy,
               "search": {"population": args.population, "children": args.children, "generations": args.generations,
                          "seed": args.seed},

@@ -271,20 +271,6 @@ def test_triton_top_k_is_the_reference_selection(n, k):
 
 
 @pytest.mark.skipif(sa._kernels is None, reason="triton is not installed")
-@pytest.mark.parametrize("n,k,block", [(1, 1, 64), (7, 3, 64), (300, 1, 64), (300, 299, 64), (300, 300, 64),
-                                       (2048, 1024, 256), (5000, 1700, 512), (9000, 4000, 1024)])
-def test_parallel_top_k_is_the_reference_selection(n, k, block):
-    """The radix select spread over chunks (five launches, per-chunk histograms) picks the
-    reference's rows in ascending order; ties straddling the k-th place fall across chunks."""
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter run is for CPU machines; tests/test_gpu covers CUDA")
-    from astraea.plugins import token_select as ts
-
-    s = _tied_scores(2, n)
-    assert torch.equal(ts._top_k_parallel(s, k, block), ts.top_k_rows(s, k))
-
-
-@pytest.mark.skipif(sa._kernels is None, reason="triton is not installed")
 def test_every_top_k_config_is_the_reference_selection():
     """Each chunk size the autotuner may pick (one and several chunks a pass)."""
     if torch.cuda.is_available():
@@ -313,10 +299,6 @@ signatures = {
                       "w_beta": "fp32", "R": "i32", "N": "i32", "D": "i32", "HAS_FORCED": "constexpr",
                       "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"}, {"HAS_FORCED": True, "BLOCK_R": 32, "BLOCK_D": 128}),
     "top_k_kernel": ({"S": "*fp32", "OUT": "*i64", "N": "i32", "K": "i32", "BLOCK": "constexpr"}, {"BLOCK": 2048}),
-    **{f"top_k_hist_kernel P={p}": ({"S": "*fp32", "HIST": "*i32", "N": "i32", "K": "i32", "C": "i32", "P": "constexpr",
-                                     "BLOCK": "constexpr"}, {"P": p, "BLOCK": 1024}) for p in range(4)},
-    "top_k_write_kernel": ({"S": "*fp32", "HIST": "*i32", "OUT": "*i64", "N": "i32", "K": "i32", "C": "i32",
-                            "BLOCK": "constexpr"}, {"BLOCK": 1024}),
 }
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
