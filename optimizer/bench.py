@@ -139,8 +139,16 @@ def schedule_tokens(budgets: list[float], levels: int, n: int) -> list[int]:
     return [table[round(b * (levels - 1))] for b in budgets]
 
 
-def read_schedules(path: Path, steps: int, levels: int, n: int) -> dict[str, list[int]]:
-    """Schedules from a file: a schedule.json (`budget_per_step`) or {name: [budget per step]}."""
+def budget_rows(budget: float, n: int) -> int:
+    """The rows a step at `budget` computes, as the search's level table has them (0 skips
+    the step, 1 is dense), for a budget on any grid."""
+    return 0 if budget == 0 else n if budget == 1 else max(1, round(budget * n))
+
+
+def read_schedules(path: Path, steps: int, n: int) -> dict[str, list[int]]:
+    """Schedules from a file: a schedule.json (`budget_per_step`) or {name: [budget per step]}.
+    Each budget is kept as given (a schedule searched at other levels than the config's keeps
+    its own), never snapped to the config's levels."""
     from .errors import AstraeaError
 
     try:
@@ -150,9 +158,12 @@ def read_schedules(path: Path, steps: int, levels: int, n: int) -> dict[str, lis
     named = {f"searched {raw.get('mean_budget', 0):.0%}": raw["budget_per_step"]} if "budget_per_step" in raw else raw
     out = {}
     for name, budgets in named.items():
-        if not isinstance(budgets, list) or len(budgets) != steps or not all(0 <= float(b) <= 1 for b in budgets):
+        if not isinstance(budgets, list) or len(budgets) != steps or not all(
+                isinstance(b, (int, float)) and 0 <= b <= 1 for b in budgets):
             raise AstraeaError(f"--schedules {path}: {name!r} must be {steps} budgets in [0, 1] (one a step)")
-        out[name] = schedule_tokens([float(b) for b in budgets], levels, n)
+        if budgets[0] != 1:
+            raise AstraeaError(f"--schedules {path}: {name!r} starts at {budgets[0]}: the first step must be dense (1.0)")
+        out[name] = [budget_rows(float(b), n) for b in budgets]
     return out
 
 
@@ -309,8 +320,11 @@ def _share_weights(transformer, module: torch.nn.Module) -> bool:
 
 def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] | None = None,
         extra_schedules: dict[str, list[int]] | None = None, engine_folder: Path | None = None,
-        progress: bool = True) -> dict:
-    """Measure `methods` (default bench.methods) and write the report under <out>/bench."""
+        progress: bool = True, build_only: bool = False) -> dict:
+    """Measure `methods` (default bench.methods) and write the report under <out>/bench.
+    build_only: build <out>/bench/engines for the astraea-compiled rows and return its
+    manifest, measuring nothing (a benchmark split over machines: the engine files travel,
+    the weights file is written again from the model, and a later invocation times them)."""
     from .peers import PeerTransformer, calibrate_mag_cache, parse_setting
     from .sampling import denoise
 
@@ -327,6 +341,12 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
         timesteps = [float(t) for t in model.family.set_timesteps(copy.deepcopy(model.scheduler), steps, "cpu")]
         schedules = ({f"uniform {b:.0%}": uniform(b, steps, levels, n) for b in cfg.bench.budgets}
                      | run_searched(out, timesteps, n) | (extra_schedules or {}))
+    if build_only:
+        from .errors import AstraeaError
+
+        if engine_folder is not None:
+            raise AstraeaError("--build-only builds from a model.yaml; an engine folder is already built")
+        return _build_bench_engines(cfg, model, out, schedules, progress)
     todo = list(dict.fromkeys(("dense", *methods)))  # dense always: the baseline of every row
     bar = tqdm(total=len(todo), desc="astraea-bench", unit="method", disable=not progress)
 
@@ -397,8 +417,17 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
 
 
 def _bench_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dict, progress: bool):
-    """One engine folder (<out>/bench/engines) with every budget level the schedules use."""
-    from . import engines, runtime
+    """One engine folder (<out>/bench/engines) with every budget level the schedules use, loaded."""
+    from . import runtime
+
+    _build_bench_engines(cfg, model, out, schedules, progress)
+    return runtime.load(out / "bench" / "engines", model.device, cuda_graphs=cfg.bench.cuda_graphs)
+
+
+def _build_bench_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dict, progress: bool) -> dict:
+    """Build (or keep, where its file is there) the engine of every budget level the schedules
+    use under <out>/bench/engines; returns the manifest."""
+    from . import engines
 
     steps, n = cfg.sampling.steps, model.layout(cfg.video).video_tokens
     ks = sorted({k for t in schedules.values() for k in t[1:] if k}, reverse=True) or [n]
@@ -406,8 +435,7 @@ def _bench_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dic
         raise ValueError(f"{len(ks)} budget levels do not fit one {steps}-step schedule")
     tokens = [n] + [ks[i % len(ks)] for i in range(steps - 1)]
     schedule = engines.fixed_schedule(model, cfg, tokens, "astraea-bench")
-    engines.build(cfg, model, {}, schedule, out / "bench", progress=progress)
-    return runtime.load(out / "bench" / "engines", model.device, cuda_graphs=cfg.bench.cuda_graphs)
+    return engines.build(cfg, model, {}, schedule, out / "bench", progress=progress)
 
 
 def _store_dense(folder: Path, key: str, bench: Bench) -> None:

@@ -220,6 +220,8 @@ def _bench(args) -> None:
 
     target = Path(args.config)
     engine_folder = None
+    if target.is_dir() and args.build_only:
+        raise AstraeaError("--build-only builds from a model.yaml; an engine folder is already built")
     if target.is_dir():  # an engine folder: its run folder's config.json describes the model
         if not (target / "manifest.json").is_file():
             raise AstraeaError(f"{target} is a folder without manifest.json: give a model.yaml or an engine folder")
@@ -245,7 +247,13 @@ def _bench(args) -> None:
     model = loader.load_model(cfg)
     extra = {}
     for path in args.schedules or ():
-        extra |= bench.read_schedules(path, cfg.sampling.steps, cfg.search.levels, model.layout(cfg.video).video_tokens)
+        extra |= bench.read_schedules(path, cfg.sampling.steps, model.layout(cfg.video).video_tokens)
+    if args.build_only:
+        manifest = bench.run(cfg, model, out, extra_schedules=extra, progress=not args.quiet, build_only=True)
+        built = set(manifest["build"]["rebuilt"])
+        for key, e in sorted(manifest["engines"].items(), key=lambda item: -item[1]["tokens"]):
+            print(f"{out / 'bench' / 'engines' / e['file']}: {e['tokens']} rows, {'built' if key in built else 'kept'}")
+        return
     report = bench.run(cfg, model, out, extra_schedules=extra, engine_folder=engine_folder, progress=not args.quiet)
     print(bench.markdown(report))
 
@@ -262,7 +270,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     )
     _common(parser)
     parser.add_argument("--methods", nargs="+", choices=BENCH_METHODS, help="what to measure (default bench.methods)")
-    parser.add_argument("--budgets", nargs="+", type=float, help="Astraea's uniform budgets (default bench.budgets)")
+    parser.add_argument("--budgets", nargs="*", type=float,
+                        help="Astraea's uniform budgets (default bench.budgets; none: only --schedules)")
     parser.add_argument("--peers", nargs="+", help="peer settings, e.g. 'pab skip=2 cross=6' (default bench.peers)")
     parser.add_argument("--schedules", nargs="+", type=Path,
                         help="more Astraea schedules: schedule.json files or JSON {name: [budget per step]}")
@@ -271,6 +280,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="warm-up calls of each budget (default bench.warmup)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="astraea-compiled: replay the engines as CUDA graphs (default bench.cuda_graphs)")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build <out>/bench/engines for the astraea-compiled rows and stop (time them later: "
+                        "engine files already there are kept, so a benchmark can be split over machines)")
     return _run("astraea-bench", argv, parser, _bench)
 
 

@@ -115,6 +115,54 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys, bad, error):
     assert error in err and "\n" not in err
 
 
+def test_given_schedules_keep_their_own_budgets(tmp_path):
+    """A schedule searched at 5 levels (0.25 steps) keeps its budgets under a config of 11
+    levels (snapping 0.25 to that grid gave 0.2 once), with the search's own rows per level;
+    a schedule that does not start dense is refused in one line."""
+    from astraea.bench import read_schedules
+    from astraea.errors import AstraeaError
+    from astraea.search import level_tokens
+
+    n = 26520
+    budgets = [1.0, 0.25, 0.0, 0.75, 0.5, 0.25]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"quarters": budgets}))
+    five = level_tokens(5, n)
+    assert read_schedules(path, 6, n) == {"quarters": [five[round(b * 4)] for b in budgets]}
+    assert read_schedules(path, 6, n)["quarters"][1] == 6630  # not the 11-level grid's 0.2 (5304)
+    path.write_text(json.dumps({"budget_per_step": [0.5] + budgets[1:], "mean_budget": 0.4}))  # a schedule.json
+    with pytest.raises(AstraeaError, match="first step must be dense"):
+        read_schedules(path, 6, n)
+
+
+def test_build_only_builds_once_and_keeps_what_is_there(tmp_path, capsys):
+    """astraea-bench --build-only writes the engine of every budget level the rows use and
+    measures nothing; run again (as the timing run builds, through the same function) it
+    keeps every file; an engine folder is refused."""
+    raw = tiny_raw(sampling={"steps": 4}, build={"backend": "eager"}, bench={"warmup": 0, "repeats": 1})
+    path, out = tmp_path / "model.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(raw))
+    sched = tmp_path / "s.json"
+    sched.write_text(json.dumps({"quarters": [1.0, 0.25, 0.0, 0.75]}))
+    args = [str(path), "--out", str(out), "--quiet", "--methods", "astraea-compiled", "--budgets", "--schedules", str(sched)]
+    assert bench_main([*args, "--build-only"]) == 0
+    manifest = json.loads((out / "bench" / "engines" / "manifest.json").read_text())
+    from astraea import loader
+    from astraea.bench import budget_rows
+
+    cfg = config.from_dict(raw)
+    n = loader.load_model(cfg).layout(cfg.video).video_tokens
+    assert sorted(e["tokens"] for e in manifest["engines"].values()) == sorted({n, budget_rows(0.25, n), budget_rows(0.75, n)})
+    assert len(manifest["build"]["rebuilt"]) == 3 and not (out / "bench" / "bench.json").exists()
+    assert capsys.readouterr().out.count(", built") == 3
+    files = {f.name: f.stat().st_mtime_ns for f in (out / "bench" / "engines").glob("*.pt2")}
+    assert bench_main([*args, "--build-only"]) == 0
+    assert capsys.readouterr().out.count(", kept") == 3
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "bench" / "engines").glob("*.pt2")} == files
+    assert bench_main([str(tmp_path / "run" / "bench" / "engines"), "--build-only", "--quiet"]) == 2
+    assert "--build-only" in capsys.readouterr().err
+
+
 def test_runtime_switches_schedules_over_one_engine_folder(tmp_path):
     from astraea import engines, runtime
     from astraea.sampling import denoise
