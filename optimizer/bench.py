@@ -139,17 +139,12 @@ def schedule_tokens(budgets: list[float], levels: int, n: int) -> list[int]:
     return [table[round(b * (levels - 1))] for b in budgets]
 
 
-def budget_rows(budget: float, n: int) -> int:
-    """The rows a step at `budget` computes, as the search's level table has them (0 skips
-    the step, 1 is dense), for a budget on any grid."""
-    return 0 if budget == 0 else n if budget == 1 else max(1, round(budget * n))
-
-
 def read_schedules(path: Path, steps: int, n: int) -> dict[str, list[int]]:
     """Schedules from a file: a schedule.json (`budget_per_step`) or {name: [budget per step]}.
     Each budget is kept as given (a schedule searched at other levels than the config's keeps
     its own), never snapped to the config's levels."""
     from .errors import AstraeaError
+    from .search import budget_rows
 
     try:
         raw = json.loads(Path(path).read_text())

@@ -687,10 +687,16 @@ def plot_schedule(schedule: dict, path: Path) -> None:
 
 # ---- the stage: programs, samples, constraint, search, outputs --------------------------
 
+def budget_rows(budget: float, tokens: int) -> int:
+    """The rows a step at `budget` computes: 0 skips the step, 1 is dense, at least one row
+    otherwise (any grid: the level table below and schedules given as budgets agree)."""
+    return 0 if budget == 0 else tokens if budget == 1 else max(1, round(budget * tokens))
+
+
 def level_tokens(levels: int, tokens: int) -> list[int]:
     """Rows computed at each level: 0 for level 0 (the step is skipped), N at the top."""
     top = levels - 1
-    return [0] + [tokens if v == top else max(1, round(v / top * tokens)) for v in range(1, levels)]
+    return [budget_rows(v / top, tokens) for v in range(levels)]
 
 
 def build_programs(model, cfg: RunConfig, tokens: list[int], progress: bool = True,

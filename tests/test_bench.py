@@ -148,7 +148,7 @@ def test_build_only_builds_once_and_keeps_what_is_there(tmp_path, capsys):
     assert bench_main([*args, "--build-only"]) == 0
     manifest = json.loads((out / "bench" / "engines" / "manifest.json").read_text())
     from astraea import loader
-    from astraea.bench import budget_rows
+    from astraea.search import budget_rows
 
     cfg = config.from_dict(raw)
     n = loader.load_model(cfg).layout(cfg.video).video_tokens
