@@ -114,6 +114,8 @@ class BuildSpec:
     output: str | None = spec(None, doc="run folder (default runs/<config name>), relative to the cwd")
     cfg: str = spec("auto", choices=("auto", "per_branch", "batched"),
                     doc="engines at batch 1 per CFG branch or at the CFG batch of 2; auto = what the family's diffusers pipeline calls")
+    jobs: int = spec(1, lo=1, hi=64, doc="aoti: engines compiled at once, each in its own worker process (the "
+                     "programs are exported first, one at a time); other backends build one at a time")
 
 
 BENCH_METHODS = ("dense", "dense-compiled", "astraea", "astraea-compiled", "peers")

@@ -9,7 +9,10 @@ export. Backends:
   eager     the exported program (`<key>.pt2`), run as its GraphModule (debugging)
   inductor  the same `.pt2`, compiled by the runtime with torch.compile; Inductor's cache
             artifacts from the build (`inductor-cache.bin`) let it start warm
-  aoti      an AOTInductor package (`<key>.aoti.pt2`) with the ops' kernels compiled in
+  aoti      an AOTInductor package (`<key>.aoti.pt2`) with the ops' kernels compiled in;
+            with build.jobs > 1 the exported programs are compiled that many at once, each
+            in a worker process (spawned; zero-filled inputs of the program's shapes stand
+            in for the weights and state, which only autotuning reads)
 An engine's key hashes its graph, shapes, backend, precision, the pass/ops source and the
 toolchain; an engine whose key exists in the folder is not rebuilt. `manifest.json` (read
 by astraea.runtime) is written last, atomically, with every file's sha256.
@@ -111,6 +114,56 @@ def _cxx_patch(device: torch.device) -> dict:
     return {}
 
 
+def _aoti_worker(export_path: str, package_path: str, device: str, patch: dict) -> float:
+    """In a spawned worker: AOTInductor on an exported program saved without example
+    inputs; zero tensors of its placeholders' shapes, strides and dtypes stand in for them."""
+    t0 = time.perf_counter()
+    from torch._inductor import aoti_compile_and_package
+
+    import astraea.plugins  # noqa: F401  (the astraea:: ops the program calls)
+
+    ep = torch.export.load(export_path)
+    user = set(ep.graph_signature.user_inputs)
+    vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    ep.example_inputs = (tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device).zero_()
+                               for v in vals), {})
+    with torch._inductor.config.patch(patch):
+        aoti_compile_and_package(ep, package_path=package_path)
+    return time.perf_counter() - t0
+
+
+def _compile_aoti_in_workers(pool: list, engines: dict, folder: Path, jobs: int, device: torch.device,
+                             progress: bool) -> list[tuple[str, float]]:
+    """AOTInductor on the exported programs, `jobs` worker processes at once: each program
+    is saved beside its package's temp path, compiled in a worker, then moved in place.
+    Returns (key, compile seconds) in the order they finished."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    jobs = min(jobs, len(pool))
+    done = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as workers:
+        futures = {}
+        for key, ep, tmp in pool:
+            exported = tmp.with_name(f"{key}.export.pt2")
+            ep.example_inputs = None  # the weights and the state: the worker makes zeros of their shapes
+            torch.export.save(ep, str(exported))
+            futures[workers.submit(_aoti_worker, str(exported), str(tmp), str(device), _cxx_patch(device))] = (key, tmp)
+        bar = tqdm(as_completed(futures), total=len(futures), desc=f"engines (aoti, {jobs} at once)", unit="engine",
+                   disable=not progress)
+        for future in bar:
+            key, tmp = futures[future]
+            try:
+                seconds = future.result()
+            except Exception as e:  # noqa: BLE001  (the worker's error, on one line, with the engine it was for)
+                last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                raise runtime.EngineError(f"AOTInductor failed for the {engines[key]['tokens']}-row engine in a build "
+                                          f"worker: {last} (build.jobs: 1 builds in this process)") from e
+            os.replace(tmp, folder / engines[key]["file"])
+            done.append((key, seconds))
+    return done
+
+
 def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule: dict, out: Path,
           backend: str | None = None, progress: bool = True) -> dict:
     """Engines for every distinct non-zero budget of `schedule` (schedule.json's content)
@@ -157,6 +210,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     flat_weights = [weights[n] for n in sig["weights"]]
     tensor_inputs = [kwargs[s["name"]] for s in sig["inputs"]]
     engines, built, timings = {}, [], {}
+    pool = []  # aoti with build.jobs > 1: (key, exported program, package tmp), compiled together below
     for k in tqdm(wanted, desc=f"engines ({backend})", unit="engine", disable=not progress):
         tp = programs[k]
         key = stable_hash({"graph": tp.graph.code, "inputs": sig["inputs"], "state": sig["state"], "backend": backend,
@@ -182,6 +236,10 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
             state = runtime.empty_state(sig["state"], model.device)
             step = _Step(tp.graph, sig["layout"], in_place=True)
             ep = torch.export.export(step, tuple(flat_weights + tensor_inputs + state), strict=False)
+            if backend == "aoti" and cfg.build.jobs > 1:
+                pool.append((key, ep, tmp))
+                timings[key] = time.perf_counter() - t0  # its export; the worker's compile is added below
+                continue
             if backend == "aoti":
                 from torch._inductor import aoti_compile_and_package
 
@@ -197,6 +255,10 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         os.replace(tmp, folder / name)
         timings[key] = time.perf_counter() - t0
         built.append(key)
+    if pool:
+        for key, seconds in _compile_aoti_in_workers(pool, engines, folder, cfg.build.jobs, model.device, progress):
+            timings[key] += seconds
+            built.append(key)
     shutil.rmtree(folder / ".partial", ignore_errors=True)
     if backend == "inductor" and built:
         artifacts = torch.compiler.save_cache_artifacts()

@@ -1,6 +1,7 @@
 """Engines and the runtime on the CPU: each backend's runtime output against the rewritten
-graphs over a full sampling run; tampered, missing and foreign engine folders refused;
-unchanged engines not rebuilt; the runtime imports no build code."""
+graphs over a full sampling run (AOTInductor also compiled in worker processes); tampered,
+missing and foreign engine folders refused; unchanged engines not rebuilt; the runtime
+imports no build code."""
 
 from __future__ import annotations
 
@@ -92,6 +93,24 @@ def _run_from_cpp(folder, manifest, kwargs, tmp_path) -> torch.Tensor:
                    capture_output=True)
     shape = kwargs["hidden_states"].shape
     return torch.frombuffer(bytearray((tmp_path / "cpp-out.bin").read_bytes()), dtype=torch.float32).view(shape)
+
+
+def test_aoti_engines_compiled_in_worker_processes_sample_like_the_graphs(setup, tmp_path):
+    """build.jobs 2: both AOTInductor packages compiled at once in spawned workers (from the
+    saved exported programs, zeros standing in for the weights and state) sample like the
+    rewritten graphs, and the build leaves no partial files; a second build keeps both."""
+    import dataclasses
+
+    cfg, model, programs, schedule, inputs, want = setup
+    cfg = dataclasses.replace(cfg, build=dataclasses.replace(cfg.build, jobs=2))
+    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend="aoti", progress=False)
+    assert sorted(manifest["build"]["rebuilt"]) == sorted(manifest["engines"]) and len(manifest["engines"]) == 2
+    folder = tmp_path / "engines"
+    assert not (folder / ".partial").exists() and all((folder / e["file"]).is_file() for e in manifest["engines"].values())
+    got = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(folder))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    again = engines.build(cfg, model, programs, schedule, tmp_path, backend="aoti", progress=False)
+    assert again["build"]["rebuilt"] == []
 
 
 def test_float8_cache_engines_sample_like_their_graphs_and_near_the_bf16_cache(tmp_path):
