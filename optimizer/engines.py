@@ -118,8 +118,6 @@ def _aoti_worker(export_path: str, package_path: str, device: str, patch: dict) 
     """In a spawned worker: AOTInductor on an exported program saved without example
     inputs; zero tensors of its placeholders' shapes, strides and dtypes stand in for them."""
     t0 = time.perf_counter()
-    from torch._inductor import aoti_compile_and_package
-
     import astraea.plugins  # noqa: F401  (the astraea:: ops the program calls)
 
     ep = torch.export.load(export_path)
@@ -127,9 +125,15 @@ def _aoti_worker(export_path: str, package_path: str, device: str, patch: dict) 
     vals = [n.meta["val"] for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
     ep.example_inputs = (tuple(torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device).zero_()
                                for v in vals), {})
+    _aoti_compile(ep, package_path, patch)
+    return time.perf_counter() - t0
+
+
+def _aoti_compile(ep: torch.export.ExportedProgram, package_path: str, patch: dict) -> None:
+    from torch._inductor import aoti_compile_and_package
+
     with torch._inductor.config.patch(patch):
         aoti_compile_and_package(ep, package_path=package_path)
-    return time.perf_counter() - t0
 
 
 def _compile_aoti_in_workers(pool: list, engines: dict, folder: Path, jobs: int, device: torch.device,
@@ -241,10 +245,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
                 timings[key] = time.perf_counter() - t0  # its export; the worker's compile is added below
                 continue
             if backend == "aoti":
-                from torch._inductor import aoti_compile_and_package
-
-                with torch._inductor.config.patch(_cxx_patch(model.device)):
-                    aoti_compile_and_package(ep, package_path=str(tmp))
+                _aoti_compile(ep, str(tmp), _cxx_patch(model.device))
             else:
                 ep.example_inputs = None  # they hold the weights and the state: not stored in engines
                 torch.export.save(ep, str(tmp))
@@ -255,6 +256,14 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         os.replace(tmp, folder / name)
         timings[key] = time.perf_counter() - t0
         built.append(key)
+    if len(pool) == 1:  # one program: no worker to start
+        (key, ep, tmp), = pool
+        t0 = time.perf_counter()
+        _aoti_compile(ep, str(tmp), _cxx_patch(model.device))
+        os.replace(tmp, folder / engines[key]["file"])
+        timings[key] += time.perf_counter() - t0
+        built.append(key)
+        pool = []
     if pool:
         for key, seconds in _compile_aoti_in_workers(pool, engines, folder, cfg.build.jobs, model.device, progress):
             timings[key] += seconds

@@ -98,7 +98,8 @@ def _run_from_cpp(folder, manifest, kwargs, tmp_path) -> torch.Tensor:
 def test_aoti_engines_compiled_in_worker_processes_sample_like_the_graphs(setup, tmp_path):
     """build.jobs 2: both AOTInductor packages compiled at once in spawned workers (from the
     saved exported programs, zeros standing in for the weights and state) sample like the
-    rewritten graphs, and the build leaves no partial files; a second build keeps both."""
+    rewritten graphs, and the build leaves no partial files; a second build keeps both; a
+    single missing package is compiled in the build's own process."""
     import dataclasses
 
     cfg, model, programs, schedule, inputs, want = setup
@@ -111,6 +112,12 @@ def test_aoti_engines_compiled_in_worker_processes_sample_like_the_graphs(setup,
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     again = engines.build(cfg, model, programs, schedule, tmp_path, backend="aoti", progress=False)
     assert again["build"]["rebuilt"] == []
+    key = next(iter(manifest["engines"]))  # one missing package: compiled in this process, no worker
+    (folder / manifest["engines"][key]["file"]).unlink()
+    once = engines.build(cfg, model, programs, schedule, tmp_path, backend="aoti", progress=False)
+    assert once["build"]["rebuilt"] == [key] and (folder / manifest["engines"][key]["file"]).is_file()
+    torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(folder)), want,
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_float8_cache_engines_sample_like_their_graphs_and_near_the_bf16_cache(tmp_path):
