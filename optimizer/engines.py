@@ -139,11 +139,18 @@ def _aoti_compile(ep: torch.export.ExportedProgram, package_path: str, patch: di
 def _compile_aoti_in_workers(pool: list, engines: dict, folder: Path, jobs: int, device: torch.device,
                              progress: bool) -> list[tuple[str, float]]:
     """AOTInductor on the exported programs, `jobs` worker processes at once: each program
-    is saved beside its package's temp path, compiled in a worker, then moved in place.
-    Returns (key, compile seconds) in the order they finished."""
+    is saved beside its package's temp path, compiled in a worker, then moved in place (a
+    single program compiles in this process). Returns (key, compile seconds) in the order
+    they finished."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    if len(pool) == 1:  # one program: no worker to start
+        (key, ep, tmp), = pool
+        t0 = time.perf_counter()
+        _aoti_compile(ep, str(tmp), _cxx_patch(device))
+        os.replace(tmp, folder / engines[key]["file"])
+        return [(key, time.perf_counter() - t0)]
     jobs = min(jobs, len(pool))
     done = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as workers:
@@ -256,14 +263,6 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         os.replace(tmp, folder / name)
         timings[key] = time.perf_counter() - t0
         built.append(key)
-    if len(pool) == 1:  # one program: no worker to start
-        (key, ep, tmp), = pool
-        t0 = time.perf_counter()
-        _aoti_compile(ep, str(tmp), _cxx_patch(model.device))
-        os.replace(tmp, folder / engines[key]["file"])
-        timings[key] += time.perf_counter() - t0
-        built.append(key)
-        pool = []
     if pool:
         for key, seconds in _compile_aoti_in_workers(pool, engines, folder, cfg.build.jobs, model.device, progress):
             timings[key] += seconds
