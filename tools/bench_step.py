@@ -19,7 +19,7 @@ after every variant (a time-out keeps what finished); markdown and PNG at the en
 
     python3 tools/bench_step.py --out $OUT/step --budgets 0.1 0.5 --variants dense_eager dense_compiled astraea_compiled
     python3 tools/bench_step.py --out $OUT/eng --batch 1 --budgets 0.4 --variants dense_compiled astraea_engine \
-        astraea_graph --profile   (the engines' own kernels, not yet run on a GPU)
+        astraea_graph --profile   (the engines' own kernels; astraea_graph run on the H100: docs/benchmarks.md)
 """
 
 from __future__ import annotations
