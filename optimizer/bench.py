@@ -417,7 +417,8 @@ def _bench_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dic
 
 def _build_bench_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dict, progress: bool) -> dict:
     """Build (or keep, where its file is there) the engine of every budget level the schedules
-    use under <out>/bench/engines; returns the manifest."""
+    use under <out>/bench/engines; returns the manifest. Engines of earlier invocations stay
+    in the folder (one invocation a schedule reuses what another built)."""
     from . import engines
 
     steps, n = cfg.sampling.steps, model.layout(cfg.video).video_tokens
@@ -426,7 +427,7 @@ def _build_bench_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedule
         raise ValueError(f"{len(ks)} budget levels do not fit one {steps}-step schedule")
     tokens = [n] + [ks[i % len(ks)] for i in range(steps - 1)]
     schedule = engines.fixed_schedule(model, cfg, tokens, "astraea-bench")
-    return engines.build(cfg, model, {}, schedule, out / "bench", progress=progress)
+    return engines.build(cfg, model, {}, schedule, out / "bench", progress=progress, prune=False)
 
 
 def _store_dense(folder: Path, key: str, bench: Bench) -> None:

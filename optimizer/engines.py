@@ -176,9 +176,11 @@ def _compile_aoti_in_workers(pool: list, engines: dict, folder: Path, jobs: int,
 
 
 def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule: dict, out: Path,
-          backend: str | None = None, progress: bool = True) -> dict:
+          backend: str | None = None, progress: bool = True, prune: bool = True) -> dict:
     """Engines for every distinct non-zero budget of `schedule` (schedule.json's content)
-    under <out>/engines, then the manifest. Returns the manifest."""
+    under <out>/engines, then the manifest. Returns the manifest. prune=False keeps the
+    engine files of earlier builds that this schedule does not use (a benchmark's folder,
+    built a schedule at a time: a later schedule finds them by key instead of rebuilding)."""
     backend = backend or cfg.build.backend
     if backend not in runtime.BACKENDS:
         raise runtime.EngineError(f"build.backend: {backend!r} engines are not built by this release "
@@ -273,7 +275,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         if artifacts is not None:
             with atomic_file(folder / "inductor-cache.bin", "wb") as fh:
                 fh.write(artifacts[0])
-    for f in folder.iterdir():  # engines of earlier builds that this schedule no longer uses
+    for f in folder.iterdir() if prune else ():  # engines of earlier builds that this schedule no longer uses
         if f.name.endswith((".pt2", ".plan")) and f.name not in {e["file"] for e in engines.values()}:
             f.unlink()
     by_tokens = {e["tokens"]: key for key, e in engines.items()}

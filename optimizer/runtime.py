@@ -206,12 +206,16 @@ class EngineTransformer(torch.nn.Module):
         return getattr(torch, self.inputs[0]["dtype"])
 
     def reset(self) -> None:
+        """Drop every branch: its state buffers and CUDA graphs (use_schedule keeps them)."""
         self.branches = {}
+        if self.cuda_graphs:  # the allocator forgets a pool once its last graph is gone: capturing
+            self._graph_pool = torch.cuda.graph_pool_handle()  # into the old handle again would assert
 
     def use_schedule(self, tokens: list[int]) -> None:
         """Run another schedule over the same engines (one folder, several speed/quality
         points): rows per step, the first dense, 0 reusing the last output. Every non-zero
-        row count needs an engine in the folder. Starts a new generation."""
+        row count needs an engine in the folder. Starts a new generation; in-place engines keep
+        their state buffers and CUDA graphs (an engine's graph does not depend on the schedule)."""
         dense = self.manifest["steps"][0]["tokens"]
         if len(tokens) != len(self.timesteps):
             raise EngineError(f"a schedule of {len(tokens)} steps; the engines were built for {len(self.timesteps)}")
@@ -223,7 +227,11 @@ class EngineTransformer(torch.nn.Module):
             raise EngineError(f"no engine computes {missing} rows (this folder has {sorted(by_tokens)}): "
                               "build a schedule that uses them")
         self.steps = [{"budget": k / dense, "tokens": k, "engine": by_tokens.get(k) if k else None} for k in tokens]
-        self.reset()
+        if not self.in_place:
+            self.reset()
+            return
+        for branch in self.branches.values():  # the same engines, buffers and graphs: only rewound
+            branch["step"] = None
 
     @contextmanager
     def cache_context(self, name: str, **_):
@@ -278,7 +286,7 @@ class EngineTransformer(torch.nn.Module):
 
     def _run(self, key, step: int, kwargs: dict) -> torch.Tensor:
         branch = self.branches.get(key)
-        if step == 0 or branch is None:
+        if step == 0 or branch is None or branch["step"] is None:
             if step != 0:
                 raise EngineError(f"called at step {step} before step 0 of this generation")
             kept = branch if branch is not None and self.in_place else {}

@@ -159,13 +159,23 @@ def test_build_only_builds_once_and_keeps_what_is_there(tmp_path, capsys):
     assert bench_main([*args, "--build-only"]) == 0
     assert capsys.readouterr().out.count(", kept") == 3
     assert {f.name: f.stat().st_mtime_ns for f in (out / "bench" / "engines").glob("*.pt2")} == files
+    # a schedule a run (as a split benchmark times them): one that uses fewer levels builds
+    # nothing and leaves the others' engines for the next (they were deleted once, and rebuilt)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"half dense": [1.0, 1.0, 0.25, 0.25]}))
+    assert bench_main([*args[:-1], str(one), "--build-only"]) == 0
+    manifest = json.loads((out / "bench" / "engines" / "manifest.json").read_text())
+    assert sorted(e["tokens"] for e in manifest["engines"].values()) == sorted({n, budget_rows(0.25, n)})
+    assert {f.name: f.stat().st_mtime_ns for f in (out / "bench" / "engines").glob("*.pt2")} == files
+    assert bench_main([*args, "--build-only"]) == 0
+    assert capsys.readouterr().out.count(", kept") == 3 + 2
     assert bench_main([str(tmp_path / "run" / "bench" / "engines"), "--build-only", "--quiet"]) == 2
     assert "--build-only" in capsys.readouterr().err
 
 
 def test_runtime_switches_schedules_over_one_engine_folder(tmp_path):
     from astraea import engines, runtime
-    from astraea.sampling import denoise
+    from astraea.sampling import denoise, first_step_kwargs
     from astraea.tokenwise import TokenwiseTransformer
 
     cfg, model, programs, schedule, inputs, want = engine_case("cpu", steps=5)
@@ -174,11 +184,18 @@ def test_runtime_switches_schedules_over_one_engine_folder(tmp_path):
     torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, rt), want, rtol=1e-5, atol=1e-5)
     n = max(programs)
     other = [n, 0, 3, n, 3]
+    buffers = [t.data_ptr() for branch in rt.branches.values() for t in branch["state"]]
     rt.use_schedule(other)
+    with pytest.raises(runtime.EngineError, match="before step 0"):  # a new generation starts at step 0
+        rt(**first_step_kwargs(model, cfg.video, cfg.sampling) | {"timestep": rt.timesteps[2:3]})
     got = denoise(model, cfg.video, cfg.sampling, inputs, rt)
+    # in-place engines keep their state buffers (and, with cuda_graphs, their graphs: tests/test_gpu.py)
+    assert [t.data_ptr() for branch in rt.branches.values() for t in branch["state"]] == buffers
     ref = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, other))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert (got - want).abs().max() > 1e-6  # another schedule, another sample
+    rt.use_schedule(schedule["tokens_per_step"])  # and back: the kept buffers start from zero again
+    torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, rt), want, rtol=1e-5, atol=1e-5)
     for bad, error in (([n, 4, 3, 3, 3], "no engine computes"), ([3, 3, 3, 3, 3], "must be dense"),
                        ([n, 3], "5")):
         with pytest.raises(runtime.EngineError, match=error):

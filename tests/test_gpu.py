@@ -170,6 +170,27 @@ def test_engines_replay_as_cuda_graphs(backend, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     graphs = [g for branch in transformer.branches.values() for g in branch["graphs"].values()]
     assert graphs and all(isinstance(g, tuple) for g in graphs)  # every engine that ran twice was captured
+    # another schedule over the same engines replays the same graphs; after reset() they are
+    # captured again, into a new pool (the old handle, with no graph left, made the allocator
+    # assert: astraea-bench timing a second --schedules row with --cuda-graphs)
+    n = max(programs)
+    other = [n, n, 3, 0] + [3] * (len(schedule["tokens_per_step"]) - 4)
+    reference = runtime.load(tmp_path / "engines")
+    reference.use_schedule(other)
+    plain_other = denoise(model, cfg.video, cfg.sampling, inputs, reference)
+
+    def captured():
+        return {id(g[0]) for branch in transformer.branches.values() for g in branch["graphs"].values()
+                if isinstance(g, tuple)}
+
+    before = captured()
+    for reset in (False, True):
+        transformer.use_schedule(other)
+        if reset:
+            transformer.reset()
+        torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, transformer), plain_other,
+                                   atol=1e-6, rtol=1e-6)
+        assert captured() if reset else captured() == before  # (ids only: holding old graphs keeps their pool)
 
 
 @pytest.mark.parametrize("backend", ["aoti", "inductor"])
