@@ -93,6 +93,9 @@ class SearchSpec:
                                                "re-evaluated at the full video to measure how well the proxy ranks")
     proxy_min_spearman: float = spec(0.6, lo=-1.0, hi=1.0, doc="with proxy_video: below this rank correlation between "
                                      "proxy and full fitness the build warns that the proxy is not validated")
+    cost_from: str | None = spec(None, doc="an astraea-bench bench.json measured on the deployment card, relative to "
+                                 "model.yaml: the schedule's time is predicted from its compiled calls by budget and "
+                                 "its dense eager step (a speedup target is then that card's), not measured here")
 
 
 @dataclass(frozen=True)
@@ -264,11 +267,16 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         raise ConfigError("search.mutation_end", "must not exceed search.mutation_start")
     if se.children > se.population:
         raise ConfigError("search.children", "must not exceed search.population")
+    if se.cost_from is not None:
+        cf = (base / se.cost_from).expanduser()
+        if not cf.is_file():
+            raise ConfigError("search.cost_from", f"{cf} does not exist (give an astraea-bench bench.json)")
+        se = dataclasses.replace(se, cost_from=str(cf.resolve()))
     if se.proxy_video:
         if len(se.proxy_video) != 3:
             raise ConfigError("search.proxy_video", f"give [frames, height, width] (or []), got {list(se.proxy_video)}")
         _build(VideoSpec, dict(zip(("frames", "height", "width"), se.proxy_video)), "search.proxy_video")
-    return dataclasses.replace(cfg, model=m, sampling=s)
+    return dataclasses.replace(cfg, model=m, sampling=s, search=se)
 
 
 def from_dict(raw: Any, *, name: str = "run", source: str = "", base: Path | None = None) -> RunConfig:

@@ -6,6 +6,13 @@ one dense step leaves (as in sampling), warm-up first, then the median of `bench
 calls (CUDA events on a GPU). The dense model's own step is measured too: a speedup target
 is against it. Stored as `<run>/costmodel/<key>.json`, the key hashing the model, the video,
 the device, torch and the programs' source; reused whenever the key exists.
+
+`from_bench` reads the model instead from an astraea-bench bench.json measured on the
+deployment card (`search.cost_from`): a search on one machine (the CPU, the bundled model)
+for the engines another runs. Its levels are budget fractions, so they carry over between
+models and video sizes: each level's time is the median of the compiled rows' calls at
+that fraction (rows with CUDA graphs when there are any), 0 the skipped step's own call,
+and the speedup is against the bench's dense eager step.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .bench import device_name, time_call
 from .config import RunConfig
+from .errors import AstraeaError
 from .io import source_hash, stable_hash, write_json
 from .sampling import first_step_kwargs
 from .tokenwise import TokenwiseProgram, TokenwiseTransformer
@@ -70,3 +78,40 @@ def measure(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], tokens
     cm = CostModel(key, device_name(model.device), dense_ms, level_ms, list(tokens))
     write_json(path, asdict(cm))
     return cm
+
+
+def from_bench(path: str | Path, levels: int, tokens: list[int]) -> CostModel:
+    """The cost model of `levels` budget levels (`tokens` rows each, for the model searched)
+    from an astraea-bench report; raises AstraeaError naming what is missing."""
+    from .search import budget_rows
+
+    path = Path(path)
+    try:
+        report = json.loads(path.read_text())
+        n, rows = int(report["setup"]["video_tokens"]), list(report["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AstraeaError(f"search.cost_from: {path} is not an astraea-bench bench.json ({type(e).__name__}: {e})") from None
+    dense = [r["step_ms"]["dense"] for r in rows if r.get("method") == "dense" and "dense" in r.get("step_ms", {})]
+    compiled = [r for r in rows if r.get("method") == "astraea-compiled" and r.get("tokens_per_step")]
+    compiled = [r for r in compiled if r.get("cuda_graphs")] or compiled
+    if not dense or not compiled:
+        raise AstraeaError(f"search.cost_from: {path} needs a dense row and astraea-compiled rows "
+                           f"(it has {sorted({r.get('method') for r in rows})})")
+    calls: dict[int, list[float]] = {}
+    for r in compiled:
+        for k in set(r["tokens_per_step"]):
+            label = f"{k / n:.0%}" if k else "skip"
+            if label in r.get("step_ms", {}):
+                calls.setdefault(int(k), []).append(float(r["step_ms"][label]))
+    level_ms = []
+    for level in range(levels):
+        k = budget_rows(level / (levels - 1), n)
+        if k not in calls:
+            have = ", ".join(f"{c / n:.0%}" if c else "skip" for c in sorted(calls))
+            raise AstraeaError(f"search.cost_from: {path} has no compiled call at {level / (levels - 1):.0%} "
+                               f"(search.levels {levels}; it has {have}): time a schedule that uses every level")
+        level_ms.append(statistics.median(calls[k]))
+    setup = report["setup"]
+    key = stable_hash({"cost_from": [dense, level_ms], "levels": levels})
+    device = f"{setup.get('device', '?')}, engines ({path.name})"
+    return CostModel(key, device, statistics.median(dense), level_ms, list(tokens))

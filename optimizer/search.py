@@ -609,6 +609,8 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     settings = asdict(cfg.search)
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
+    if settings["cost_from"]:  # the file's content, wherever it lies
+        settings["cost_from"] = stable_hash(Path(settings["cost_from"]).read_text())
     return stable_hash({"reference": reference_key, "search": settings, "selection": asdict(cfg.selection),
                         "backend": backend, "source": source_hash(),
                         "constraint": [constraint.kind, constraint.target, constraint.low, constraint.high,
@@ -788,6 +790,9 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
 
 
 def measure_cost(cfg, model, programs, tokens, out_dir, progress):
-    from .costmodel import measure
+    """The step-latency model: search.cost_from's measured engines, or measured here."""
+    from .costmodel import from_bench, measure
 
+    if cfg.search.cost_from:
+        return from_bench(cfg.search.cost_from, cfg.search.levels, tokens)
     return measure(cfg, model, programs, tokens, out_dir / "costmodel", progress=progress)

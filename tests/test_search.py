@@ -4,7 +4,9 @@ resume, and on the bundled reference model a searched schedule that beats unifor
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +28,8 @@ from astraea.search import (
     repair,
 )
 from conftest import interrupt_search_after, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LEVELS, STEPS = 5, 6
 
@@ -308,3 +312,63 @@ def test_samples_in_one_batch_give_the_separate_runs_fitness(tiny):
         assert len(got[s]) == 2 and got[s][0] != got[s][1]
         np.testing.assert_allclose(got[s], want[s], rtol=1e-4)
     assert one.steps == apart.steps and one.transformer_calls * 2 == apart.transformer_calls
+
+
+H100_BENCH = ROOT / "docs/results/bench-h100/searched-schedules/bench.json"
+
+
+def test_cost_model_from_a_measured_bench_predicts_its_rows():
+    """search.cost_from: the H100's per-level engine calls (aoti, CUDA graphs) predict every
+    measured row's 50-step sample within 2% (5% from another machine), the independent end-to-end CUDA-event time; a
+    level the bench never called, or a file that is not a bench report, is one line."""
+    from astraea.costmodel import from_bench
+    from astraea.errors import AstraeaError
+
+    report = json.loads(H100_BENCH.read_text())
+    n = report["setup"]["video_tokens"]
+    cm = from_bench(H100_BENCH, 5, [0, 1, 2, 3, 4])
+    assert cm.dense_ms == report["rows"][0]["step_ms"]["dense"] and cm.level_ms[0] < 2  # skip: no transformer call
+    assert cm.level_ms == sorted(cm.level_ms)
+    rows = [r for r in report["rows"] if r["method"] == "astraea-compiled"]
+    assert len(rows) == 4
+    for r in rows:  # the 70% row ran on another machine of the card type, 3-4% slower a call
+        levels = [round(k / n * 4) for k in r["tokens_per_step"]]
+        rel = 0.05 if r["setting"].startswith("searched 70%") else 0.02
+        assert cm.schedule_ms(levels) == pytest.approx(r["sample_ms"], rel=rel), r["setting"]
+    with pytest.raises(AstraeaError, match="no compiled call at 10%"):
+        from_bench(H100_BENCH, 11, list(range(11)))
+    with pytest.raises(AstraeaError, match="not an astraea-bench bench.json"):
+        from_bench(ROOT / "pyproject.toml", 5, [0, 1, 2, 3, 4])
+
+
+def test_a_speedup_target_searches_against_the_deployment_cards_calls(tiny, tmp_path):
+    """target.speedup with search.cost_from: the search's time is the bench file's (not this
+    machine's), the schedule meets the speedup under it, and the file's content keys the search."""
+    cfg, model, n, programs, _, out = tiny
+    ref = reference.run(cfg, model, out, progress=False)
+    level_ms = [1.0, 300.0, 480.0, 640.0, 800.0]  # a card's calls a CFG step at 0, 25, 50, 75, 100%
+    big = 1000  # the bench's model: any size, the levels are fractions
+
+    def bench_file(path, ms):
+        rows = [{"method": "dense", "step_ms": {"dense": 1000.0}}]
+        for lv in range(1, LEVELS):
+            k = lv * big // (LEVELS - 1)
+            rows.append({"method": "astraea-compiled", "cuda_graphs": True, "tokens_per_step": [big, k, 0],
+                         "step_ms": {"100%": ms[-1], f"{k / big:.0%}": ms[lv], "skip": ms[0]}})
+        path.write_text(json.dumps({"setup": {"video_tokens": big, "device": "H100"}, "rows": rows}))
+        return path
+
+    raw = {k: v for k, v in json.loads(json.dumps(config.to_dict(cfg))).items() if k in config.SECTIONS}
+    raw["target"] = {"speedup": 2.0}
+    raw["search"] = {**raw["search"], "cost_from": "bench.json", "repair_high": 1.0}  # at least the speedup
+    bench_file(tmp_path / "bench.json", level_ms)
+    speed = config.from_dict(raw, base=tmp_path)
+    result = plan(speed, model, ref, out, progress=False, programs=programs)
+    levels = [round(b * (LEVELS - 1)) for b in result["budget_per_step"]]
+    assert result["predicted_ms"] == pytest.approx(sum(level_ms[v] for v in levels))
+    assert result["predicted_ms"] <= STEPS * 1000.0 / 2.0 + 1e-6 and result["dense_ms"] == STEPS * 1000.0
+    bench_file(tmp_path / "bench.json", [1.0, 200.0, 400.0, 600.0, 800.0])  # another card: another search
+    assert plan(speed, model, ref, out, progress=False, programs=programs)["key"] != result["key"]
+    raw["search"]["cost_from"] = "missing.json"
+    with pytest.raises(config.ConfigError, match="search.cost_from"):
+        config.from_dict(raw, base=tmp_path)

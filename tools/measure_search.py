@@ -58,6 +58,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--prompts", type=int, default=2)
     p.add_argument("--targets", type=float, nargs="*", default=[0.4, 0.5, 0.7])
+    p.add_argument("--speedups", type=float, nargs="*", default=[], help="speedup targets, searched after the "
+                   "--targets (give --targets with no value for only these)")
+    p.add_argument("--cost-from", type=Path, help="search.cost_from: an astraea-bench bench.json of the deployment "
+                   "card, whose compiled calls by budget predict every schedule's time (and the speedups)")
     p.add_argument("--population", type=int, default=10)
     p.add_argument("--children", type=int, default=6)
     p.add_argument("--generations", type=int, default=4)
@@ -76,7 +80,8 @@ def main() -> None:
     base = bundled.run_config(PROMPTS[: args.prompts], steps=args.steps, device=args.device)
     base = dataclasses.replace(base, bench=config.BenchSpec(warmup=1, repeats=3))
     base = dataclasses.replace(base, search=dataclasses.replace(
-        base.search, levels=args.levels or base.search.levels, repair_high=args.repair_high or base.search.repair_high))
+        base.search, levels=args.levels or base.search.levels, repair_high=args.repair_high or base.search.repair_high,
+        cost_from=str(args.cost_from.resolve()) if args.cost_from else None))
     model = loader.load_model(base)
     work = args.out / "run"
     ref = reference.run(base, model, work)
@@ -87,27 +92,30 @@ def main() -> None:
     ev = Evaluator(model, base, programs, samples, levels, n, 0, share_prefixes=False)
     report = {"device": args.device, "steps": args.steps, "samples": len(samples), "levels": levels,
               "repair": [base.search.repair_low, base.search.repair_high],
-              "proxy_video": args.proxy,
+              "proxy_video": args.proxy, "cost_from": str(args.cost_from) if args.cost_from else None,
               "search": {"population": args.population, "children": args.children, "generations": args.generations,
                          "seed": args.seed},
               "rows": []}
-    for ti, target in enumerate(args.targets):
-        cfg = dataclasses.replace(base, target=config.TargetSpec(budget=target), search=dataclasses.replace(
+    goals = [("budget", t) for t in args.targets] + [("speedup", t) for t in args.speedups]
+    for ti, (kind, target) in enumerate(goals):
+        cfg = dataclasses.replace(base, target=config.TargetSpec(**{kind: target}), search=dataclasses.replace(
             base.search, population=args.population, children=args.children, generations=args.generations,
             seed=args.seed, proxy_video=tuple(args.proxy or ()), rescore=args.rescore, validate=args.validate))
         t0 = time.perf_counter()
         result = plan(cfg, model, ref, work, programs=programs)
         wall = time.perf_counter() - t0
-        row = {"target": target, "searched": {"mean_budget": result["mean_budget"], "psnr": result["psnr"],
+        row = {"target": target, "kind": kind, "searched": {"mean_budget": result["mean_budget"], "psnr": result["psnr"],
                                               "predicted_ms": result["predicted_ms"], "schedule": result["budget_per_step"]},
                "cost": result["cost"], "plan_seconds": wall, "dense_ms": result["dense_ms"], "proxy": result["proxy"]}
         cost_ms = result["level_ms"]
-        for name, sched in fixed_schedules(target, args.steps, levels).items():
+        # a speedup target's fixed schedules: at the searched schedule's mean budget
+        fixed = fixed_schedules(target if kind == "budget" else result["mean_budget"], args.steps, levels)
+        for name, sched in fixed.items():
             mse = ev.evaluate([sched], math.inf, Counters())[sched]
             row[name] = {"mean_budget": sum(sched) / ((levels - 1) * len(sched)),
                          "psnr": sum(psnr(v, samples[i].peak) for i, v in enumerate(mse)) / len(mse),
                          "predicted_ms": sum(cost_ms[v] for v in sched), "schedule": [v / (levels - 1) for v in sched]}
-        if ti == 0 and not args.no_ablation and not args.proxy:
+        if ti == 0 and kind == "budget" and not args.no_ablation and not args.proxy:
             c = Constraint("budget", target, cfg.search.repair_low, cfg.search.repair_high, levels)
             naive = Search(cfg, Evaluator(model, cfg, programs, samples, levels, n, 0, share_prefixes=False),
                            c, work / "ablation", "ablation", early_stop=False)
@@ -122,21 +130,28 @@ def main() -> None:
     write_outputs(report, args.out)
 
 
+def _goal(row: dict) -> str:
+    return f"{row['target']:g}x" if row.get("kind") == "speedup" else f"{row['target']:.0%}"
+
+
 def write_outputs(report: dict, out: Path) -> None:
     lines = [f"Bundled reference model, {report['device']}, {report['steps']} steps, {report['samples']} samples; "
              f"search population {report['search']['population']}, {report['search']['children']} children, "
              f"{report['search']['generations']} generations.", "",
-             "| target | schedule | mean budget | PSNR vs dense (dB) | predicted (ms) |", "|---|---|---|---|---|"]
+             f"Predicted times: {report.get('cost_from') or 'the cost model measured on ' + report['device']}.", "",
+             "| target | schedule | mean budget | skipped steps | PSNR vs dense (dB) | predicted (ms) | predicted speedup |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         for name in ("searched", "uniform", "handmade"):
             x = r[name]
-            lines.append(f"| {r['target']:.0%} | {name} | {x['mean_budget']:.3f} | {x['psnr']:.2f} | {x['predicted_ms']:.0f} |")
+            lines.append(f"| {_goal(r)} | {name} | {x['mean_budget']:.3f} | {x['schedule'].count(0)} | {x['psnr']:.2f} | "
+                         f"{x['predicted_ms']:.0f} | {r['dense_ms'] / x['predicted_ms']:.2f}x |")
     lines += ["", "| target | candidates | stopped early | steps executed | naive steps | search s | "
               "without sharing/early stop: steps, s | same schedule |", "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         c, a = r["cost"], r.get("ablation")
         ab = f"{a['steps_executed']}, {a['seconds']:.0f}" if a else "-"
-        lines.append(f"| {r['target']:.0%} | {c['candidates_evaluated']} | {c['stopped_early']} | {c['steps_executed']} | "
+        lines.append(f"| {_goal(r)} | {c['candidates_evaluated']} | {c['stopped_early']} | {c['steps_executed']} | "
                      f"{c['naive_steps']} | {c['wall_seconds']:.0f} | {ab} | {a['same_schedule'] if a else '-'} |")
     if report.get("proxy_video"):
         lines += ["", f"Proxy video {'x'.join(map(str, report['proxy_video']))}: the search's candidates there, "
@@ -145,7 +160,7 @@ def write_outputs(report: dict, out: Path) -> None:
                   "|---|---|---|---|---|---|---|"]
         for r in report["rows"]:
             x = r["proxy"]
-            lines.append(f"| {r['target']:.0%} | {x['rescored']} | {x['spearman']:.2f} | {x['chosen_proxy_rank']} | "
+            lines.append(f"| {_goal(r)} | {x['rescored']} | {x['spearman']:.2f} | {x['chosen_proxy_rank']} | "
                          f"{x['search_seconds']:.0f} | {x['rescore_seconds']:.0f} | {x['rescore_steps']} |")
     md = "\n".join(lines) + "\n"
     (out / "search_bundled.md").write_text(md)
@@ -156,12 +171,14 @@ def write_outputs(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    speed = bool(report.get("cost_from"))  # against the deployment card's predicted speedup, else the mean budget
     for name, style in (("searched", "-o"), ("uniform", "--s"), ("handmade", ":^")):
-        pts = sorted((r[name]["mean_budget"], r[name]["psnr"]) for r in report["rows"])
+        pts = sorted((r["dense_ms"] / r[name]["predicted_ms"] if speed else r[name]["mean_budget"], r[name]["psnr"])
+                     for r in report["rows"])
         ax.plot([x for x, _ in pts], [y for _, y in pts], style, label=name)
-    ax.set_xlabel("mean budget")
+    ax.set_xlabel(f"predicted speedup ({Path(report['cost_from']).name})" if speed else "mean budget")
     ax.set_ylabel("PSNR against dense (dB)")
-    ax.set_title("bundled reference model: schedules at equal budget", fontsize=9)
+    ax.set_title("bundled reference model: schedules by " + ("speed" if speed else "budget"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
