@@ -187,9 +187,12 @@ def _summary(result: dict, log) -> None:
     cost = result["cost"]
     speedup = result["dense_ms"] / result["predicted_ms"] if result["predicted_ms"] else float("nan")
     log.info("schedule (budget per step): %s", budgets)
+    source = result.get("cost_source", "eager")
+    where = (f"eager on {result.get('device', 'this device')}" if source == "eager"
+             else f"the engines of {Path(source).name}, {result.get('device')}")
     log.info("mean budget %.3f, PSNR %.2f dB against dense (MSE %.3g), predicted %.0f ms against dense %.0f ms "
-             "(%.2fx, eager on %s)", result["mean_budget"], result["psnr"], result["mse"], result["predicted_ms"],
-             result["dense_ms"], speedup, result.get("device", "this device"))
+             "(%.2fx, %s)", result["mean_budget"], result["psnr"], result["mse"], result["predicted_ms"],
+             result["dense_ms"], speedup, where)
     log.info("search: %d candidates (%d stopped early), %d of a naive %d denoising steps, %.0f s",
              cost["candidates_evaluated"], cost["stopped_early"], cost["steps_executed"], cost["naive_steps"],
              cost["wall_seconds"])

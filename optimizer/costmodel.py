@@ -40,6 +40,7 @@ class CostModel:
     dense_ms: float  # the dense model's step
     level_ms: list[float]  # per level; level 0 (the step is skipped) measured too
     tokens_per_level: list[int]
+    source: str = "eager"  # "eager": measured here on the rewritten programs; else the bench.json read
 
     def schedule_ms(self, levels) -> float:
         return sum(self.level_ms[v] for v in levels)
@@ -113,5 +114,4 @@ def from_bench(path: str | Path, levels: int, tokens: list[int]) -> CostModel:
         level_ms.append(statistics.median(calls[k]))
     setup = report["setup"]
     key = stable_hash({"cost_from": [dense, level_ms], "levels": levels})
-    device = f"{setup.get('device', '?')}, engines ({path.name})"
-    return CostModel(key, device, statistics.median(dense), level_ms, list(tokens))
+    return CostModel(key, str(setup.get("device", "?")), statistics.median(dense), level_ms, list(tokens), str(path))

@@ -785,7 +785,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     st = search.run(resume=resume, progress=progress)
     rescored = rescore(search, st, full, progress) if spec.proxy_video else None
     return search.write_outputs(st, {"device": cost.device, "dense_step_ms": cost.dense_ms, "dense_ms": steps * cost.dense_ms,
-                                     "level_ms": cost.level_ms, "cost_model": cost.key,
+                                     "level_ms": cost.level_ms, "cost_model": cost.key, "cost_source": cost.source,
                                      "timesteps": [float(t) for t in full.samplers[0].timesteps.cpu()]}, rescored)
 
 

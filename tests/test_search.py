@@ -367,6 +367,7 @@ def test_a_speedup_target_searches_against_the_deployment_cards_calls(tiny, tmp_
     levels = [round(b * (LEVELS - 1)) for b in result["budget_per_step"]]
     assert result["predicted_ms"] == pytest.approx(sum(level_ms[v] for v in levels))
     assert result["predicted_ms"] <= STEPS * 1000.0 / 2.0 + 1e-6 and result["dense_ms"] == STEPS * 1000.0
+    assert result["cost_source"] == str(tmp_path / "bench.json") and result["device"] == "H100"
     bench_file(tmp_path / "bench.json", [1.0, 200.0, 400.0, 600.0, 800.0])  # another card: another search
     assert plan(speed, model, ref, out, progress=False, programs=programs)["key"] != result["key"]
     raw["search"]["cost_from"] = "missing.json"
