@@ -125,6 +125,12 @@ class Method:
     count_work: bool = False  # count the blocks' Linear calls (eager diffusers modules: dense and the peers)
 
 
+def call_label(k: int, n: int) -> str:
+    """How a report names a call of k of n rows ("40%", "skip"): the key of step_ms by budget,
+    which costmodel.from_bench reads back."""
+    return f"{k / n:.0%}" if k else "skip"
+
+
 def uniform(budget: float, steps: int, levels: int, n: int) -> list[int]:
     """Rows per step of a uniform schedule: the dense first step, then `budget` (at the
     nearest of the search's levels)."""
@@ -198,7 +204,7 @@ class Bench:
         steps = self.cfg.sampling.steps
         if m.tokens is None:
             return [m.method if m.method.startswith("dense") else "call"] * steps
-        return [f"{k / self.n:.0%}" if k else "skip" for k in m.tokens]
+        return [call_label(k, self.n) for k in m.tokens]
 
     def _warm_runs(self, labels: list[str]) -> list[int]:
         """Warm-up generations, as steps run in each: the shortest run that calls every label at

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .bench import device_name, time_call
+from .bench import call_label, device_name, time_call
 from .config import RunConfig
 from .errors import AstraeaError
 from .io import source_hash, stable_hash, write_json
@@ -89,7 +89,8 @@ def from_bench(path: str | Path, levels: int, tokens: list[int]) -> CostModel:
     path = Path(path)
     try:
         report = json.loads(path.read_text())
-        n, rows = int(report["setup"]["video_tokens"]), list(report["rows"])
+        setup, rows = report["setup"], list(report["rows"])
+        n = int(setup["video_tokens"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise AstraeaError(f"search.cost_from: {path} is not an astraea-bench bench.json ({type(e).__name__}: {e})") from None
     dense = [r["step_ms"]["dense"] for r in rows if r.get("method") == "dense" and "dense" in r.get("step_ms", {})]
@@ -101,17 +102,16 @@ def from_bench(path: str | Path, levels: int, tokens: list[int]) -> CostModel:
     calls: dict[int, list[float]] = {}
     for r in compiled:
         for k in set(r["tokens_per_step"]):
-            label = f"{k / n:.0%}" if k else "skip"
+            label = call_label(k, n)
             if label in r.get("step_ms", {}):
                 calls.setdefault(int(k), []).append(float(r["step_ms"][label]))
     level_ms = []
     for level in range(levels):
         k = budget_rows(level / (levels - 1), n)
         if k not in calls:
-            have = ", ".join(f"{c / n:.0%}" if c else "skip" for c in sorted(calls))
+            have = ", ".join(call_label(c, n) for c in sorted(calls))
             raise AstraeaError(f"search.cost_from: {path} has no compiled call at {level / (levels - 1):.0%} "
                                f"(search.levels {levels}; it has {have}): time a schedule that uses every level")
         level_ms.append(statistics.median(calls[k]))
-    setup = report["setup"]
     key = stable_hash({"cost_from": [dense, level_ms], "levels": levels})
     return CostModel(key, str(setup.get("device", "?")), statistics.median(dense), level_ms, list(tokens), str(path))

@@ -603,14 +603,15 @@ def _is_main() -> bool:
     return _world() == 1 or dist.get_rank() == 0
 
 
-def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backend: str) -> str:
+def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backend: str,
+               cost_from: str | None = None) -> str:
+    """cost_from: the key of the cost model read from search.cost_from (its times, wherever the file lies)."""
     from dataclasses import asdict
 
     settings = asdict(cfg.search)
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
-    if settings["cost_from"]:  # the file's content, wherever it lies
-        settings["cost_from"] = stable_hash(Path(settings["cost_from"]).read_text())
+    settings["cost_from"] = cost_from
     return stable_hash({"reference": reference_key, "search": settings, "selection": asdict(cfg.selection),
                         "backend": backend, "source": source_hash(),
                         "constraint": [constraint.kind, constraint.target, constraint.low, constraint.high,
@@ -753,7 +754,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     else:
         raise SearchError("target: set target.budget (mean budget) or target.speedup for the search")
     c.check_feasible(steps)
-    key = search_key(reference.key, cfg, c, "eager")
+    key = search_key(reference.key, cfg, c, "eager", cost.key if spec.cost_from else None)
     folder = out_dir / "search" / key
     done = folder / "schedule.json"
     if done.is_file() and not resume:

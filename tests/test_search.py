@@ -343,7 +343,7 @@ def test_cost_model_from_a_measured_bench_predicts_its_rows():
 
 def test_a_speedup_target_searches_against_the_deployment_cards_calls(tiny, tmp_path):
     """target.speedup with search.cost_from: the search's time is the bench file's (not this
-    machine's), the schedule meets the speedup under it, and the file's content keys the search."""
+    machine's), the schedule meets the speedup under it, and the times read from the file key the search."""
     cfg, model, n, programs, _, out = tiny
     ref = reference.run(cfg, model, out, progress=False)
     level_ms = [1.0, 300.0, 480.0, 640.0, 800.0]  # a card's calls a CFG step at 0, 25, 50, 75, 100%
