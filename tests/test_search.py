@@ -26,6 +26,7 @@ from astraea.search import (
     plan,
     random_schedule,
     repair,
+    seed_schedules,
 )
 from conftest import interrupt_search_after, tiny_config
 
@@ -98,6 +99,42 @@ def test_repair_always_meets_the_constraint(kind):
         assert c.ok(fixed) and fixed[0] == levels - 1 and len(fixed) == steps, (trial, fixed, c)
         solved += 1
     assert solved > 200
+
+
+@pytest.mark.parametrize("kind", ["budget", "latency"])
+def test_seed_schedules_are_uniform_then_front_loaded(kind):
+    """Worked by hand (12 steps, 6 levels, a 45% target): the uniform schedule nearest the
+    target, then for each tail level (from the uniform one down, then up) the dense prefix
+    that comes nearest it."""
+    steps, top = 12, 5
+    if kind == "budget":  # value = (5 d + tail (12 - d)) / 60
+        c = Constraint("budget", 0.45, 0.9, 1.0, top + 1)
+        want = [(5,) + (2,) * 11, (5,) * 4 + (1,) * 8, (5,) * 5 + (0,) * 7, (5,) + (3,) * 11, (5,) + (4,) * 11]
+    else:  # 59.4 ms: uniform 2 = 66 ms; tail 1: 8 d + 36 -> d = 3; tail 0: 10.5 d + 6 -> d = 5
+        ms = (0.5, 3.0, 5.0, 7.5, 9.0, 11.0)
+        c = Constraint("latency", 0.45 * steps * ms[-1], 0.9, 1.0, top + 1, ms)
+        want = [(5,) + (2,) * 11, (5,) * 3 + (1,) * 9, (5,) * 5 + (0,) * 7, (5,) + (3,) * 11, (5,) + (4,) * 11]
+    assert seed_schedules(c, steps) == want
+
+
+def test_a_search_never_ends_worse_than_its_hand_made_seeds(tiny, tmp_path):
+    """A speed (latency) search: the first hand-made seeds (half the population) that are
+    inside the band are in its first population, and its best is at least as good as each of them, measured
+    again by an evaluator of its own."""
+    cfg = tiny[0]
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, population=6, children=4, generations=2))
+    ms = (0.5, 3.0, 5.0, 7.5, 10.0)
+    c = Constraint("latency", 0.5 * STEPS * ms[-1], 0.8, 1.2, LEVELS, ms)
+    ev = _evaluator(tiny)
+    ev.cfg = cfg
+    st = Search(cfg, ev, c, tmp_path, "k").run(progress=False)
+    seeds = [s for s in seed_schedules(c, STEPS)[: cfg.search.population // 2] if c.ok(s)]
+    assert len(seeds) >= 2  # in the band, so repair leaves them as they are
+    assert all(s in st.memo for s in seeds)
+    own = _evaluator(tiny, share=False).evaluate(seeds, math.inf, Counters())
+    best = st.population[0][1]
+    for s in seeds:
+        assert best <= sum(own[s]) / len(own[s]) * (1 + 1e-9), s
 
 
 def test_an_unreachable_target_is_named():
