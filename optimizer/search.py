@@ -4,7 +4,8 @@ The paper's algorithm (../shared/ASTRAEA.md section 3) with every number in mode
 `search` section: budgets are levels 0 .. L-1 (theta = level / (L-1)), the first step is
 dense; a population of 50, 30 children a generation from binary tournaments, uniform or
 block crossover, per-step mutation decaying 0.1 -> 0.01, then repair into [0.9, 1.1] x the
-target; the best `population` of parents and children survive.
+target; the best `population` of parents and children survive. The first population holds
+the uniform and front-loaded hand-made schedules (seed_schedules, repaired), then random ones.
 
 Fitness is the MSE of the final latents against the stored dense reference, averaged over
 the calibration samples (prompts x seeds), measured by running the rewritten programs
