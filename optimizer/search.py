@@ -122,8 +122,8 @@ def seed_schedules(c: Constraint, steps: int) -> list[Schedule]:
 
     uniform = nearest([(top,) + (lv,) * (steps - 1) for lv in range(c.levels)])
     u = uniform[-1]
-    tails = [lv for lv in range(u, -1, -1)] + [lv for lv in range(u + 1, top)]
-    front = [nearest([(top,) * d + (lv,) * (steps - d) for d in range(1, steps + 1)]) for lv in tails if lv < top]
+    tails = [*range(min(u, top - 1), -1, -1), *range(u + 1, top)]  # every level under the top
+    front = [nearest([(top,) * d + (lv,) * (steps - d) for d in range(1, steps + 1)]) for lv in tails]
     return list(dict.fromkeys([uniform, *front]))
 
 
