@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/astraea-build examples/tiny.yaml
 
+# two pytest workers (pytest-xdist; one torch thread each), a test file on one worker so its
+# shared engine folders are built once: CI's 2 cores both work
+WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile
 
 .PHONY: demo test

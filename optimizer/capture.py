@@ -18,10 +18,10 @@ import torch
 
 import astraea.plugins  # noqa: F401  (registers astraea::token_mark)
 
-from .config import RunConfig
 from .errors import AstraeaError
 from .families import LoadedModel, TokenLayout
 from .sampling import first_step_kwargs
+from .schema import RunConfig
 
 
 class CaptureError(AstraeaError):

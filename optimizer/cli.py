@@ -1,4 +1,10 @@
-"""Entry points: `astraea-build` and `astraea-bench` (thin: parse, run the stages, map errors)."""
+"""Entry points: `astraea-build` and `astraea-bench` (thin: parse, run the stages, map errors).
+
+What a person reads: one line per stage with its result and time, progress bars (which
+vanish when done) for the long stages, and nothing else unless --verbose, which adds the
+passes' statistics and the stages' details. Everything, at debug level, also goes to the
+run folder's log (`<run>/build.log`, `<run>/bench.log`). Bad input is one line and exit 2.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +13,89 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import AstraeaError
 
+log = logging.getLogger("astraea")
+
 BUILD_STAGES = """\
-stages (each writes into the run folder atomically; the reference is stored under a key
-hashing its inputs and reused when that key exists):
+stages (each writes into the run folder atomically; finished stages are keyed by hashes
+of their inputs and reused):
   1. validate   model.yaml -> RunConfig; a bad key exits 2 with its key path
-  2. load       the family adapter builds random weights at a preset's size or loads a
+  2. preflight  latent size, token count and estimated peak memory against the device's
+                free memory, before any weights are built; a config that cannot fit exits 2
+  3. load       the family adapter builds random weights at a preset's size or loads a
                 local diffusers checkpoint, on model.device in model.dtype
-  3. reference  dense sampling of every prompt x seed with the family's scheduler and CFG:
+  4. reference  dense sampling of every prompt x seed with the family's scheduler and CFG:
                 <run>/reference/<key>/latents.safetensors (+ reference.json, previews)
-  4. rewrite    with a target: torch.export once + the fx pass pipeline at every budget
-                level the search can pick (counts per pass): <run>/graphs/k<k>.json (+ .txt);
+  5. rewrite    with a target: torch.export once + the fx pass pipeline at every budget
+                level the search can pick: <run>/graphs/k<k>.json (pass counts) and .txt;
                 --dump-graphs: every pass's before/after
-  5. search     the evolutionary budget search (README: budget search): the cost model
-                <run>/costmodel/<key>.json, then <run>/search/<key>/schedule.json,
-                search.png, schedule.png and state.json (checkpoint after every
-                generation; --resume continues it; a finished search is reused)
-  6. engines    one engine per distinct budget of the schedule (build.backend: eager,
-                inductor, aoti, or tensorrt where TensorRT is installed; README: engines)
+  6. search     the evolutionary budget search (docs/search.md): the cost model, then
+                <run>/search/<key>/schedule.json, search.png, schedule.png and state.json
+                (checkpoint after every generation; --resume continues it)
+  7. engines    one engine per distinct budget of the schedule (build.backend: eager,
+                inductor, aoti, or tensorrt where TensorRT is installed; docs/engines.md)
                 + <run>/engines/manifest.json; engines whose key exists are not rebuilt
-  7. check      astraea.runtime loads the folder (verifying it) and samples the first
-                prompt and seed twice: seconds against the eager dense sample and PSNR
-                against dense, <run>/engines-check.json
+  8. check      astraea.runtime loads the folder (verifying it) and samples the first
+                prompt and seed: seconds against the eager dense sample and PSNR against
+                dense, <run>/engines-check.json
 """
+
+BENCH_HELP = """CONFIG is a model.yaml; ENGINE_FOLDER is <run>/engines of astraea-build (the run's
+config.json describes the model, and the engines' own schedule is what astraea-compiled runs).
+Rows of an earlier <out>/bench/bench.json with the same model, video, sampling and device
+are kept unless measured again, so a benchmark can be split over several invocations.
+Details: docs/bench.md.
+"""
+
+
+class _Console(logging.Filter):
+    """What the terminal shows: stage lines and warnings; details only with --verbose."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or self.verbose:
+            return True
+        return getattr(record, "stage", False)
+
+
+def _logging(prog: str, verbose: bool, debug: bool) -> None:
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
+    console.addFilter(_Console(verbose or debug))
+    console.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.basicConfig(level=logging.DEBUG, handlers=[console], force=True)
+    for noisy in ("matplotlib", "PIL", "torch", "filelock", "urllib3", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # their debug output is not ours
+
+
+def _log_file(path: Path) -> None:
+    """Everything of ours at debug level into the run folder's log (appended: one run a block);
+    the log of an earlier invocation in this process is closed."""
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(old)
+        old.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    log.debug("---- %s", " ".join(sys.argv))
+
+
+@contextmanager
+def stage(name: str):
+    """One line when the stage ends: its result (set `line[0]`) and its time."""
+    line = [""]
+    t0 = time.perf_counter()
+    yield line
+    log.info("%-10s %s (%.1f s)", name, line[0], time.perf_counter() - t0, extra={"stage": True})
 
 
 def _quiet_libraries() -> None:
@@ -47,12 +110,10 @@ def _quiet_libraries() -> None:
 
 def _run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, body: Callable) -> int:
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format=f"{prog}: %(message)s", force=True)
-    for noisy in ("matplotlib", "PIL"):  # their debug output is not ours
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.quiet:
-        _quiet_libraries()
+    _logging(prog, args.verbose, args.debug)
     try:
+        if args.quiet:
+            _quiet_libraries()
         body(args)
         return 0
     except AstraeaError as e:
@@ -64,109 +125,97 @@ def _run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, bod
         print(f"{prog}: interrupted; finished stages are kept in the run folder (a budget search continues with --resume)",
               file=sys.stderr)
         return 130
+    except MemoryError as e:  # torch.OutOfMemoryError too: a size the device cannot hold, not a bug
+        if args.debug:
+            raise
+        print(f"{prog}: error: out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}): lower "
+              "video.frames, height or width, or sampling.prompts x seeds, or use a device with more memory",
+              file=sys.stderr)
+        return 2
     except Exception as e:  # a bug, not bad input: one line unless --debug
         if args.debug:
             raise
+        if _out_of_memory(e):
+            print(f"{prog}: error: out of memory on the device: lower video.frames, height or width", file=sys.stderr)
+            return 2
         print(f"{prog}: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
+def _out_of_memory(e: Exception) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="model.yaml (see README: model.yaml reference)")
+    parser.add_argument("config", help="model.yaml (docs/config.md)")
     parser.add_argument("--out", type=Path, help="run folder (default: build.output, else runs/<config name>)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="the passes' statistics and each stage's details")
     parser.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _preflight(cfg) -> None:
+    from . import preflight
+    from .loader import resolve_device
+
+    with stage("preflight") as line:
+        line[0] = preflight.check(cfg, resolve_device(cfg.model.device)).line()
+
+
 def _build(args) -> None:
-    from . import config, loader, reference
+    from . import config, engines, loader, reference
     from .io import write_json
 
-    cfg = config.load(args.config)
+    with stage("validate") as line:
+        cfg = config.load(args.config)
+        why = engines.refusal(cfg)
+        if why is not None:
+            raise AstraeaError(why)
+        t = cfg.target
+        goal = f"target budget {t.budget}" if t.budget is not None else (
+            f"target {t.speedup}x" if t.speedup is not None else "no target (dense reference only)")
+        v = cfg.video
+        line[0] = (f"{args.config}: {cfg.model.family} {cfg.model.preset or cfg.model.checkpoint}, "
+                   f"{v.frames}x{v.height}x{v.width}, {cfg.sampling.steps} steps, {goal}")
     out = args.out or cfg.output_dir
-    log = logging.getLogger("astraea")
-    from .runtime import BACKENDS, TENSORRT_MISSING, tensorrt_available
-
-    if cfg.build.backend not in BACKENDS:
-        raise config.ConfigError("build.backend", f"{cfg.build.backend} engines are not built by this release "
-                                 f"(it builds {', '.join(BACKENDS)})")
-    if cfg.build.backend == "tensorrt" and not tensorrt_available():
-        raise config.ConfigError("build.backend", f"tensorrt needs {TENSORRT_MISSING}; use eager, inductor or aoti")
-    model = loader.load_model(cfg)
-    layout = model.layout(cfg.video)
-    log.info("%s %s on %s/%s: latents %s, tokens %s = %d video + %d text",
-             cfg.model.family, model.identity["source"], model.device, cfg.model.dtype,
-             layout.latent_shape, layout.grid, layout.video_tokens, layout.text_tokens)
+    _preflight(cfg)  # a config refused here leaves no run folder behind
+    _log_file(out / "build.log")
+    with stage("load") as line:
+        model = loader.load_model(cfg)
+        layout = model.layout(cfg.video)
+        line[0] = (f"{model.identity['source']} on {model.device}/{cfg.model.dtype}: {layout.video_tokens:,} video + "
+                   f"{layout.text_tokens} text tokens")
     write_json(out / "config.json", config.to_dict(cfg))
-    ref = reference.run(cfg, model, out, progress=not args.quiet)
-    log.info("dense reference %s: %s", "reused" if ref.reused else "written", ref.folder)
+    with stage("reference") as line:
+        ref = reference.run(cfg, model, out, progress=not args.quiet)
+        line[0] = (f"{len(ref.latents)} sample(s) x {cfg.sampling.steps} steps "
+                   f"{'reused' if ref.reused else 'written'}: {ref.folder}")
     if cfg.target.budget is None and cfg.target.speedup is None:
-        log.info("no target (target.budget or target.speedup): stopping after the dense reference")
         return
-    programs = _rewrite_stage(cfg, model, layout, out, args.dump_graphs, not args.quiet, log)
+    with stage("rewrite") as line:
+        programs, line[0] = _rewrite(cfg, model, layout, out, args.dump_graphs, not args.quiet)
     from . import search
 
-    result = search.plan(cfg, model, ref, out, resume=args.resume, progress=not args.quiet, programs=programs)
-    _summary(result, log)
-    _engine_stage(cfg, model, programs, result, ref, out, not args.quiet, log)
+    with stage("search") as line:
+        schedule = search.plan(cfg, model, ref, out, resume=args.resume, progress=not args.quiet, programs=programs)
+        line[0] = _search_line(schedule, out)
+    with stage("engines") as line:
+        manifest = engines.build(cfg, model, programs, schedule, out, progress=not args.quiet)
+        folder = out / "engines"
+        size = sum((folder / f).stat().st_size for f in manifest.files)
+        line[0] = (f"{len(manifest.engines)} {manifest.backend} engine(s) + weights, {size / 2**20:.1f} MiB "
+                   f"({len(manifest.build['rebuilt'])} built): {folder}")
+    with stage("check") as line:
+        line[0] = _check(cfg, model, schedule, ref, out)
 
 
-def _engine_stage(cfg, model, programs, result, ref, out: Path, progress: bool, log) -> None:
-    """Engines + manifest, then a short benchmark: the runtime loads them (verifying the
-    manifest) and samples the first prompt and seed twice (the first warms up), timed
-    against the diffusers transformer's eager sample, with PSNR against the dense reference."""
-    import torch
-
-    from . import engines, runtime
-    from .io import write_json
-    from .reference import sample_name
-    from .sampling import denoise, prompt_inputs
-    from .search import psnr
-
-    start = time.perf_counter()
-    manifest = engines.build(cfg, model, programs, result, out, progress=progress)
-    folder = out / "engines"
-    size = sum((folder / f).stat().st_size for f in manifest["files"])
-    weights = (folder / manifest["weights"]["file"]).stat().st_size
-    log.info("engines: %d %s engines + weights in %s: %.1f MiB (weights %.1f MiB, stored once); %d rebuilt in %.0f s",
-             len(manifest["engines"]), cfg.build.backend, folder, size / 2**20, weights / 2**20,
-             len(manifest["build"]["rebuilt"]), time.perf_counter() - start)
-    t0 = time.perf_counter()
-    transformer = runtime.load(folder, device=model.device)
-    load_s = time.perf_counter() - t0
-    s = cfg.sampling
-    inputs = prompt_inputs(model, cfg.video, s, s.prompts[0], s.seeds[0], out / "embeddings")
-
-    def timed(fn) -> tuple[torch.Tensor, float]:
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        t = time.perf_counter()
-        value = fn().cpu()  # .cpu() waits for the device
-        return value, time.perf_counter() - t
-
-    _, first_s = timed(lambda: denoise(model, cfg.video, s, inputs, transformer))  # compiles / warms up
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(model.device)
-    latents, sample_s = timed(lambda: denoise(model, cfg.video, s, inputs, transformer))
-    peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None
-    _, dense_s = timed(lambda: denoise(model, cfg.video, s, inputs))  # the diffusers transformer, eager
-    dense = ref.latents[sample_name(0, s.seeds[0])]
-    mse = float(((latents - dense) ** 2).mean())
-    check = {"load_s": load_s, "first_sample_s": first_s, "sample_s": sample_s, "dense_sample_s": dense_s,
-             "speedup": dense_s / sample_s, "peak_bytes": peak, "mse": mse,
-             "psnr": psnr(mse, float(dense.max() - dense.min())), "engine_bytes": size, "weights_bytes": weights,
-             "backend": cfg.build.backend, "device": str(model.device)}
-    write_json(out / "engines-check.json", check)
-    log.info("runtime check (%s): loaded in %.1f s; a sample in %.1f s (first %.1f s), dense eager %.1f s: %.2fx; "
-             "PSNR %.2f dB against dense (the search measured %.2f)", cfg.build.backend, load_s, sample_s, first_s,
-             dense_s, check["speedup"], check["psnr"],
-             result["per_sample"].get(sample_name(0, s.seeds[0]), {}).get("psnr", float("nan")))
-
-
-def _rewrite_stage(cfg, model, layout, out: Path, dump: bool, progress: bool, log) -> dict:
+def _rewrite(cfg, model, layout, out: Path, dump: bool, progress: bool) -> tuple[dict, str]:
     """The rewritten program of every budget level the search can pick, from one capture."""
     from .io import atomic_file, write_json
-    from .search import build_programs, level_tokens
+    from .schedule import level_tokens
+    from .tokenwise import build_programs
 
     tokens = level_tokens(cfg.search.levels, layout.video_tokens)
     programs = build_programs(model, cfg, tokens, progress, dump_root=out / "graphs" if dump else None)
@@ -176,32 +225,83 @@ def _rewrite_stage(cfg, model, layout, out: Path, dump: bool, progress: bool, lo
         with atomic_file(out / "graphs" / f"k{k}.txt") as fh:
             fh.write(program.graph.code)
     some = programs[max(programs)]
-    log.info("rewrite: %d programs (k = %s of %d rows), %d blocks, %d query-only attentions each: %s",
-             len(programs), ", ".join(map(str, programs)), layout.video_tokens, some.blocks,
-             some.stats["replace_attention"]["sparse_attention"], out / "graphs")
-    return programs
+    return programs, (f"{len(programs)} programs (k = {min(programs)} .. {max(programs)} of {layout.video_tokens} rows), "
+                      f"{some.blocks} blocks, {some.stats['replace_attention']['sparse_attention']} query-only "
+                      f"attentions each: {out / 'graphs'}")
 
 
-def _summary(result: dict, log) -> None:
-    budgets = " ".join(f"{b:.1f}" for b in result["budget_per_step"])
-    cost = result["cost"]
-    speedup = result["dense_ms"] / result["predicted_ms"] if result["predicted_ms"] else float("nan")
-    log.info("schedule (budget per step): %s", budgets)
-    source = result.get("cost_source", "eager")
-    where = (f"eager on {result.get('device', 'this device')}" if source == "eager"
-             else f"the engines of {Path(source).name}, {result.get('device')}")
-    log.info("mean budget %.3f, PSNR %.2f dB against dense (MSE %.3g), predicted %.0f ms against dense %.0f ms "
-             "(%.2fx, %s)", result["mean_budget"], result["psnr"], result["mse"], result["predicted_ms"],
-             result["dense_ms"], speedup, where)
-    log.info("search: %d candidates (%d stopped early), %d of a naive %d denoising steps, %.0f s",
-             cost["candidates_evaluated"], cost["stopped_early"], cost["steps_executed"], cost["naive_steps"],
-             cost["wall_seconds"])
-    proxy = result.get("proxy")
-    if proxy:
-        log.info("proxy %s: %d candidates re-scored at the full video in %.0f s, Spearman %.2f%s; the chosen one was "
-                 "the proxy's #%d", "x".join(map(str, proxy["video"])), proxy["rescored"], proxy["rescore_seconds"],
-                 proxy["spearman"], "" if proxy["valid"] else f" (below {proxy['min_spearman']}: not validated)",
-                 proxy["chosen_proxy_rank"] + 1)
+def _search_line(schedule, out: Path) -> str:
+    """The search's result on one line; its details (schedule, cost, proxy) at info level."""
+    r = schedule.search
+    log.info("schedule (budget per step): %s", " ".join(f"{b:.1f}" for b in schedule.budgets))
+    speed = "" if r is None or r.predicted_speedup is None else (
+        f", predicted {r.predicted_speedup:.2f}x ({'eager here' if r.cost_source == 'eager' else Path(r.cost_source).name})")
+    if r is not None:
+        c = r.cost
+        log.info("search: %d candidates (%d stopped early), %d of a naive %d denoising steps, %.0f s",
+                 c["candidates_evaluated"], c["stopped_early"], c["steps_executed"], c["naive_steps"], c["wall_seconds"])
+        if r.proxy:
+            p = r.proxy
+            log.info("proxy %s: %d candidates re-scored at the full video in %.0f s, Spearman %.2f%s; the chosen one "
+                     "was the proxy's #%d", "x".join(map(str, p["video"])), p["rescored"], p["rescore_seconds"],
+                     p["spearman"], "" if p["valid"] else f" (below {p['min_spearman']}: not validated)",
+                     p["chosen_proxy_rank"] + 1)
+    psnr = schedule.quality.psnr if schedule.quality else float("nan")
+    return (f"mean budget {schedule.mean_budget:.3f}, {schedule.skipped} skipped step(s), PSNR {psnr:.2f} dB against "
+            f"dense{speed}: {out / 'search' / schedule.key / 'schedule.json'}")
+
+
+def _check(cfg, model, schedule, ref, out: Path) -> str:
+    """The runtime loads the engines (verifying the manifest) and samples the first prompt
+    and seed (compiled engines twice: the first compiles and warms up), timed against the
+    diffusers transformer's eager sample, with PSNR against the dense reference."""
+    import torch
+
+    from . import runtime
+    from .io import write_json
+    from .metrics import psnr
+    from .reference import sample_name
+    from .sampling import denoise, prompt_inputs
+    from .timing import synchronize
+
+    folder = out / "engines"
+    t0 = time.perf_counter()
+    transformer = runtime.load(folder, device=model.device)
+    load_s = time.perf_counter() - t0
+    s = cfg.sampling
+    inputs = prompt_inputs(model, cfg.video, s, s.prompts[0], s.seeds[0], out / "embeddings")
+
+    def timed(fn) -> tuple[torch.Tensor, float]:
+        synchronize(model.device)
+        t = time.perf_counter()
+        value = fn().cpu()  # .cpu() waits for the device
+        return value, time.perf_counter() - t
+
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(model.device)
+    latents, first_s = timed(lambda: denoise(model, cfg.video, s, inputs, transformer))  # compiles / warms up
+    sample_s = first_s
+    if cfg.build.backend != "eager":  # compiled engines: time a warm sample
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(model.device)
+        latents, sample_s = timed(lambda: denoise(model, cfg.video, s, inputs, transformer))
+    peak = torch.cuda.max_memory_allocated(model.device) if model.device.type == "cuda" else None
+    # the diffusers transformer, eager: the dense reference's fastest sample if this run computed it, else timed now
+    dense_s = min(ref.seconds.values()) if ref.seconds else timed(lambda: denoise(model, cfg.video, s, inputs))[1]
+    name = sample_name(0, s.seeds[0])
+    dense = ref.latents[name]
+    mse = float(((latents - dense) ** 2).mean())
+    manifest = transformer.manifest
+    check = {"load_s": load_s, "first_sample_s": first_s, "sample_s": sample_s, "dense_sample_s": dense_s,
+             "speedup": dense_s / sample_s, "peak_bytes": peak, "mse": mse,
+             "psnr": psnr(mse, float(dense.max() - dense.min())),
+             "engine_bytes": sum((folder / f).stat().st_size for f in manifest.files),
+             "weights_bytes": (folder / manifest.weights_file).stat().st_size,
+             "backend": cfg.build.backend, "device": str(model.device)}
+    write_json(out / "engines-check.json", check)
+    searched = schedule.quality.per_sample.get(name, {}).get("psnr", float("nan")) if schedule.quality else float("nan")
+    return (f"runtime sample {sample_s:.1f} s (first {first_s:.1f} s) against dense eager {dense_s:.1f} s: "
+            f"{check['speedup']:.2f}x; PSNR {check['psnr']:.2f} dB against dense (the search measured {searched:.2f})")
 
 
 def build_main(argv: list[str] | None = None) -> int:
@@ -215,11 +315,12 @@ def build_main(argv: list[str] | None = None) -> int:
     return _run("astraea-build", argv, parser, _build)
 
 
-def _bench(args) -> None:
+def _bench_config(args):
+    """(config, output folder, engine folder or None) from a model.yaml or an engine folder,
+    with the command line's settings validated as config keys."""
     import json
 
-    from . import bench, config, loader
-    from .errors import AstraeaError
+    from . import config
 
     target = Path(args.config)
     engine_folder = None
@@ -239,30 +340,48 @@ def _bench(args) -> None:
         cfg = config.load(target)
         raw = json.loads(json.dumps(config.to_dict(cfg)))  # plain lists, paths already resolved
         name, source, out = cfg.name, cfg.source, args.out or cfg.output_dir
-    # the command line's settings, validated with the rest as config keys
     raw = {k: v for k, v in raw.items() if k not in ("name", "source")}
     raw["bench"] = dict(raw.get("bench") or {}, **{k: v for k, v in (
         ("methods", args.methods), ("budgets", args.budgets), ("peers", args.peers), ("repeats", args.repeats),
         ("warmup", args.warmup), ("cuda_graphs", args.cuda_graphs or None)) if v is not None})
     if args.steps is not None:
         raw["sampling"] = dict(raw["sampling"], steps=args.steps)
-    cfg = config.from_dict(raw, name=name, source=source)
-    model = loader.load_model(cfg)
-    extra = {}
-    for path in args.schedules or ():
-        extra |= bench.read_schedules(path, cfg.sampling.steps, model.layout(cfg.video).video_tokens)
+    return config.from_dict(raw, name=name, source=source), out, engine_folder
+
+
+def _bench(args) -> None:
+    from . import bench, loader, report
+    from .preflight import layout
+    from .schedule import read_schedules
+
+    with stage("validate") as line:
+        cfg, out, engine_folder = _bench_config(args)
+        extra = {}
+        for path in args.schedules or ():
+            extra |= read_schedules(path, cfg.sampling.steps, layout(cfg).video_tokens)
+        line[0] = f"{args.config}: methods {', '.join(cfg.bench.methods)}"
+    _preflight(cfg)
+    _log_file(out / "bench" / "bench.log")
+    with stage("load") as line:
+        model = loader.load_model(cfg)
+        line[0] = f"{model.identity['source']} on {model.device}/{cfg.model.dtype}"
     if args.build_only:
-        manifest = bench.run(cfg, model, out, extra_schedules=extra, progress=not args.quiet, build_only=True)
-        built = set(manifest["build"]["rebuilt"])
-        for key, e in sorted(manifest["engines"].items(), key=lambda item: -item[1]["tokens"]):
-            print(f"{out / 'bench' / 'engines' / e['file']}: {e['tokens']} rows, {'built' if key in built else 'kept'}")
+        with stage("engines") as line:
+            schedules = bench.plan_schedules(cfg, model, out, extra)
+            manifest = bench.build_engines(cfg, model, out, schedules, progress=not args.quiet)
+            line[0] = f"{len(manifest.engines)} engine(s), {len(manifest.build['rebuilt'])} built: {out / 'bench' / 'engines'}"
+        built = set(manifest.build["rebuilt"])
+        for key, e in sorted(manifest.engines.items(), key=lambda item: -item[1].tokens):
+            print(f"{out / 'bench' / 'engines' / e.file}: {e.tokens} rows, {'built' if key in built else 'kept'}")
         return
-    report = bench.run(cfg, model, out, extra_schedules=extra, engine_folder=engine_folder, progress=not args.quiet)
-    print(bench.markdown(report))
+    with stage("bench") as line:
+        result = bench.run(cfg, model, out, extra_schedules=extra, engine_folder=engine_folder, progress=not args.quiet)
+        line[0] = f"{len(result['rows'])} rows: {out / 'bench' / 'bench.md'}"
+    print(report.markdown(result))
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    from .config import BENCH_METHODS
+    from .schema import BENCH_METHODS
 
     parser = argparse.ArgumentParser(
         prog="astraea-bench",
@@ -287,13 +406,6 @@ def bench_main(argv: list[str] | None = None) -> int:
                         help="build <out>/bench/engines for the astraea-compiled rows and stop (time them later: "
                         "engine files already there are kept, so a benchmark can be split over machines)")
     return _run("astraea-bench", argv, parser, _bench)
-
-
-BENCH_HELP = """CONFIG is a model.yaml; ENGINE_FOLDER is <run>/engines of astraea-build (the run's
-config.json describes the model, and the engines' own schedule is what astraea-compiled runs).
-Rows of an earlier <out>/bench/bench.json with the same model, video, sampling and device
-are kept unless measured again, so a benchmark can be split over several invocations.
-"""
 
 
 if __name__ == "__main__":

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .bench import call_label, device_name, time_call
-from .config import RunConfig
 from .errors import AstraeaError
 from .io import source_hash, stable_hash, write_json
 from .sampling import first_step_kwargs
+from .schedule import budget_rows, call_label
+from .schema import RunConfig
+from .timing import device_name, time_call
 from .tokenwise import TokenwiseProgram, TokenwiseTransformer
 
 
@@ -38,7 +39,7 @@ class CostModel:
     key: str
     device: str
     dense_ms: float  # the dense model's step
-    level_ms: list[float]  # per level; level 0 (the step is skipped) measured too
+    level_ms: list[float | None]  # per level (level 0: the step is skipped); None: not measured (not needed)
     tokens_per_level: list[int]
     source: str = "eager"  # "eager": measured here on the rewritten programs; else the bench.json read
 
@@ -46,18 +47,20 @@ class CostModel:
         return sum(self.level_ms[v] for v in levels)
 
 
-def cost_key(cfg: RunConfig, model, tokens: list[int], backend: str) -> str:
+def cost_key(cfg: RunConfig, model, tokens: list[int], backend: str, only: list[int] | None = None) -> str:
     return stable_hash({"model": model.identity, "dtype": cfg.model.dtype, "video": asdict(cfg.video),
                         "device": device_name(model.device), "torch": torch.__version__, "tokens": tokens,
                         "backend": backend, "source": source_hash(), "guidance": cfg.sampling.guidance > 1,
-                        "selection": asdict(cfg.selection)})
+                        "selection": asdict(cfg.selection), "only": only})
 
 
 @torch.no_grad()
 def measure(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], tokens: list[int], folder: Path,
-            backend: str = "eager", progress: bool = True) -> CostModel:
-    """Per-level step ms (`tokens[level]` rows; 0 = skipped), or the stored measurement."""
-    key = cost_key(cfg, model, tokens, backend)
+            backend: str = "eager", progress: bool = True, only: set[int] | None = None) -> CostModel:
+    """Per-level step ms (`tokens[level]` rows; 0 = skipped), or the stored measurement;
+    `only`: just these levels (a budget target needs the chosen schedule's alone)."""
+    only = None if only is None else sorted(only)
+    key = cost_key(cfg, model, tokens, backend, only)
     path = folder / f"{key}.json"
     if path.is_file():
         return CostModel(**json.loads(path.read_text()))
@@ -72,7 +75,10 @@ def measure(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], tokens
 
     dense_ms = median(lambda: model.transformer(**kwargs))
     level_ms = []
-    for k in tqdm(tokens, desc="cost model", unit="level", disable=not progress):
+    for level, k in enumerate(tqdm(tokens, desc="cost model", unit="level", disable=not progress, leave=False)):
+        if only is not None and level not in only:
+            level_ms.append(None)
+            continue
         runner = TokenwiseTransformer(programs, [top] + [k] * (warmup + repeats))
         runner(**kwargs)  # the dense first step fills the caches
         level_ms.append(median(lambda: runner(**kwargs)))
@@ -84,8 +90,6 @@ def measure(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], tokens
 def from_bench(path: str | Path, levels: int, tokens: list[int]) -> CostModel:
     """The cost model of `levels` budget levels (`tokens` rows each, for the model searched)
     from an astraea-bench report; raises AstraeaError naming what is missing."""
-    from .search import budget_rows
-
     path = Path(path)
     try:
         report = json.loads(path.read_text())

@@ -11,3 +11,16 @@ class ConfigError(AstraeaError):
     def __init__(self, path: str, message: str):
         self.path, self.message = path, message
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class EngineError(AstraeaError):
+    """An engine folder or engine build that cannot be used as it is: the message names what to fix."""
+
+
+def nearest(key: str, valid) -> str:
+    """' (did you mean 'x'?)' for a near miss, else '; valid: a, b, c'."""
+    import difflib
+
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f"; valid: {', '.join(valid)}"

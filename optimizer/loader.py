@@ -9,11 +9,11 @@ from pathlib import Path
 import diffusers
 import torch
 
-from .config import RunConfig
 from .errors import AstraeaError, ConfigError
 from .families import Conditioning, LoadedModel, get_family
 from .families.base import TORCH_DTYPES, config_hash, fingerprint_weights
 from .families.weights import SCHEME
+from .schema import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def load_model(cfg: RunConfig) -> LoadedModel:
         if preset.weights is not None:
             from . import bundled
 
-            transformer, text_encoder, digest = bundled.load_model(preset, device, dtype)
+            shell = family.build_random(preset, torch.device("cpu"), dtype, 0)  # the shipped weights go in next
+            transformer, text_encoder, digest = bundled.load_model(shell, device, dtype)
             return LoadedModel(
                 family, transformer, scheduler, identity | {"weights": digest}, text_length, preset.geometry,
                 encoder=lambda prompts: Conditioning(text_encoder(prompts)), decoder=bundled.codec.decode,

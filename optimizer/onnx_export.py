@@ -22,27 +22,26 @@ import torch
 from astraea.plugins import onnx_ops
 
 from . import runtime
-from .engines import _Step
 from .io import atomic_file
-from .tokenwise import TokenwiseProgram
+from .tokenwise import Signature, TensorStep, TokenwiseProgram
 
 OPSET = 18
 
 
-def input_names(sig: dict) -> list[str]:
-    state = [f"state_{i}" for i in range(len(sig["state"]))]
-    return [f"weight:{n}" for n in sig["weights"]] + [s["name"] for s in sig["inputs"]] + state
+def input_names(sig: Signature) -> list[str]:
+    state = [f"state_{i}" for i in range(len(sig.state))]
+    return [f"weight:{n}" for n in sig.weights] + [s.name for s in sig.inputs] + state
 
 
-def output_names(sig: dict) -> list[str]:
-    return ["output"] + [f"new_state_{i}" for i in range(len(sig["state"]))]
+def output_names(sig: Signature) -> list[str]:
+    return ["output"] + [f"new_state_{i}" for i in range(len(sig.state))]
 
 
-def export(tp: TokenwiseProgram, sig: dict, weights: list[torch.Tensor], inputs: list[torch.Tensor], path: Path,
+def export(tp: TokenwiseProgram, sig: Signature, weights: list[torch.Tensor], inputs: list[torch.Tensor], path: Path,
            device: torch.device) -> onnx.ModelProto:
     """Write tp as an ONNX model to path (atomically) and return it."""
-    step = _Step(tp.graph, sig["layout"], in_place=False)
-    state = runtime.empty_state(sig["state"], device)
+    step = TensorStep(tp.graph, sig.layout, in_place=False)
+    state = runtime.empty_state(sig.state, device)
     program = torch.onnx.export(step, tuple(w.detach() for w in weights) + tuple(inputs) + tuple(state),
                                 dynamo=True, custom_translation_table=onnx_ops.translation_table(), opset_version=OPSET,
                                 input_names=input_names(sig), output_names=output_names(sig), verbose=False)
@@ -53,7 +52,7 @@ def export(tp: TokenwiseProgram, sig: dict, weights: list[torch.Tensor], inputs:
     return model
 
 
-def check(model: onnx.ModelProto, tp: TokenwiseProgram, dense: TokenwiseProgram, sig: dict, weights: list[torch.Tensor],
+def check(model: onnx.ModelProto, tp: TokenwiseProgram, dense: TokenwiseProgram, sig: Signature, weights: list[torch.Tensor],
           inputs: list[torch.Tensor]) -> float:
     """Largest relative L2 error of onnxruntime's outputs against the rewritten graph's, one
     step at tp's budget after a dense step (float32 on the CPU). The second step's latents
@@ -63,11 +62,11 @@ def check(model: onnx.ModelProto, tp: TokenwiseProgram, dense: TokenwiseProgram,
     cpu = [t.detach().float().cpu() if t.is_floating_point() else t.cpu() for t in [*weights, *inputs]]
     w, x = cpu[: len(weights)], cpu[len(weights):]
     gen = torch.Generator().manual_seed(0)
-    x2 = [t + 0.3 * torch.randn(t.shape, generator=gen) if s["name"] == "hidden_states" else t
-          for t, s in zip(x, sig["inputs"])]
-    step, first = _Step(tp.graph, sig["layout"], in_place=False), _Step(dense.graph, sig["layout"], in_place=False)
+    x2 = [t + 0.3 * torch.randn(t.shape, generator=gen) if s.name == "hidden_states" else t
+          for t, s in zip(x, sig.inputs)]
+    step, first = TensorStep(tp.graph, sig.layout, in_place=False), TensorStep(dense.graph, sig.layout, in_place=False)
     with torch.no_grad():
-        state = list(first(*w, *x, *runtime.empty_state(sig["state"], torch.device("cpu")))[1:])
+        state = list(first(*w, *x, *runtime.empty_state(sig.state, torch.device("cpu")))[1:])
         want = step(*w, *x2, *state)
     session = onnx_ops.ort_session(model)
     feed = {name: t.numpy() for name, t in zip(input_names(sig), [*w, *x2, *state])}

@@ -26,28 +26,7 @@ from __future__ import annotations
 
 import torch
 
-KNOBS = {"pab": {"skip": int, "cross": int, "lo": float, "hi": float}, "first_block_cache": {"threshold": float},
-         "taylorseer": {"interval": int, "order": int, "warmup": int},
-         "faster_cache": {"skip": int, "lo": float, "hi": float},
-         "mag_cache": {"threshold": float, "max_skip": int, "retention": float}}  # the knobs a setting may give
-PEERS = tuple(KNOBS)
-
-
-def parse_setting(text: str) -> tuple[str, dict]:
-    """'pab skip=2 cross=6' -> ("pab", {"skip": 2, "cross": 6}); ValueError naming what is wrong."""
-    name, *pairs = text.split()
-    if name not in KNOBS:
-        raise ValueError(f"unknown peer {name!r} (known: {', '.join(PEERS)})")
-    knobs = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or key not in KNOBS[name]:
-            raise ValueError(f"{name} takes {', '.join(f'{k}=' for k in KNOBS[name])}, not {pair!r}")
-        try:
-            knobs[key] = KNOBS[name][key](value)
-        except ValueError:
-            raise ValueError(f"{name} {key}={value!r} is not a {KNOBS[name][key].__name__}") from None
-    return name, knobs
+from .schema import KNOBS, PEERS, parse_setting  # noqa: F401  (the settings' grammar: a config value)
 
 
 def _config(name: str, knobs: dict, timestep, blocks: tuple[str, ...]):

@@ -9,7 +9,7 @@ is reused, never recomputed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .conditioning import encode_prompt
-from .config import RunConfig
 from .families import LoadedModel
 from .families.base import config_hash, decode_frames
 from .io import atomic_dir, stable_hash, write_json
 from .sampling import denoise, make_inputs
+from .schema import RunConfig
 
 
 @dataclass
@@ -32,6 +32,7 @@ class DenseReference:
     folder: Path
     latents: dict[str, torch.Tensor]  # "p<prompt index>_s<seed>" -> (1, *latent_shape) float32
     reused: bool
+    seconds: dict[str, float] = field(default_factory=dict)  # computed here: each sample's wall time
 
 
 def sample_name(prompt_index: int, seed: int) -> str:
@@ -61,7 +62,7 @@ def run(cfg: RunConfig, model: LoadedModel, out_dir: Path, progress: bool = True
     negative = encode_prompt(model, s.negative_prompt, cache)
     latents, timings, step_times = {}, {}, []
     total = len(s.prompts) * len(s.seeds) * s.steps
-    bar = tqdm(total=total, desc="dense reference", unit="step", disable=not progress)
+    bar = tqdm(total=total, desc="dense reference", unit="step", disable=not progress, leave=False)
     for pi, prompt in enumerate(s.prompts):
         cond = encode_prompt(model, prompt, cache)
         for seed in s.seeds:
@@ -96,7 +97,7 @@ def run(cfg: RunConfig, model: LoadedModel, out_dir: Path, progress: bool = True
         if model.decoder is not None:
             for name, x in latents.items():
                 _strip(decode_frames(model, x), tmp / f"frames_{name}.png")
-    return DenseReference(key, folder, latents, reused=False)
+    return DenseReference(key, folder, latents, reused=False, seconds=timings)
 
 
 def _sync(device: torch.device) -> None:

@@ -18,8 +18,6 @@ the standard library only), so a deployment needs the engine folder and `astraea
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +27,9 @@ import torch
 
 import astraea.plugins  # noqa: F401  (the astraea:: ops the engines call: runtime kernels, not build code)
 
-SCHEMA_VERSION = 1
+from .errors import EngineError
+from .manifest import Manifest, Step, TensorSpec, check_toolchain
+
 BACKENDS = ("eager", "inductor", "aoti", "tensorrt")
 
 
@@ -77,9 +77,9 @@ class _TensorRTEngine:
         return tuple(outs)
 
 
-def empty_state(specs: list[dict], device: torch.device) -> list[torch.Tensor]:
+def empty_state(specs: tuple[TensorSpec, ...], device: torch.device) -> list[torch.Tensor]:
     """The block state before the first (dense) step: zeros in the manifest's layout."""
-    return [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"]), device=device) for s in specs]
+    return [torch.zeros(s.shape, dtype=s.torch_dtype, device=device) for s in specs]
 
 
 def packed(t: torch.Tensor) -> torch.Tensor:
@@ -87,45 +87,6 @@ def packed(t: torch.Tensor) -> torch.Tensor:
     strides, and pipelines pass expanded views (a timestep of stride 0)."""
     want = torch.empty(t.shape, dtype=t.dtype, device="meta").stride()
     return t if t.stride() == want else torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
-
-
-class EngineError(Exception):
-    """An engine folder that cannot be used as it is: the message names what to fix."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def toolchain(device: torch.device) -> dict:
-    """What an engine was built with (and must be loaded with)."""
-    tc = {"torch": torch.__version__, "device": device.type, "cuda": torch.version.cuda, "compute_capability": None,
-          "triton": None, "tensorrt": None}
-    try:
-        import triton
-
-        tc["triton"] = triton.__version__
-    except ImportError:
-        pass
-    if device.type == "cuda":
-        tc["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    return tc
-
-
-def check_toolchain(built: dict, device: torch.device) -> None:
-    here = toolchain(device)
-    if built["device"] != here["device"]:
-        raise EngineError(f"the engines were built for {built['device']}, not {here['device']}: rebuild on this device")
-    if built["torch"].split("+")[0].split(".")[:2] != here["torch"].split("+")[0].split(".")[:2]:
-        raise EngineError(f"the engines were built with torch {built['torch']}, this is torch {here['torch']}: "
-                          "rebuild them with this toolchain")
-    if built.get("compute_capability") != here["compute_capability"]:
-        raise EngineError(f"the engines were built for compute capability {built.get('compute_capability')}, this "
-                          f"GPU is {here['compute_capability']}: rebuild them on this GPU")
 
 
 @dataclass
@@ -167,43 +128,43 @@ def load_engine(backend: str, path: Path, device: torch.device, names: dict | No
 class EngineTransformer(torch.nn.Module):
     """A drop-in for the family's diffusers transformer, running the compiled schedule."""
 
-    def __init__(self, folder: Path, manifest: dict, device: torch.device, warm: bool = True,
+    def __init__(self, folder: Path, manifest: Manifest, device: torch.device, warm: bool = True,
                  cuda_graphs: bool = False):
         super().__init__()
         from safetensors.torch import load_file
 
         self.folder, self.manifest, self.device = folder, manifest, device
         t0 = time.perf_counter()
-        self.inputs = manifest["inputs"]  # the tensor inputs, in the engines' order: [{name, shape, dtype}]
-        self.timesteps = torch.tensor(manifest["timesteps"], dtype=torch.float64)
-        self.steps = manifest["steps"]  # [{budget, tokens, engine}]
-        weights = load_file(str(folder / manifest["weights"]["file"]), device=str(device))
-        self.weights = [weights[name] for name in manifest["weights"]["order"]]
+        self.inputs = manifest.inputs  # the tensor inputs, in the engines' order
+        self.timesteps = torch.tensor(manifest.timesteps, dtype=torch.float64)
+        self.steps = list(manifest.steps)
+        weights = load_file(str(folder / manifest.weights_file), device=str(device))
+        self.weights = [weights[name] for name in manifest.weights_order]
         t1 = time.perf_counter()
         cache = folder / "inductor-cache.bin"
-        if warm and cache.is_file() and "inductor-cache.bin" in manifest["files"]:
+        if warm and cache.is_file() and "inductor-cache.bin" in manifest.files:
             torch.compiler.load_cache_artifacts(cache.read_bytes())
         self.engines, per_engine = {}, {}
-        for key, e in manifest["engines"].items():
+        for key, e in manifest.engines.items():
             t = time.perf_counter()
-            self.engines[key] = load_engine(e["backend"], folder / e["file"], device, e.get("io"),
+            self.engines[key] = load_engine(e.backend, folder / e.file, device, e.io,
                                             single_threaded=cuda_graphs)
             per_engine[key] = time.perf_counter() - t
         self.load_seconds = {"weights": t1 - t0, "engines": time.perf_counter() - t1, "per_engine": per_engine}  # + "verify"
-        self.batch = self.inputs[0]["shape"][0]  # the engines' batch: 1 per CFG branch, or the CFG batch
+        self.batch = self.inputs[0].shape[0]  # the engines' batch: 1 per CFG branch, or the CFG batch
         self.branches: dict = {}  # per cache context and batch slice: {"step", "state", "last"}
         self.context = None
-        self.config = _Config(manifest.get("transformer_config", {}))
-        self.in_place = manifest.get("state_update", "functional") == "in_place"
+        self.config = _Config(manifest.transformer_config)
+        self.in_place = manifest.state_update == "in_place"
         if cuda_graphs and (device.type != "cuda" or not self.in_place):
             raise EngineError("cuda_graphs needs a CUDA device and engines that update their state in place "
-                              f"(aoti, inductor); these are {device.type} {manifest.get('state_update')} engines")
+                              f"(aoti, inductor); these are {device.type} {manifest.state_update} engines")
         self.cuda_graphs = cuda_graphs
         self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
     @property
     def dtype(self) -> torch.dtype:
-        return getattr(torch, self.inputs[0]["dtype"])
+        return self.inputs[0].torch_dtype
 
     def reset(self) -> None:
         """Drop every branch: its state buffers and CUDA graphs (use_schedule keeps them)."""
@@ -216,17 +177,17 @@ class EngineTransformer(torch.nn.Module):
         points): rows per step, the first dense, 0 reusing the last output. Every non-zero
         row count needs an engine in the folder. Starts a new generation; in-place engines keep
         their state buffers and CUDA graphs (an engine's graph does not depend on the schedule)."""
-        dense = self.manifest["steps"][0]["tokens"]
+        dense = self.manifest.dense_tokens
         if len(tokens) != len(self.timesteps):
             raise EngineError(f"a schedule of {len(tokens)} steps; the engines were built for {len(self.timesteps)}")
         if tokens[0] != dense:
             raise EngineError(f"the first step must be dense ({dense} rows): the caches are empty before it")
-        by_tokens = {e["tokens"]: key for key, e in self.manifest["engines"].items()}
+        by_tokens = self.manifest.by_tokens
         missing = sorted({k for k in tokens if k} - set(by_tokens))
         if missing:
             raise EngineError(f"no engine computes {missing} rows (this folder has {sorted(by_tokens)}): "
                               "build a schedule that uses them")
-        self.steps = [{"budget": k / dense, "tokens": k, "engine": by_tokens.get(k) if k else None} for k in tokens]
+        self.steps = [Step(k / dense, k, by_tokens.get(k) if k else None) for k in tokens]
         if not self.in_place:
             self.reset()
             return
@@ -254,14 +215,14 @@ class EngineTransformer(torch.nn.Module):
     def _flat(self, kwargs: dict) -> list:
         flat = []
         for spec in self.inputs:
-            name = spec["name"]
+            name = spec.name
             value = kwargs.get(name)
             if not isinstance(value, torch.Tensor):
-                raise EngineError(f"input {name!r} is missing (the engines take {[s['name'] for s in self.inputs]})")
-            if list(value.shape) != spec["shape"]:
+                raise EngineError(f"input {name!r} is missing (the engines take {[s.name for s in self.inputs]})")
+            if tuple(value.shape) != spec.shape:
                 raise EngineError(f"input {name!r} has shape {list(value.shape)}; the engines were built for "
-                                  f"{spec['shape']} (rebuild for this video size or batch)")
-            flat.append(packed(value.to(self.device, getattr(torch, spec["dtype"]))))
+                                  f"{list(spec.shape)} (rebuild for this video size or batch)")
+            flat.append(packed(value.to(self.device, spec.torch_dtype)))
         return flat
 
     @torch.no_grad()
@@ -271,7 +232,7 @@ class EngineTransformer(torch.nn.Module):
         batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) else self.batch
         if batch == self.batch:
             out = self._run((self.context, 0), step, kwargs)
-        elif self.manifest.get("per_branch") and batch % self.batch == 0:  # a CFG batch into per-branch engines
+        elif self.manifest.per_branch and batch % self.batch == 0:  # a CFG batch into per-branch engines
             parts = []
             for j in range(batch // self.batch):
                 rows = slice(j * self.batch, (j + 1) * self.batch)
@@ -299,12 +260,12 @@ class EngineTransformer(torch.nn.Module):
             raise EngineError(f"called at step {step} after step {branch['step'] - 1}: steps must run in order")
         entry = self.steps[step]
         branch["step"] = step + 1
-        if entry["engine"] is None:  # budget 0: the cached final output
+        if entry.engine is None:  # budget 0: the cached final output
             return branch["last"]
         flat = self._flat(kwargs)
         if branch["state"] is None:
-            branch["state"] = empty_state(self.manifest["state"], self.device)
-        result = self._call(entry["engine"], branch, flat)
+            branch["state"] = empty_state(self.manifest.state, self.device)
+        result = self._call(entry.engine, branch, flat)
         if not self.in_place:  # the functional pair: (output, new state...)
             branch["state"] = list(result[1:])
         branch["last"] = result[0]  # in place: the engine wrote the new state into branch["state"]
@@ -338,25 +299,11 @@ def load(folder: str | Path, device: str | torch.device | None = None, warm: boo
     cuda_graphs=True replays the engines as CUDA graphs (CUDA, in-place engines)."""
     t0 = time.perf_counter()
     folder = Path(folder)
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise EngineError(f"{folder} has no manifest.json: not an engine folder (astraea-build writes one)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineError(f"{path} is not valid JSON ({e}): rebuild the engines") from None
-    if manifest.get("schema") != SCHEMA_VERSION:
-        raise EngineError(f"{path}: schema {manifest.get('schema')!r}, this runtime reads {SCHEMA_VERSION}")
-    for name, digest in manifest["files"].items():
-        f = folder / name
-        if not f.is_file():
-            raise EngineError(f"{f} is missing: copy the whole engine folder, or rebuild")
-        if sha256(f) != digest:
-            raise EngineError(f"{f} does not match its sha256 in the manifest (corrupted or replaced): rebuild")
-    device = torch.device(device or manifest["toolchain"]["device"])
+    manifest = Manifest.read(folder)
+    device = torch.device(device or manifest.toolchain["device"])
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    check_toolchain(manifest["toolchain"], device)
+    check_toolchain(manifest.toolchain, device)
     verify = time.perf_counter() - t0
     transformer = EngineTransformer(folder, manifest, device, warm, cuda_graphs)
     transformer.load_seconds["verify"] = verify

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import encode_prompt
-from .config import SamplingSpec, VideoSpec
 from .families import Conditioning, LoadedModel
+from .schema import SamplingSpec, VideoSpec
 
 
 @dataclass
@@ -67,6 +67,11 @@ def prompt_inputs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec, 
     """One prompt and seed: the prompt and the config's negative prompt encoded, the noise drawn."""
     return make_inputs(model, video, sampling, encode_prompt(model, prompt, cache_dir),
                        encode_prompt(model, sampling.negative_prompt, cache_dir), seed)
+
+
+def timesteps(model: LoadedModel, steps: int) -> list[float]:
+    """The scheduler's timesteps for `steps` steps (a copy of it: the model's stays where it is)."""
+    return [float(t) for t in model.family.set_timesteps(copy.deepcopy(model.scheduler), steps, "cpu")]
 
 
 def first_step_kwargs(model: LoadedModel, video: VideoSpec, sampling: SamplingSpec,

@@ -5,8 +5,9 @@ runs a per-step schedule of them in the family's sampling loop.
 (astraea.passes) at budget k. `TokenwiseTransformer` owns the per-block state across
 steps, runs step i at `schedule[i]` rows (the first step dense; budget 0 reuses the last
 output without running anything) and is called like the diffusers transformer, so
-`sampling.denoise(..., transformer=...)` samples with it. Engines (backends) wrap the same
-programs later.
+`sampling.denoise(..., transformer=...)` samples with it. `build_programs` rewrites one
+capture at every budget a schedule or search needs. `TensorStep` is a program with its
+non-tensor inputs bound, the function of tensors that engines (backends) export.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 
 from .capture import Captured, capture
-from .config import RunConfig
 from .families import LoadedModel
+from .manifest import TensorSpec
+from .schema import RunConfig
+
+EXPORTED = torch.export.graph_signature.InputKind
 
 
 @dataclass
@@ -58,6 +63,80 @@ def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | No
                                cache_dtype=torch.float8_e4m3fn if sel.cache == "float8" else None)
     pipeline.run(gm, ctx)
     return TokenwiseProgram(cap.program, gm, budget, len(ctx.blocks), ctx.stats)
+
+
+def build_programs(model: LoadedModel, cfg: RunConfig, tokens: list[int], progress: bool = True,
+                   dump_root: Path | None = None, example: dict | None = None) -> dict[int, TokenwiseProgram]:
+    """One rewritten program per distinct non-zero row count, from a single capture
+    (`dump_root`: every pass's graphs under <dump_root>/k<k>-passes; `example`: capture
+    at these transformer inputs instead of the first step's)."""
+    cap = capture(model, cfg, example)
+    wanted = sorted({k for k in tokens if k > 0})
+    return {k: rewrite(model, cfg, k, captured=cap, dump_dir=None if dump_root is None else dump_root / f"k{k}-passes")
+            for k in tqdm(wanted, desc="rewrite", unit="budget", disable=not progress, leave=False)}
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A rewritten program as a function of tensors: (weights..., tensor inputs..., block
+    state...) in this order; `layout` rebinds the program's flat inputs from them (("t",
+    None) takes the next tensor, ("c", value) a constant bound at export)."""
+
+    weights: tuple[str, ...]  # state-dict names, in the program's order
+    inputs: tuple[TensorSpec, ...]  # the transformer's tensor inputs
+    constants: dict  # its non-tensor inputs, by name
+    layout: tuple
+    state: tuple[TensorSpec, ...]
+
+
+def signature(tp: TokenwiseProgram, kwargs: dict) -> Signature:
+    ep = tp.program
+    flat = tp.flat_inputs(kwargs)
+    weights, inputs, constants, layout = [], [], {}, []
+    for spec, value in zip(ep.graph_signature.input_specs, flat):
+        if spec.kind == EXPORTED.USER_INPUT:
+            if isinstance(value, torch.Tensor):
+                inputs.append(TensorSpec(tuple(value.shape), str(value.dtype).split(".")[1], spec.arg.name))
+                layout.append(("t", None))
+            else:
+                constants[spec.arg.name] = value
+                layout.append(("c", value))
+        else:
+            weights.append(spec.target)
+            layout.append(("t", None))
+    state = [n.meta["val"] for n in tp.graph.graph.nodes if n.op == "placeholder"][len(flat):]
+    return Signature(tuple(weights), tuple(inputs), constants, tuple(layout),
+                     tuple(TensorSpec(tuple(v.shape), str(v.dtype).split(".")[1]) for v in state))
+
+
+def weight_tensors(tp: TokenwiseProgram, names) -> dict[str, torch.Tensor]:
+    ep = tp.program
+    return {n: (ep.state_dict[n] if n in ep.state_dict else ep.constants[n]) for n in names}
+
+
+class TensorStep(torch.nn.Module):
+    """A rewritten GraphModule with its non-tensor inputs bound: tensors in, tensors out.
+
+    in_place: the new block state is copied back into the state inputs and only the output
+    is returned; Inductor and AOTInductor then write the selected rows straight into the
+    caller's buffers (write_cache.py), so a step holds the state once. Otherwise the new
+    state is returned after the output (the functional pair, for backends such as TensorRT
+    that double-buffer)."""
+
+    def __init__(self, graph: fx.GraphModule, layout: list, in_place: bool = True):
+        super().__init__()
+        self.graph_module, self.layout, self.in_place = graph, layout, in_place  # layout: ("t", None) or ("c", value)
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        args = [next(it) if kind == "t" else value for kind, value in self.layout]
+        state = list(it)
+        out = self.graph_module(*args, *state)
+        if not self.in_place:
+            return tuple(out)
+        for old, new in zip(state, out[1:], strict=True):
+            old.copy_(new)
+        return (out[0],)
 
 
 class TokenwiseTransformer:

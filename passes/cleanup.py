@@ -21,7 +21,6 @@ def cleanup(gm: fx.GraphModule, ctx) -> dict[str, int]:
         gm.graph.erase_node(node)
     before = len(gm.graph.nodes)
     gm.graph.eliminate_dead_code()
-    gm.recompile()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     vals = [p.meta.get("val") for p in placeholders]
     mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor))

@@ -3,7 +3,9 @@
 A pass is `verb_object(gm, ctx) -> dict[str, int]` (its counts). `run` lints the graph
 after every pass, logs the counts, dumps the graph before and after each pass when
 `ctx.dump_dir` is set, and turns any failure into a `PassError` naming the pass and those
-that ran before it. Passes land one per file; this list is the table of contents.
+that ran before it. Passes work on `gm.graph` (fake-tensor propagation interprets the graph),
+so the Python code is generated once, after the last pass. Passes land one per file; this
+list is the table of contents.
 """
 
 from __future__ import annotations
@@ -76,7 +78,6 @@ def run(gm: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, Pass]] | N
         try:
             counts = fn(gm, ctx)
             gm.graph.lint()
-            gm.recompile()
         except AstraeaError as e:
             raise PassError(name, done, e) from e
         except Exception as e:  # a bug in a pass: still named
@@ -85,4 +86,5 @@ def run(gm: fx.GraphModule, ctx: PassContext, passes: list[tuple[str, Pass]] | N
         log.info("%s: %s", name, ", ".join(f"{k} {v}" for k, v in counts.items()) or "no change")
         _dump(gm, ctx, f"{i:02d}-{name}-after")
         done.append(name)
+    gm.recompile()
     return gm

@@ -11,6 +11,9 @@ if not __import__("torch").cuda.is_available():
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2 on a 2-core machine: one thread a worker
+    torch.set_num_threads(1)
+
 from astraea import config
 
 TINY = {
@@ -120,19 +123,28 @@ def call_in_fresh_process(folder, kwargs: dict, tmp_path):
     with tempfile.TemporaryDirectory() as cache:
         proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CALL, str(folder), str(tmp_path / "inputs.pt"),
                                str(tmp_path / "out.pt")], capture_output=True, text=True,
-                              env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))
+                              # the same thread count: it is part of Inductor's CPU cache keys
+                              env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, OMP_NUM_THREADS=str(torch.get_num_threads())))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(tmp_path / "out.pt"), json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fixed_schedule(model, cfg, tokens: list[int], key: str = "test"):
+    """A Schedule of rows per step (not searched) with the scheduler's timesteps."""
+    from astraea.sampling import timesteps
+    from astraea.schedule import Schedule
+
+    n = model.layout(cfg.video).video_tokens
+    return Schedule.from_tokens(tokens, n, timesteps=tuple(timesteps(model, cfg.sampling.steps)), key=key)
 
 
 def engine_case(device: str, steps: int = 4, **sections):
     """A tiny Wan run for the engine tests: (cfg, model, programs, schedule, inputs, want),
     the schedule dense, a small budget twice (one engine), a skipped step; `want` sampled
     with the rewritten graphs."""
-    from astraea import engines, loader
+    from astraea import loader
     from astraea.sampling import denoise, prompt_inputs
-    from astraea.search import build_programs
-    from astraea.tokenwise import TokenwiseTransformer
+    from astraea.tokenwise import TokenwiseTransformer, build_programs
 
     cfg = tiny_config("wan", "tiny", model={"device": device}, sampling={"steps": steps}, build={"cfg": "batched"},
                       **sections)
@@ -140,7 +152,7 @@ def engine_case(device: str, steps: int = 4, **sections):
     n = model.layout(cfg.video).video_tokens
     programs = build_programs(model, cfg, [n, 3], progress=False)
     tokens = [n, 3, 0, 3] + [3] * (steps - 4)
-    schedule = engines.fixed_schedule(model, cfg, tokens, "test")
+    schedule = fixed_schedule(model, cfg, tokens)
     inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
     want = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, tokens))
     return cfg, model, programs, schedule, inputs, want

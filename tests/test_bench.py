@@ -112,24 +112,25 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys, bad, error):
     path.write_text(yaml.safe_dump(tiny_raw()))
     assert bench_main([str(path), "--out", str(tmp_path / "run"), "--quiet", *bad]) == 2
     err = capsys.readouterr().err.strip()
-    assert error in err and "\n" not in err
+    assert err.startswith("astraea-bench: error: ") and error in err and "\n" not in err  # before any other stage
 
 
 def test_given_schedules_keep_their_own_budgets(tmp_path):
     """A schedule searched at 5 levels (0.25 steps) keeps its budgets under a config of 11
     levels (snapping 0.25 to that grid gave 0.2 once), with the search's own rows per level;
     a schedule that does not start dense is refused in one line."""
-    from astraea.bench import read_schedules
     from astraea.errors import AstraeaError
-    from astraea.search import level_tokens
+    from astraea.schedule import level_tokens, read_schedules
 
     n = 26520
     budgets = [1.0, 0.25, 0.0, 0.75, 0.5, 0.25]
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"quarters": budgets}))
     five = level_tokens(5, n)
-    assert read_schedules(path, 6, n) == {"quarters": [five[round(b * 4)] for b in budgets]}
-    assert read_schedules(path, 6, n)["quarters"][1] == 6630  # not the 11-level grid's 0.2 (5304)
+    got = read_schedules(path, 6, n)
+    assert list(got) == ["quarters"] and list(got["quarters"].tokens) == [five[round(b * 4)] for b in budgets]
+    assert got["quarters"].tokens[1] == 6630  # not the 11-level grid's 0.2 (5304)
+    assert list(got["quarters"].budgets) == budgets
     path.write_text(json.dumps({"budget_per_step": [0.5] + budgets[1:], "mean_budget": 0.4}))  # a schedule.json
     with pytest.raises(AstraeaError, match="first step must be dense"):
         read_schedules(path, 6, n)
@@ -148,7 +149,7 @@ def test_build_only_builds_once_and_keeps_what_is_there(tmp_path, capsys):
     assert bench_main([*args, "--build-only"]) == 0
     manifest = json.loads((out / "bench" / "engines" / "manifest.json").read_text())
     from astraea import loader
-    from astraea.search import budget_rows
+    from astraea.schedule import budget_rows
 
     cfg = config.from_dict(raw)
     n = loader.load_model(cfg).layout(cfg.video).video_tokens
@@ -194,7 +195,7 @@ def test_runtime_switches_schedules_over_one_engine_folder(tmp_path):
     ref = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, other))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert (got - want).abs().max() > 1e-6  # another schedule, another sample
-    rt.use_schedule(schedule["tokens_per_step"])  # and back: the kept buffers start from zero again
+    rt.use_schedule(list(schedule.tokens))  # and back: the kept buffers start from zero again
     torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, rt), want, rtol=1e-5, atol=1e-5)
     for bad, error in (([n, 4, 3, 3, 3], "no engine computes"), ([3, 3, 3, 3, 3], "must be dense"),
                        ([n, 3], "5")):
@@ -209,7 +210,7 @@ def test_runtime_switches_schedules_over_one_engine_folder(tmp_path):
     report = json.loads((tmp_path / "bench" / "bench.json").read_text())
     row = next(r for r in report["rows"] if r["method"] == "astraea-compiled")
     dense = denoise(model, cfg.video, cfg.sampling, inputs)
-    assert row["setting"] == "engines" and row["tokens_per_step"] == schedule["tokens_per_step"]
+    assert row["setting"] == "engines" and row["tokens_per_step"] == list(schedule.tokens)
     assert row["psnr_latent"] == pytest.approx(metrics.compare(model, want, dense)["psnr_latent"], abs=1e-3)
 
 

@@ -24,10 +24,10 @@ def test_build_runs_and_reuses(tmp_path, capsys):
     path = _write(tmp_path, tiny_raw())
     out = tmp_path / "run"
     assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
-    assert "dense reference written" in capsys.readouterr().err
+    assert "reference  1 sample(s) x 3 steps written" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["model"]["family"] == "wan"
     assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
-    assert "dense reference reused" in capsys.readouterr().err
+    assert "reference  1 sample(s) x 3 steps reused" in capsys.readouterr().err
 
 
 def test_output_folder_from_config(tmp_path, monkeypatch):
@@ -72,7 +72,7 @@ def test_help_describes_every_stage(capsys):
         build_main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for stage in ("validate", "load", "reference", "rewrite", "search", "engines", "check"):
+    for stage in ("validate", "preflight", "load", "reference", "rewrite", "search", "engines", "check"):
         assert stage in text
 
 
@@ -91,7 +91,12 @@ def test_build_rewrites_every_level_and_searches(tmp_path, capsys):
     out = tmp_path / "run"
     assert build_main([str(path), "--out", str(out), "--quiet", "--dump-graphs"]) == 0
     err = capsys.readouterr().err
-    assert "rewrite: 2 programs (k = 9, 18 of 18 rows), 2 blocks" in err
+    log = (out / "build.log").read_text()
+    # one line a stage on the terminal; the passes' statistics and the details only in the run's log
+    stages = ["validate", "preflight", "load", "reference", "rewrite", "search", "engines", "check"]
+    assert [line.split()[1] for line in err.strip().splitlines()] == stages, err
+    assert "rewrite    2 programs (k = 9 .. 18 of 18 rows), 2 blocks" in err
+    assert "replace_attention: sparse_attention 2" in log and "replace_attention" not in err
     record = json.loads((out / "graphs" / "k9.json").read_text())
     assert record["passes"]["replace_attention"] == {"sparse_attention": 2}
     assert "torch.ops.astraea.sparse_attention.default" in (out / "graphs" / "k9.txt").read_text()
@@ -100,7 +105,7 @@ def test_build_rewrites_every_level_and_searches(tmp_path, capsys):
     (folder,) = (out / "search").iterdir()
     schedule = json.loads((folder / "schedule.json").read_text())
     assert schedule["budget_per_step"][0] == 1.0 and 0.45 <= schedule["mean_budget"] <= 0.55
-    assert "schedule (budget per step):" in err and "candidates" in err
+    assert "schedule (budget per step):" in log and "candidates" in log
     # a second build reuses the finished search; --resume of a finished one is a no-op run to the same schedule
     manifest = json.loads((out / "engines" / "manifest.json").read_text())
     assert [step["budget"] for step in manifest["steps"]] == schedule["budget_per_step"]
@@ -108,9 +113,10 @@ def test_build_rewrites_every_level_and_searches(tmp_path, capsys):
     # eager engines, per CFG branch (Wan's pipeline convention): the search's numbers to float rounding
     assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-3)
     assert manifest["per_branch"] is True
-    assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
+    assert build_main([str(path), "--out", str(out), "--quiet", "--verbose"]) == 0
     err = capsys.readouterr().err
-    assert "search: reusing" in err and "0 rebuilt" in err  # nothing finished is redone
+    assert "search: reusing" in (out / "build.log").read_text() and "(0 built)" in err  # nothing finished is redone
+    assert "replace_attention: sparse_attention 2" in err  # --verbose: the passes' statistics too
     assert build_main([str(path), "--out", str(out), "--quiet", "--resume"]) == 0
     assert json.loads((folder / "schedule.json").read_text())["budget_per_step"] == schedule["budget_per_step"]
 
@@ -124,6 +130,29 @@ def test_tensorrt_backend_without_tensorrt_is_refused_before_any_work(tmp_path, 
     assert build_main([str(_write(tmp_path, raw)), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "build.backend: tensorrt needs TensorRT, which is not installed here" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_engine_refusals_are_user_errors(tmp_path, capsys, monkeypatch):
+    """An engine refusal from a known cause is a one-line user error (exit 2), not an internal
+    error: float8 block state with tensorrt engines (refused even where TensorRT exists), and
+    an engine error raised inside a stage."""
+    from astraea import engines, runtime
+
+    monkeypatch.setattr(runtime, "tensorrt_available", lambda: True)  # past the missing-TensorRT check
+    raw = tiny_raw(target={"budget": 0.5}, build={"backend": "tensorrt"}, selection={"cache": "float8"})
+    assert build_main([str(_write(tmp_path, raw)), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("astraea-build: error: selection.cache: float8 is not built for the tensorrt backend")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+    def refuse(*args, **kwargs):
+        raise runtime.EngineError("the engines were built for cuda, not cpu: rebuild on this device")
+
+    monkeypatch.setattr(engines, "build", refuse)
+    raw = tiny_raw(target={"budget": 0.5}, build={"backend": "eager"})
+    assert build_main([str(_write(tmp_path, raw)), "--out", str(tmp_path / "run2"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "astraea-build: error: the engines were built for cuda, not cpu: rebuild on this device")
 
 
 def test_unreachable_target_is_one_line(tmp_path, capsys):
@@ -148,7 +177,7 @@ def test_interrupted_build_resumes_to_the_same_schedule(tmp_path, capsys, monkey
     assert not (out / "engines").exists()
     monkeypatch.undo()
     assert build_main([str(path), "--out", str(out), "--quiet", "--resume"]) == 0
-    assert "dense reference reused" in capsys.readouterr().err
+    assert "reference  1 sample(s) x 3 steps reused" in capsys.readouterr().err
     (folder,) = (out / "search").iterdir()
     got = json.loads((folder / "schedule.json").read_text())
     want = json.loads((clean / "schedule.json").read_text())

@@ -48,7 +48,12 @@ def _set(raw, dotted, value):
     return raw
 
 
-_DELETE = object()
+class _Delete:
+    def __repr__(self) -> str:  # a stable test id (pytest -n: every worker collects the same ids)
+        return "<deleted>"
+
+
+_DELETE = _Delete()
 
 BAD = [
     # (key, value, reported path, words in the message)

@@ -1,10 +1,12 @@
 """Engines and the runtime on the CPU: each backend's runtime output against the rewritten
-graphs over a full sampling run (AOTInductor also compiled in worker processes); tampered,
-missing and foreign engine folders refused; unchanged engines not rebuilt; the runtime
-imports no build code."""
+graphs over a full sampling run (AOTInductor compiled in worker processes, and from C++);
+tampered, missing and foreign engine folders refused; unchanged engines not rebuilt; the
+runtime imports no build code. Each backend's folder is built once a session (module
+fixtures): tests that change a folder work on a copy."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,9 +18,10 @@ import pytest
 import torch
 
 from astraea import engines, runtime
+from astraea.manifest import Manifest
 from astraea.sampling import denoise, first_step_kwargs, prompt_inputs
-from astraea.tokenwise import TokenwiseTransformer
-from conftest import call_in_fresh_process, engine_case, tiny_config
+from astraea.tokenwise import TokenwiseTransformer, build_programs
+from conftest import call_in_fresh_process, engine_case, fixed_schedule, tiny_config
 
 STEPS = 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,17 +32,44 @@ def setup():
     return engine_case("cpu", STEPS)
 
 
-def _built(setup, tmp_path, backend="eager"):
-    cfg, model, programs, schedule, _, _ = setup
-    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend=backend, progress=False)
-    return tmp_path / "engines", manifest
+@pytest.fixture(scope="module")
+def float8_setup():
+    return engine_case("cpu", STEPS, selection={"cache": "float8"})
+
+
+def _build(case, out: Path, backend: str, **build) -> tuple[Path, Manifest]:
+    cfg, model, programs, schedule, _, _ = case
+    cfg = dataclasses.replace(cfg, build=dataclasses.replace(cfg.build, **build))
+    return out / "engines", engines.build(cfg, model, programs, schedule, out, backend=backend, progress=False)
+
+
+@pytest.fixture(scope="module")
+def built(setup, float8_setup, tmp_path_factory):
+    """One folder a backend, built on first use: eager and aoti (build.jobs 2: both packages
+    compiled at once in worker processes) over the model-dtype cache, inductor over the
+    float8 cache."""
+    folders = {}
+
+    def get(backend: str) -> tuple[Path, Manifest]:
+        if backend not in folders:
+            case = float8_setup if backend == "inductor" else setup
+            folders[backend] = _build(case, tmp_path_factory.mktemp(backend), backend, jobs=2)
+        return folders[backend]
+
+    return get
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    shutil.copytree(folder, tmp_path / "engines")
+    return tmp_path / "engines"
 
 
 @pytest.mark.parametrize("backend", ["eager", "inductor", "aoti"])
-def test_runtime_samples_like_the_rewritten_graphs(setup, tmp_path, backend):
-    cfg, model, programs, schedule, inputs, want = setup
-    folder, manifest = _built(setup, tmp_path, backend)
-    assert len(manifest["engines"]) == 2 and manifest["steps"][2]["engine"] is None  # budget 0: no engine
+def test_runtime_samples_like_the_rewritten_graphs(setup, float8_setup, built, tmp_path, backend):
+    cfg, model, programs, schedule, inputs, want = float8_setup if backend == "inductor" else setup
+    folder, manifest = built(backend)
+    assert len(manifest.engines) == 2 and manifest.steps[2].engine is None  # budget 0: no engine
+    assert Manifest.read(folder) == manifest  # what was written is what build returned
     transformer = runtime.load(folder)
     buffers = None
     for _ in range(2):  # a second generation resets the caches at the first timestep
@@ -47,19 +77,21 @@ def test_runtime_samples_like_the_rewritten_graphs(setup, tmp_path, backend):
         # the engines write the new block state into the runtime's buffers: the same
         # storage every step and generation (and still the reference's numbers)
         now = [t.data_ptr() for branch in transformer.branches.values() for t in branch["state"]]
-        assert manifest["state_update"] == "in_place" and (buffers is None or now == buffers)
+        assert manifest.state_update == "in_place" and (buffers is None or now == buffers)
         buffers = now
         if backend == "eager":
             assert torch.equal(got, want)
         else:
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got, want, atol=1e-4 if backend == "inductor" else 1e-5,
+                                       rtol=1e-4 if backend == "inductor" else 1e-5)
     # weights stored once, whatever the number of engines
     assert len([f for f in folder.iterdir() if f.name.startswith("weights-")]) == 1
     if backend != "eager":  # a new process, as pipelines call it; inductor starts warm from the build's cache
         kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
         got0, counters = call_in_fresh_process(folder, kwargs, tmp_path)
-        torch.testing.assert_close(got0, TokenwiseTransformer(programs, schedule["tokens_per_step"])(**kwargs)[0],
-                                   atol=1e-5, rtol=1e-5)
+        tol = 1e-4 if backend == "inductor" else 1e-5
+        torch.testing.assert_close(got0, TokenwiseTransformer(programs, list(schedule.tokens))(**kwargs)[0],
+                                   atol=tol, rtol=tol)
         if backend == "inductor":
             assert counters["aot_autograd"].get("autograd_cache_hit") == 1, counters
             assert not counters["aot_autograd"].get("autograd_cache_miss"), counters
@@ -77,10 +109,10 @@ def _run_from_cpp(folder, manifest, kwargs, tmp_path) -> torch.Tensor:
                    env=dict(os.environ, PYTHON=sys.executable))
     from safetensors.torch import load_file
 
-    weights = load_file(str(folder / manifest["weights"]["file"]))
-    tensors = [weights[n] for n in manifest["weights"]["order"]]
-    tensors += [runtime.packed(kwargs[s["name"]]) for s in manifest["inputs"]]
-    tensors += runtime.empty_state(manifest["state"], torch.device("cpu"))
+    weights = load_file(str(folder / manifest.weights_file))
+    tensors = [weights[n] for n in manifest.weights_order]
+    tensors += [runtime.packed(kwargs[s.name]) for s in manifest.inputs]
+    tensors += runtime.empty_state(manifest.state, torch.device("cpu"))
     inputs = tmp_path / "cpp-inputs"
     inputs.mkdir()
     lines = []
@@ -88,51 +120,44 @@ def _run_from_cpp(folder, manifest, kwargs, tmp_path) -> torch.Tensor:
         (inputs / f"{i}.bin").write_bytes(t.contiguous().numpy().tobytes())
         lines.append(f"{i}.bin {str(t.dtype).split('.')[1]} {t.dim()} " + " ".join(map(str, t.shape)))
     (inputs / "inputs.txt").write_text("\n".join(lines) + "\n")
-    dense = manifest["engines"][manifest["steps"][0]["engine"]]["file"]
+    dense = manifest.engines[manifest.steps[0].engine].file
     subprocess.run([str(binary), str(folder / dense), str(inputs), str(tmp_path / "cpp-out.bin")], check=True,
                    capture_output=True)
     shape = kwargs["hidden_states"].shape
     return torch.frombuffer(bytearray((tmp_path / "cpp-out.bin").read_bytes()), dtype=torch.float32).view(shape)
 
 
-def test_aoti_engines_compiled_in_worker_processes_sample_like_the_graphs(setup, tmp_path):
-    """build.jobs 2: both AOTInductor packages compiled at once in spawned workers (from the
-    saved exported programs, zeros standing in for the weights and state) sample like the
-    rewritten graphs, and the build leaves no partial files; a second build keeps both; a
-    single missing package is compiled in the build's own process."""
-    import dataclasses
-
+def test_aoti_engines_compiled_in_worker_processes_are_kept_and_completed(setup, built, tmp_path):
+    """build.jobs 2: both AOTInductor packages were compiled at once in spawned workers (from
+    the saved exported programs, zeros standing in for the weights and state; they sample
+    like the graphs above) and the build leaves no partial files; a second build keeps both;
+    a single missing package is compiled in the build's own process."""
     cfg, model, programs, schedule, inputs, want = setup
-    cfg = dataclasses.replace(cfg, build=dataclasses.replace(cfg.build, jobs=2))
-    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend="aoti", progress=False)
-    assert sorted(manifest["build"]["rebuilt"]) == sorted(manifest["engines"]) and len(manifest["engines"]) == 2
-    folder = tmp_path / "engines"
-    assert not (folder / ".partial").exists() and all((folder / e["file"]).is_file() for e in manifest["engines"].values())
-    got = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(folder))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    again = engines.build(cfg, model, programs, schedule, tmp_path, backend="aoti", progress=False)
-    assert again["build"]["rebuilt"] == []
-    key = next(iter(manifest["engines"]))  # one missing package: compiled in this process, no worker
-    (folder / manifest["engines"][key]["file"]).unlink()
-    once = engines.build(cfg, model, programs, schedule, tmp_path, backend="aoti", progress=False)
-    assert once["build"]["rebuilt"] == [key] and (folder / manifest["engines"][key]["file"]).is_file()
+    folder, manifest = built("aoti")
+    assert sorted(manifest.build["rebuilt"]) == sorted(manifest.engines) and len(manifest.engines) == 2
+    assert not (folder / ".partial").exists() and all((folder / e.file).is_file() for e in manifest.engines.values())
+    folder = _copy(folder, tmp_path)
+    _, again = _build(setup, tmp_path, "aoti", jobs=2)
+    assert again.build["rebuilt"] == []
+    key = next(iter(manifest.engines))  # one missing package: compiled in this process, no worker
+    (folder / manifest.engines[key].file).unlink()
+    _, once = _build(setup, tmp_path, "aoti", jobs=2)
+    assert once.build["rebuilt"] == [key] and (folder / manifest.engines[key].file).is_file()
     torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(folder)), want,
                                atol=1e-5, rtol=1e-5)
 
 
-def test_float8_cache_engines_sample_like_their_graphs_and_near_the_bf16_cache(tmp_path):
-    """selection.cache float8: Inductor engines over a float8 block state (the state's dtype
-    in the manifest, the runtime's buffers in it) sample as the rewritten float8 graphs do,
-    and near the model-dtype cache's sample; TensorRT is refused with one line."""
-    cfg, model, programs, schedule, inputs, want = engine_case("cpu", STEPS, selection={"cache": "float8"})
-    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend="inductor", progress=False)
-    assert {s["dtype"] for s in manifest["state"]} == {"float8_e4m3fn", "float32", "int32"}
-    got = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines"))
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    full = engine_case("cpu", STEPS)[-1]  # the same run with the cache in the model's dtype (fp32 here)
+def test_float8_cache_engines_keep_their_state_in_float8_near_the_model_dtype_cache(setup, float8_setup, built, tmp_path):
+    """selection.cache float8: the Inductor engines above run over a float8 block state (the
+    state's dtype in the manifest) and sample near the model-dtype cache's sample; TensorRT
+    is refused with one line."""
+    cfg, model, programs, schedule, inputs, want = float8_setup
+    _, manifest = built("inductor")
+    assert {s.dtype for s in manifest.state} == {"float8_e4m3fn", "float32", "int32"}
+    full = setup[-1]  # the same run with the cache in the model's dtype (fp32 here)
     rel = float((want - full).norm() / full.norm())
     assert 0 < rel < 0.05, rel
-    with pytest.raises(runtime.EngineError, match="selection.cache float8"):
+    with pytest.raises(runtime.EngineError, match="selection.cache: float8"):
         engines.build(cfg, model, programs, schedule, tmp_path / "trt", backend="tensorrt", progress=False)
 
 
@@ -141,31 +166,32 @@ def test_batched_cfg_engines_rewrite_the_budgets_they_are_not_given(tmp_path):
     calls the transformer at the CFG batch (CogVideoX): it rewrites the schedule's budgets
     itself (it failed on an empty dict), and the engines sample like those programs."""
     from astraea import loader
-    from astraea.search import build_programs
 
     cfg = tiny_config("cogvideox", "tiny", sampling={"steps": STEPS})
     model = loader.load_model(cfg)
     n = model.layout(cfg.video).video_tokens
     tokens = [n] + [n // 2] * (STEPS - 1)
-    schedule = engines.fixed_schedule(model, cfg, tokens, "test")
+    schedule = fixed_schedule(model, cfg, tokens)
     manifest = engines.build(cfg, model, {}, schedule, tmp_path, backend="eager", progress=False)
-    assert not manifest.get("per_branch") and len(manifest["engines"]) == 2
+    assert not manifest.per_branch and len(manifest.engines) == 2
     inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
     want = denoise(model, cfg.video, cfg.sampling, inputs,
                    TokenwiseTransformer(build_programs(model, cfg, tokens, progress=False), tokens))
     assert torch.equal(denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines")), want)
 
 
-def test_unchanged_engines_are_not_rebuilt(setup, tmp_path):
-    _, first = _built(setup, tmp_path)
-    assert len(first["build"]["rebuilt"]) == 2
-    _, again = _built(setup, tmp_path)
-    assert again["build"]["rebuilt"] == [] and again["engines"] == first["engines"]
+def test_unchanged_engines_are_not_rebuilt(setup, built, tmp_path):
+    folder, first = built("eager")
+    assert len(first.build["rebuilt"]) == 2
+    _copy(folder, tmp_path)
+    _, again = _build(setup, tmp_path, "eager")
+    assert again.build["rebuilt"] == [] and again.engines == first.engines
 
 
-def test_tampered_missing_and_foreign_folders_are_refused(setup, tmp_path):
-    folder, manifest = _built(setup, tmp_path)
-    engine = folder / next(iter(manifest["engines"].values()))["file"]
+def test_tampered_missing_and_foreign_folders_are_refused(built, tmp_path):
+    source, manifest = built("eager")
+    folder = _copy(source, tmp_path)
+    engine = folder / next(iter(manifest.engines.values())).file
     backup = engine.read_bytes()
     engine.write_bytes(backup[:-10] + b"0123456789")
     with pytest.raises(runtime.EngineError, match="does not match its sha256"):
@@ -192,17 +218,22 @@ def test_tampered_missing_and_foreign_folders_are_refused(setup, tmp_path):
         runtime.load(other)
     with pytest.raises(runtime.EngineError, match="no manifest.json"):
         runtime.load(tmp_path / "nowhere")
+    m = json.loads((source / "manifest.json").read_text())
+    del m["steps"]
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(runtime.EngineError, match="lacks or mangles 'steps'"):
+        runtime.load(other)
 
 
-def test_cuda_graphs_are_refused_off_cuda(setup, tmp_path):
-    folder, _ = _built(setup, tmp_path)
+def test_cuda_graphs_are_refused_off_cuda(built):
+    folder, _ = built("eager")
     with pytest.raises(runtime.EngineError, match="cuda_graphs needs a CUDA device"):
         runtime.load(folder, cuda_graphs=True)
 
 
-def test_wrong_inputs_are_named(setup, tmp_path):
+def test_wrong_inputs_are_named(setup, built):
     cfg, model, programs, schedule, inputs, _ = setup
-    folder, _ = _built(setup, tmp_path)
+    folder, _ = built("eager")
     transformer = runtime.load(folder)
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     with pytest.raises(runtime.EngineError, match="has shape .*rebuild for this video size"):
@@ -230,14 +261,13 @@ def test_runtime_is_pipe_transformer_in_a_diffusers_wan_pipeline(setup, tmp_path
     transformer samples like the rewritten graphs, and so does our CFG-batched loop (the
     runtime splits the batch of 2 into the two branches)."""
     import copy
-    import dataclasses
 
     from diffusers import WanPipeline
 
     cfg, model, programs, schedule, inputs, want = setup
     cfg = dataclasses.replace(cfg, build=dataclasses.replace(cfg.build, cfg="auto"))  # wan: per branch
-    manifest = engines.build(cfg, model, programs, schedule, tmp_path, progress=False)
-    assert manifest["per_branch"] and manifest["inputs"][0]["shape"][0] == 1
+    manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend="eager", progress=False)
+    assert manifest.per_branch and manifest.inputs[0].shape[0] == 1
     transformer = runtime.load(tmp_path / "engines")
     ours = denoise(model, cfg.video, cfg.sampling, inputs, transformer)
     torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
@@ -258,6 +288,6 @@ def test_tensorrt_engines_sample_like_the_rewritten_graphs(tmp_path):
     functional (double-buffered) state, over a run."""
     cfg, model, programs, schedule, inputs, want = engine_case("cuda")
     manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend="tensorrt", progress=False)
-    assert manifest["state_update"] == "functional"
+    assert manifest.state_update == "functional"
     got = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines"))
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)

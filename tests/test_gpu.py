@@ -174,7 +174,7 @@ def test_engines_replay_as_cuda_graphs(backend, tmp_path):
     # captured again, into a new pool (the old handle, with no graph left, made the allocator
     # assert: astraea-bench timing a second --schedules row with --cuda-graphs)
     n = max(programs)
-    other = [n, n, 3, 0] + [3] * (len(schedule["tokens_per_step"]) - 4)
+    other = [n, n, 3, 0] + [3] * (len(list(schedule.tokens)) - 4)
     reference = runtime.load(tmp_path / "engines")
     reference.use_schedule(other)
     plain_other = denoise(model, cfg.video, cfg.sampling, inputs, reference)
@@ -201,7 +201,7 @@ def test_float8_cache_engines_on_cuda(backend, tmp_path):
 
     cfg, model, programs, schedule, inputs, want = engine_case("cuda", selection={"cache": "float8"})
     manifest = engines.build(cfg, model, programs, schedule, tmp_path, backend=backend, progress=False)
-    assert "float8_e4m3fn" in {s["dtype"] for s in manifest["state"]}
+    assert "float8_e4m3fn" in {s.dtype for s in manifest.state}
     for graphs in (False, True):
         transformer = runtime.load(tmp_path / "engines", cuda_graphs=graphs)
         for _ in range(2 if graphs else 1):
@@ -224,7 +224,7 @@ def test_engines_on_cuda(backend, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     got0, counters = call_in_fresh_process(tmp_path / "engines", kwargs, tmp_path)
-    torch.testing.assert_close(got0, TokenwiseTransformer(programs, schedule["tokens_per_step"])(**kwargs)[0].cpu(),
+    torch.testing.assert_close(got0, TokenwiseTransformer(programs, list(schedule.tokens))(**kwargs)[0].cpu(),
                                atol=1e-4, rtol=1e-4)
     if backend == "inductor" and counters["aot_autograd"].get("autograd_cache_hit") != 1:
         # Seen on the H100 (2026-11-27): the new process misses the AOTAutograd entry on CUDA

@@ -11,9 +11,10 @@ import onnx
 import pytest
 import torch
 
-from astraea import engines, onnx_export
+from astraea import onnx_export
 from astraea.plugins import onnx_ops
 from astraea.sampling import first_step_kwargs
+from astraea.tokenwise import signature, weight_tensors
 from conftest import engine_case
 
 pytest.importorskip("onnxruntime_extensions")
@@ -61,9 +62,9 @@ def _exported_step(tmp_path):
     cfg, model, programs, _, _, _ = engine_case("cpu")
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     tp = programs[3]
-    sig = engines.signature(tp, kwargs)
-    table = engines.weight_tensors(tp, sig["weights"])
-    weights, inputs = [table[w] for w in sig["weights"]], [kwargs[s["name"]] for s in sig["inputs"]]
+    sig = signature(tp, kwargs)
+    table = weight_tensors(tp, sig.weights)
+    weights, inputs = [table[w] for w in sig.weights], [kwargs[s.name] for s in sig.inputs]
     onnx_model = onnx_export.export(tp, sig, weights, inputs, tmp_path / "k3.onnx", model.device)
     return programs, tp, sig, weights, inputs, onnx_model
 
@@ -88,7 +89,7 @@ def test_a_tensorrt_plan_runs_like_onnxruntime(tmp_path):
     cuda = torch.device("cuda", torch.cuda.current_device())
     names = {"inputs": onnx_export.input_names(sig), "outputs": onnx_export.output_names(sig)}
     engine = runtime._TensorRTEngine(tmp_path / "k3.plan", cuda, names)
-    feed = [t.detach().to(cuda).contiguous() for t in [*weights, *inputs]] + runtime.empty_state(sig["state"], cuda)
+    feed = [t.detach().to(cuda).contiguous() for t in [*weights, *inputs]] + runtime.empty_state(sig.state, cuda)
     session = onnx_ops.ort_session(str(tmp_path / "k3.onnx"))
     want = session.run(None, {n: t.cpu().numpy() for n, t in zip(names["inputs"], feed)})
     got = engine(*feed)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from astraea import bundled, loader
+from astraea import config, loader
 from astraea.peers import PeerTransformer
 from astraea.sampling import denoise, prompt_inputs
 
 
 @pytest.fixture(scope="module")
 def case():
-    cfg = bundled.run_config(["a red circle moving left over a striped background"], steps=8)
+    cfg = config.bundled_config(["a red circle moving left over a striped background"], steps=8)
     model = loader.load_model(cfg)
     inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
     return cfg, model, inputs, denoise(model, cfg.video, cfg.sampling, inputs)

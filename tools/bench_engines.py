@@ -37,7 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea.bench import Clock, device_name, state_gib  # noqa: E402
+from astraea.manifest import Manifest  # noqa: E402
+from astraea.schedule import Schedule  # noqa: E402
+from astraea.timing import Clock, device_name  # noqa: E402
 
 
 def config_dict(args) -> dict:
@@ -50,6 +52,7 @@ def config_dict(args) -> dict:
 
 def build(args) -> None:
     from astraea import config, engines, loader
+    from astraea.sampling import timesteps
 
     cfg = config.from_dict(config_dict(args))
     t0 = time.perf_counter()
@@ -57,13 +60,13 @@ def build(args) -> None:
     n = model.layout(cfg.video).video_tokens
     ks = [max(1, round(b * n)) for b in args.budgets]
     tokens = [n] + [ks[i % len(ks)] for i in range(cfg.sampling.steps - 1)]
-    schedule = engines.fixed_schedule(model, cfg, tokens, "bench_engines")
+    schedule = Schedule.from_tokens(tokens, n, timesteps=tuple(timesteps(model, cfg.sampling.steps)), key="bench_engines")
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.scheduler.save_config(str(folder))  # the run phase builds the pipeline's scheduler from it
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    manifest = engines.build(cfg, model, {}, schedule, folder, backend=args.backend)
+    manifest = engines.build(cfg, model, {}, schedule, folder, backend=args.backend).to_json()
     out = {"config": config_dict(args), "device": device_name(model.device), "model_load_s": load_s,
            "build_s": time.perf_counter() - t0, "engine_s": manifest["build"]["seconds"], "tokens": n, "levels": ks,
            "attention": os.environ.get("ASTRAEA_ATTENTION", "auto"),
@@ -155,7 +158,7 @@ def run_engines(folder: Path, generations: int, warm: bool = True) -> dict:
     _sync()
     load_s = time.perf_counter() - t0
     loaded_gib = _memory()
-    manifest = transformer.manifest
+    manifest = transformer.manifest.to_json()
     steps = len(manifest["steps"])
     inputs = _inputs(manifest, device)
     pipe = _pipeline(transformer, folder)
@@ -188,7 +191,7 @@ def run_engines(folder: Path, generations: int, warm: bool = True) -> dict:
             "peak_gib": _memory(peak=True),
             "call_ms": {k: statistics.median(v) for k, v in per_call.items()},
             "calls": {k: len(v) for k, v in per_call.items()},
-            "state_gib": state_gib(manifest)}
+            "state_gib": Manifest.from_json(manifest).state_bytes() / 2**30}
 
 
 def run_dense(folder: Path, generations: int) -> dict:

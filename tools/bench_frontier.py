@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea.bench import quality_of  # noqa: E402
+from astraea.plots import quality_of  # noqa: E402
 
 DATA_DEPENDENT = ("first_block_cache", "mag_cache")
 

@@ -7,7 +7,7 @@ bf16) it times one transformer call (CUDA events, warm-up first, median of --rep
   astraea_eager      the rewritten program at each budget (eager fx GraphModule)
   astraea_compiled   torch.compile of the rewritten program at each budget
   astraea_engine     the program as an `inductor` engine runs it: exported with the block state
-                     updated in place (engines._Step), then compiled as the runtime compiles it
+                     updated in place (tokenwise.TensorStep), then compiled as the runtime compiles it
   astraea_graph      that engine replayed as a CUDA graph (runtime.load(..., cuda_graphs=True))
 The rewritten programs run from a state left by one dense (budget N) call, as in sampling.
 Each compiled variant reports its compile seconds. --profile also records each variant's
@@ -35,12 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea import config, engines, loader, runtime  # noqa: E402
-from astraea.bench import device_name  # noqa: E402
+from astraea import config, loader, runtime  # noqa: E402
 from astraea.capture import capture  # noqa: E402
 from astraea.engines import one_branch  # noqa: E402
 from astraea.sampling import first_step_kwargs  # noqa: E402
-from astraea.tokenwise import TokenwiseTransformer, rewrite  # noqa: E402
+from astraea.timing import device_name  # noqa: E402
+from astraea.tokenwise import TensorStep, TokenwiseTransformer, rewrite, signature, weight_tensors  # noqa: E402
 
 VARIANTS = ("dense_eager", "dense_compiled", "astraea_eager", "astraea_compiled", "astraea_engine", "astraea_graph")
 ASTRAEA = VARIANTS[2:]
@@ -99,10 +99,10 @@ def engine_step(tp, kwargs: dict, state: list, graph: bool):
     """One call of tp as an `inductor` engine (engines.build and runtime.load_engine): export
     with the state updated in place, torch.compile of the exported module, called on
     detached weights and packed inputs; graph: captured after its first call and replayed."""
-    sig = engines.signature(tp, kwargs)
-    weights = engines.weight_tensors(tp, sig["weights"])
-    args = [weights[name].detach() for name in sig["weights"]] + [runtime.packed(kwargs[s["name"]]) for s in sig["inputs"]]
-    ep = torch.export.export(engines._Step(tp.graph, sig["layout"], in_place=True), tuple(args + state), strict=False)
+    sig = signature(tp, kwargs)
+    weights = weight_tensors(tp, sig.weights)
+    args = [weights[name].detach() for name in sig.weights] + [runtime.packed(kwargs[s.name]) for s in sig.inputs]
+    ep = torch.export.export(TensorStep(tp.graph, sig.layout, in_place=True), tuple(args + state), strict=False)
     compiled = torch.compile(ep.module(), dynamic=False)
     compiled(*args, *state)  # compiles and autotunes
     if not graph:

@@ -26,19 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from astraea import bundled, config, loader, reference  # noqa: E402
+from astraea.fitness import Counters, Evaluator, calibration_samples  # noqa: E402
 from astraea.metrics import psnr, spearman  # noqa: E402
-from astraea.search import (  # noqa: E402
-    Constraint,
-    Counters,
-    Evaluator,
-    build_programs,
-    calibration_samples,
-    crossover,
-    level_tokens,
-    mutate,
-    random_schedule,
-    repair,
-)
+from astraea.schedule import level_tokens  # noqa: E402
+from astraea.search import Constraint, crossover, mutate, random_schedule, repair  # noqa: E402
+from astraea.tokenwise import build_programs  # noqa: E402
 
 PROMPTS = ["a red circle moving left over a striped background", "a green ring growing over a gradient background"]
 TOP = 6
@@ -80,7 +72,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/measure-proxy"), help="references, embeddings (reused)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    base = bundled.run_config(PROMPTS, steps=args.steps)
+    base = config.bundled_config(PROMPTS, steps=args.steps)
     for video in args.proxy:
         bundled_video = dataclasses.replace(base, video=config.VideoSpec(*video))
         from astraea.families import get_family

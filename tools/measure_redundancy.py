@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import diffusers.models.transformers.transformer_wan as wan_module  # noqa: E402
 
-from astraea import bundled, loader  # noqa: E402
+from astraea import config, loader  # noqa: E402
 from astraea.sampling import denoise, prompt_inputs  # noqa: E402
 
 THRESHOLDS = {"stable_fraction": 0.01, "stable_fraction_5pct": 0.05, "stable_fraction_10pct": 0.10}
@@ -51,7 +51,7 @@ def record_self_attention_lse(store: list):
 
 
 def measure(prompt: str, steps: int, device: str) -> dict:
-    cfg = bundled.run_config([prompt], steps, 5.0, [0], device)
+    cfg = config.bundled_config([prompt], steps, 5.0, [0], device)
     model = loader.load_model(cfg)
     blocks = model.transformer.blocks
     outputs: list[torch.Tensor] = []

@@ -25,18 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea import bundled, config, loader, reference  # noqa: E402
-from astraea.search import (  # noqa: E402
-    Constraint,
-    Counters,
-    Evaluator,
-    Search,
-    build_programs,
-    calibration_samples,
-    level_tokens,
-    plan,
-    psnr,
-)
+from astraea import config, loader, reference  # noqa: E402
+from astraea.fitness import Counters, Evaluator, calibration_samples  # noqa: E402
+from astraea.metrics import psnr  # noqa: E402
+from astraea.schedule import level_tokens  # noqa: E402
+from astraea.search import Constraint, Search, measure_cost, plan  # noqa: E402
+from astraea.tokenwise import build_programs  # noqa: E402
 
 PROMPTS = ["a red circle moving left over a striped background", "a green ring growing over a gradient background",
            "a blue square bouncing over a plain background", "a yellow triangle moving right over a checkered background"]
@@ -77,7 +71,7 @@ def main() -> None:
     p.add_argument("--validate", type=int, default=4, help="search.validate with --proxy")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    base = bundled.run_config(PROMPTS[: args.prompts], steps=args.steps, device=args.device)
+    base = config.bundled_config(PROMPTS[: args.prompts], steps=args.steps, device=args.device)
     base = dataclasses.replace(base, bench=config.BenchSpec(warmup=1, repeats=3))
     base = dataclasses.replace(base, search=dataclasses.replace(
         base.search, levels=args.levels or base.search.levels, repair_high=args.repair_high or base.search.repair_high,
@@ -102,12 +96,12 @@ def main() -> None:
             base.search, population=args.population, children=args.children, generations=args.generations,
             seed=args.seed, proxy_video=tuple(args.proxy or ()), rescore=args.rescore, validate=args.validate))
         t0 = time.perf_counter()
-        result = plan(cfg, model, ref, work, programs=programs)
+        result = plan(cfg, model, ref, work, programs=programs).to_json()
         wall = time.perf_counter() - t0
         row = {"target": target, "kind": kind, "searched": {"mean_budget": result["mean_budget"], "psnr": result["psnr"],
                                               "predicted_ms": result["predicted_ms"], "schedule": result["budget_per_step"]},
                "cost": result["cost"], "plan_seconds": wall, "dense_ms": result["dense_ms"], "proxy": result["proxy"]}
-        cost_ms = result["level_ms"]
+        cost_ms = measure_cost(cfg, model, programs, level_tokens(levels, n), work, False).level_ms  # every level
         # a speedup target's fixed schedules: at the searched schedule's mean budget
         fixed = fixed_schedules(target if kind == "budget" else result["mean_budget"], args.steps, levels)
         for name, sched in fixed.items():

@@ -30,16 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from astraea import config, loader, reference  # noqa: E402
-from astraea.bench import Clock, device_name  # noqa: E402
 from astraea.families import get_family  # noqa: E402
-from astraea.search import (  # noqa: E402
-    Counters,
-    Evaluator,
-    batched_example,
-    build_programs,
-    calibration_samples,
-    level_tokens,
-)
+from astraea.fitness import Counters, Evaluator, batched_example, calibration_samples  # noqa: E402
+from astraea.schedule import level_tokens  # noqa: E402
+from astraea.timing import Clock, device_name  # noqa: E402
+from astraea.tokenwise import build_programs  # noqa: E402
 
 
 def time_video(cfg: config.RunConfig, model, work: Path, samples: int = 1) -> dict:

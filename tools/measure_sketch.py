@@ -28,8 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from measure_search import PROMPTS, fixed_schedules  # noqa: E402
 
-from astraea import bundled, config, loader, reference  # noqa: E402
-from astraea.search import Counters, Evaluator, build_programs, calibration_samples, level_tokens, psnr  # noqa: E402
+from astraea import config, loader, reference  # noqa: E402
+from astraea.fitness import Counters, Evaluator, calibration_samples  # noqa: E402
+from astraea.metrics import psnr  # noqa: E402
+from astraea.schedule import level_tokens  # noqa: E402
+from astraea.tokenwise import build_programs  # noqa: E402
 
 
 def main() -> None:
@@ -44,7 +47,7 @@ def main() -> None:
     p.add_argument("--searched", type=Path, default=Path("docs/results/search-cpu-4prompts/search_bundled.json"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    base = bundled.run_config(PROMPTS[: args.prompts], steps=args.steps, device=args.device)
+    base = config.bundled_config(PROMPTS[: args.prompts], steps=args.steps, device=args.device)
     model = loader.load_model(base)
     ref = reference.run(base, model, args.out / "run")
     samples = calibration_samples(model, base, ref, args.out / "run" / "embeddings")

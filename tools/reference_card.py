@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea import bundled, loader  # noqa: E402
+from astraea import bundled, config, loader  # noqa: E402
 from astraea.bundled import data, judge  # noqa: E402
 from astraea.sampling import denoise, prompt_inputs  # noqa: E402
 
@@ -41,7 +41,7 @@ PROMPTS = [
 
 
 def sample_videos(prompts: list[str], steps: int, guidance: float, device: str, seed: int = 0) -> list[torch.Tensor]:
-    cfg = bundled.run_config(prompts, steps, guidance, [seed], device)
+    cfg = config.bundled_config(prompts, steps, guidance, [seed], device)
     model = loader.load_model(cfg)
     videos = []
     for prompt in tqdm(prompts, desc="sample", unit="prompt"):

@@ -34,7 +34,7 @@ from astraea.families import get_family  # noqa: E402
 from astraea.io import atomic_file  # noqa: E402
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=100_000, help="stop after this many steps")
@@ -52,7 +52,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def render_pool(count: int, seed: int, device) -> tuple[torch.Tensor, list[str]]:
@@ -99,8 +99,8 @@ def plot_loss(log: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    args = parse()
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True

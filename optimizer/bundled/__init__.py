@@ -32,27 +32,17 @@ CONFIG = dict(
 SHIFT = 2.0  # flow shift the model is sampled with
 
 
-def run_config(prompts: list[str], steps: int = 20, guidance: float = 5.0, seeds=(0,), device: str = "cpu"):
-    """A validated RunConfig sampling the bundled model at its native video size, fp32."""
-    from .. import config
-
-    return config.from_dict({
-        "model": {"family": "wan", "preset": "bundled", "dtype": "fp32", "device": device},
-        "video": dict(zip(("frames", "height", "width"), VIDEO)),
-        "sampling": {"steps": steps, "guidance": guidance, "prompts": list(prompts), "seeds": list(seeds)},
-    })
-
-
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     transformer = {k[len("transformer."):]: v for k, v in state.items() if k.startswith("transformer.")}
     text = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
     return transformer, text
 
 
-def load_model(preset, device: torch.device, dtype: torch.dtype, path: Path | None = None):
-    """-> (transformer, text encoder, sha256 of the weights file); errors name the file to fix."""
+def load_model(transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype, path: Path | None = None):
+    """The shipped weights into `transformer` (a WanTransformer3DModel of CONFIG, built on the
+    CPU so buffers such as rotary tables are real) -> (transformer on device, text encoder,
+    sha256 of the weights file); errors name the file to fix."""
     from ..errors import AstraeaError
-    from ..families import get_family
 
     path = path or WEIGHTS
     if not path.is_file():
@@ -63,9 +53,7 @@ def load_model(preset, device: torch.device, dtype: torch.dtype, path: Path | No
     except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise AstraeaError(f"model.preset: {path} is not a valid safetensors file ({e}); reinstall astraea") from None
     tstate, xstate = split_state(state)
-    # Built on the CPU (7M parameters: instant) so buffers such as rotary tables are real;
-    # load_state_dict copies into each parameter's own dtype, keeping the fp32 modules fp32.
-    transformer = get_family("wan").build_random(preset, torch.device("cpu"), dtype, 0)
+    # load_state_dict copies into each parameter's own dtype, keeping the fp32 modules fp32
     text = TextEncoder(TEXT_DIM, TEXT_LENGTH)
     try:
         transformer.load_state_dict(tstate, strict=True)
@@ -76,4 +64,4 @@ def load_model(preset, device: torch.device, dtype: torch.dtype, path: Path | No
     return transformer.to(device), text, hashlib.sha256(blob).hexdigest()[:16]
 
 
-__all__ = ["CONFIG", "TEXT_LENGTH", "VIDEO", "WEIGHTS", "codec", "data", "load_model", "run_config"]
+__all__ = ["CONFIG", "TEXT_LENGTH", "VIDEO", "WEIGHTS", "codec", "data", "load_model"]

@@ -18,10 +18,19 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import ConfigError, RunConfig, VideoSpec, _nearest
+from ..errors import ConfigError, nearest
+from ..registry import Registry
+from ..schema import RunConfig, VideoSpec
 from .weights import build_random
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FAMILIES: Registry[type[Family]] = Registry("model family")
+
+
+def get_family(name: str, path: str = "model.family") -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(path, f"unknown family {name!r}{nearest(name, FAMILIES.names())}")
+    return FAMILIES.get(name)()  # adapters are stateless
 
 
 @dataclass(frozen=True)
@@ -208,7 +217,7 @@ class Family:
     # ---- validation ----------------------------------------------------------------------
     def preset(self, name: str, path: str = "model.preset") -> Preset:
         if name not in self.presets:
-            raise ConfigError(path, f"unknown {self.name} preset {name!r}{_nearest(name, self.presets)}")
+            raise ConfigError(path, f"unknown {self.name} preset {name!r}{nearest(name, self.presets)}")
         return self.presets[name]
 
     def model_config(self, cfg: RunConfig) -> dict:

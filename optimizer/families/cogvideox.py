@@ -7,9 +7,8 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXTr
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-from ..config import ConfigError
-from . import FAMILIES
-from .base import Conditioning, Family, Preset
+from ..errors import ConfigError
+from .base import FAMILIES, Conditioning, Family, Preset
 
 _COG = dict(
     attention_head_dim=64, in_channels=16, out_channels=16, flip_sin_to_cos=True, freq_shift=0,

@@ -9,8 +9,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
 
 from ..errors import ConfigError
-from . import FAMILIES
-from .base import Conditioning, Family, Preset, _pseudo_vector, pseudo_embedding
+from .base import FAMILIES, Conditioning, Family, Preset, _pseudo_vector, pseudo_embedding
 
 _HY = dict(
     in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,

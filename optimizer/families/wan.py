@@ -7,8 +7,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanTransformer3DModel
 
 from .. import bundled
-from . import FAMILIES
-from .base import Conditioning, Family, Geometry, Preset
+from .base import FAMILIES, Conditioning, Family, Geometry, Preset
 
 _WAN = dict(
     patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from astraea import bundled, loader
+from astraea import bundled, config, loader
 from astraea.bundled import codec, data, judge
 from astraea.bundled.text import TextEncoder
 from astraea.sampling import denoise, prompt_inputs
@@ -63,7 +61,7 @@ def test_judge_on_rendered_truth(motion):
 
 
 def _bundled_config(steps=4):
-    return bundled.run_config([PROMPT], steps)
+    return config.bundled_config([PROMPT], steps)
 
 
 def _sample(cfg, model):
@@ -90,12 +88,18 @@ def test_bundled_weights_are_small_and_complete():
 
 
 def test_training_resumes_to_the_same_weights(tmp_path):
-    script = [sys.executable, str(ROOT / "tools" / "train_reference.py"), "--device", "cpu", "--batch", "1",
-              "--pool", "2", "--log-every", "1", "--warmup", "2", "--decay-steps", "4"]
+    """tools/train_reference.py, in this process: 3 steps straight equal 2 steps, stopped,
+    then resumed to 3 (the optimizer, EMA and data order restored)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_reference", ROOT / "tools" / "train_reference.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    args = ["--device", "cpu", "--batch", "1", "--pool", "2", "--log-every", "1", "--warmup", "2", "--decay-steps", "4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    subprocess.run([*script, "--out", str(straight), "--steps", "3"], check=True, capture_output=True, timeout=600)
-    subprocess.run([*script, "--out", str(resumed), "--steps", "2"], check=True, capture_output=True, timeout=600)
-    subprocess.run([*script, "--out", str(resumed), "--steps", "3", "--resume"], check=True, capture_output=True, timeout=600)
+    train.main([*args, "--out", str(straight), "--steps", "3"])
+    train.main([*args, "--out", str(resumed), "--steps", "2"])
+    train.main([*args, "--out", str(resumed), "--steps", "3", "--resume"])
     a = load_file(str(straight / bundled.WEIGHTS.name))
     b = load_file(str(resumed / bundled.WEIGHTS.name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -108,11 +112,12 @@ def test_missing_or_corrupt_bundled_weights_are_one_line(tmp_path):
     from astraea.errors import AstraeaError
     from astraea.families import get_family
 
-    preset = get_family("wan").preset("bundled")
+    family = get_family("wan")
+    shell = family.build_random(family.preset("bundled"), torch.device("cpu"), torch.float32, 0)
     with pytest.raises(AstraeaError, match="bundled weights .* are missing; reinstall astraea"):
-        bundled.load_model(preset, torch.device("cpu"), torch.float32, tmp_path / "none.safetensors")
+        bundled.load_model(shell, torch.device("cpu"), torch.float32, tmp_path / "none.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(bundled.WEIGHTS.read_bytes()[:1000])
     with pytest.raises(AstraeaError, match="is not a valid safetensors file") as e:
-        bundled.load_model(preset, torch.device("cpu"), torch.float32, bad)
+        bundled.load_model(shell, torch.device("cpu"), torch.float32, bad)
     assert "\n" not in str(e.value)

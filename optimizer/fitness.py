@@ -1,0 +1,242 @@
+"""The search's fitness: schedules sampled with the rewritten programs against the dense reference.
+
+A candidate is one budget level per denoising step (`Candidate`). Its fitness is the MSE of
+the final latents against the stored dense reference, averaged over the calibration
+samples (prompts x seeds), measured by running the rewritten programs (tokenwise.py) in
+the shared sampling loop: what will be deployed. Exact savings, none of which changes a
+fitness bit (tests check it):
+- shared prefixes: a batch of candidates is evaluated in lexicographic order, a
+  depth-first walk of their prefix trie; the sampling state (latents, scheduler, block
+  caches) is copied at each depth where a later candidate branches off and restored for
+  it, within a memory bound;
+- early rejection: MSE >= 0, so once a candidate's partial sum over the samples evaluated
+  so far reaches the threshold (the worst surviving fitness), it is stopped.
+With torch.distributed initialised, `shard` gives each rank a contiguous share of a sorted
+batch and `gather` merges the results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .sampling import SampleInputs, Sampler
+from .schedule import level_tokens
+from .schema import RunConfig
+from .tokenwise import TokenwiseProgram, TokenwiseTransformer
+
+Candidate = tuple[int, ...]  # one budget level per step
+
+
+@dataclass
+class Sample:
+    name: str
+    inputs: SampleInputs
+    reference: torch.Tensor  # dense final latents (1, *latent_shape), float32, on the CPU
+    peak: float  # the reference's dynamic range, the PSNR's peak
+
+
+@dataclass
+class Counters:
+    candidates: int = 0  # distinct schedules evaluated (memo hits excluded)
+    stopped: int = 0  # of those, stopped early
+    steps: int = 0  # denoising steps executed
+    transformer_calls: int = 0  # of those, with a budget above 0
+    naive_steps: int = 0  # what evaluating every candidate on every sample from scratch costs
+    seconds: float = 0.0
+
+    def add(self, other: Counters) -> None:
+        for k in vars(self):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+def lcp(a: Candidate, b: Candidate) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Evaluator:
+    """Fitness of schedules: the rewritten programs sampled against the dense reference.
+
+    With `batch_samples`, every calibration sample of a schedule runs in one batch (the
+    programs must be captured at that batch: `batched_example`); the per-sample MSEs are those
+    of separate runs up to float rounding, and early rejection cannot stop part of a batch."""
+
+    def __init__(self, model, cfg: RunConfig, programs: dict[int, TokenwiseProgram], samples: list[Sample],
+                 levels: int, tokens: int, prefix_cache_bytes: int, share_prefixes: bool = True,
+                 batch_samples: bool = False):
+        from .sampling import batch_inputs
+
+        self.model, self.cfg, self.programs, self.samples = model, cfg, programs, samples
+        self.levels, self.tokens = levels, tokens
+        self.level_rows = level_tokens(levels, tokens)  # the rows each level computes: what build_programs built
+        self.cache_bytes, self.share = prefix_cache_bytes, share_prefixes
+        if batch_samples and len(samples) > 1:
+            self.groups = [list(range(len(samples)))]
+            inputs = [batch_inputs([s.inputs for s in samples])]
+        else:
+            self.groups = [[i] for i in range(len(samples))]
+            inputs = [s.inputs for s in samples]
+        self.samplers = [Sampler(model, cfg.video, cfg.sampling, x) for x in inputs]
+
+    def budgets(self, s: Candidate) -> list[int]:
+        return [self.level_rows[v] for v in s]
+
+    def evaluate(self, batch: list[Candidate], threshold: float, counters: Counters,
+                 order: list[int] | None = None, tick: Callable[[int], None] | None = None) -> dict[Candidate, list]:
+        """Per-sample MSE of each schedule (in `order` of samples); a schedule whose partial
+        mean reaches `threshold` stops, its list shorter than the samples."""
+        order = list(range(len(self.samples))) if order is None else order
+        where = {si: i for i, si in enumerate(order)}
+        steps, n = self.cfg.sampling.steps, len(self.samples)
+        batch = sorted(set(batch))
+        got: dict[Candidate, dict[int, float]] = {s: {} for s in batch}
+        alive = list(batch)
+        for gi in sorted(range(len(self.groups)), key=lambda g: min(where[i] for i in self.groups[g])):
+            for s, values in self._walk(alive, gi, counters, tick).items():
+                got[s].update(zip(self.groups[gi], values))
+            alive = [s for s in alive if sum(got[s].values()) / n < threshold]
+        mse = {s: [v[si] for si in order if si in v] for s, v in got.items()}
+        counters.candidates += len(batch)
+        counters.stopped += sum(len(v) < n for v in mse.values())
+        counters.naive_steps += len(batch) * n * steps
+        return mse
+
+    @torch.no_grad()
+    def _walk(self, batch: list[Candidate], gi: int, counters: Counters, tick) -> dict[Candidate, list[float]]:
+        """Depth-first over the sorted schedules' prefix trie for sample group `gi`."""
+        group, sampler = self.groups[gi], self.samplers[gi]
+        references = [self.samples[i].reference for i in group]
+        steps = self.cfg.sampling.steps
+        stack: list[tuple[int, object, tuple, int]] = []  # (depth, trajectory, transformer snapshot, bytes)
+        held = 0
+        out = {}
+        prev: Candidate | None = None
+        for j, s in enumerate(batch):
+            if prev is not None:
+                shared = lcp(prev, s)
+                while stack and stack[-1][0] > shared:
+                    held -= stack.pop()[3]
+            runner = TokenwiseTransformer(self.programs, self.budgets(s))
+            if stack:
+                depth, traj, snap, _ = stack[-1]
+                traj = traj.copy()
+                runner.restore(snap)
+            else:
+                depth, traj = 0, sampler.start()
+            # depths where a later schedule branches off this one's path (non-increasing)
+            branch = set()
+            for later in batch[j + 1:]:
+                d = lcp(s, later) if self.share else 0
+                if d <= depth:
+                    break
+                branch.add(d)
+            for i in range(depth, steps):
+                if i in branch:
+                    snap = runner.snapshot()
+                    size = runner.snapshot_bytes(snap) + traj.latents.numel() * traj.latents.element_size()
+                    if held + size <= self.cache_bytes:
+                        stack.append((i, traj.copy(), snap, size))
+                        held += size
+                sampler.advance(traj, runner)
+                counters.steps += len(group)  # sample-steps: the naive count's unit
+                counters.transformer_calls += runner.schedule[i] > 0
+                if tick is not None:
+                    tick(len(group))
+            final = traj.latents.float().cpu()
+            out[s] = [float(((final[j:j + 1] - ref) ** 2).mean()) for j, ref in enumerate(references)]
+            prev = s
+        return out
+
+
+def batched_example(model, cfg: RunConfig, samples: list[Sample]) -> dict:
+    """The transformer's first-step kwargs with every sample in one batch: what an Evaluator
+    with `batch_samples` needs its programs captured at."""
+    from .sampling import batch_inputs, first_step_kwargs
+
+    return first_step_kwargs(model, cfg.video, cfg.sampling, batch_inputs([s.inputs for s in samples]))
+
+
+def shard(batch: list[Candidate]) -> list[Candidate]:
+    """This rank's contiguous share of the sorted batch (all of it without torch.distributed)."""
+    import torch.distributed as dist
+
+    batch = sorted(set(batch))
+    size = world()
+    if size == 1:
+        return batch
+    rank = dist.get_rank()
+    per = -(-len(batch) // size)
+    return batch[rank * per:(rank + 1) * per]
+
+
+def gather(results: dict, counters: Counters) -> tuple[dict, Counters]:
+    import torch.distributed as dist
+
+    if world() == 1:
+        return results, counters
+    parts: list = [None] * world()
+    dist.all_gather_object(parts, (results, vars(counters)))
+    merged, total = {}, Counters()
+    for res, cnt in parts:
+        merged.update(res)
+        total.add(Counters(**cnt))
+    return merged, total
+
+
+def calibration_samples(model, cfg: RunConfig, reference, cache_dir: Path) -> list[Sample]:
+    from .conditioning import encode_prompt
+    from .reference import sample_name
+    from .sampling import make_inputs
+
+    s = cfg.sampling
+    negative = encode_prompt(model, s.negative_prompt, cache_dir)
+    samples = []
+    for pi, prompt in enumerate(s.prompts):
+        cond = encode_prompt(model, prompt, cache_dir)
+        for seed in s.seeds:
+            name = sample_name(pi, seed)
+            ref = reference.latents[name].float()
+            samples.append(Sample(name, make_inputs(model, cfg.video, s, cond, negative, seed), ref,
+                                  float(ref.max() - ref.min())))
+    return samples
+
+
+def fitness_of(values: list, samples: int) -> float:
+    return sum(values) / samples if len(values) == samples else math.inf
+
+
+def encode(s: Candidate) -> str:
+    """A schedule as a JSON object key ("10,5,5,...")."""
+    return ",".join(map(str, s))
+
+
+def decode(text: str) -> Candidate:
+    return tuple(int(v) for v in text.split(","))
+
+
+def ranking(memo: dict[Candidate, list], samples: int) -> list[tuple[float, Candidate]]:
+    """Every evaluated candidate with its fitness, best first (stopped ones last, at inf)."""
+    return sorted((fitness_of(v, samples), s) for s, v in memo.items())
+
+
+
+def world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    import torch.distributed as dist
+
+    return world() == 1 or dist.get_rank() == 0
+
