@@ -192,21 +192,27 @@ def _build(args) -> None:
         ref = reference.run(cfg, model, out, progress=not args.quiet)
         line[0] = (f"{len(ref.latents)} sample(s) x {cfg.sampling.steps} steps "
                    f"{'reused' if ref.reused else 'written'}: {ref.folder}")
-    if cfg.target.budget is None and cfg.target.speedup is None:
+    if cfg.target.budget is None and cfg.target.speedup is None or args.until == "reference":
         return
     with stage("rewrite") as line:
         programs, line[0] = _rewrite(cfg, model, layout, out, args.dump_graphs, not args.quiet)
     from . import search
 
+    if args.until == "rewrite":
+        return
     with stage("search") as line:
         schedule = search.plan(cfg, model, ref, out, resume=args.resume, progress=not args.quiet, programs=programs)
         line[0] = _search_line(schedule, out)
+    if args.until == "search":
+        return
     with stage("engines") as line:
         manifest = engines.build(cfg, model, programs, schedule, out, progress=not args.quiet)
         folder = out / "engines"
         size = sum((folder / f).stat().st_size for f in manifest.files)
         line[0] = (f"{len(manifest.engines)} {manifest.backend} engine(s) + weights, {size / 2**20:.1f} MiB "
                    f"({len(manifest.build['rebuilt'])} built): {folder}")
+    if args.until == "engines":
+        return
     with stage("check") as line:
         line[0] = _check(cfg, model, schedule, ref, out)
 
@@ -312,6 +318,8 @@ def build_main(argv: list[str] | None = None) -> int:
     _common(parser)
     parser.add_argument("--dump-graphs", action="store_true", help="write the graph before and after every pass")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted budget search from its checkpoint")
+    parser.add_argument("--until", choices=("reference", "rewrite", "search", "engines"),
+                        help="stop after this stage (e.g. search: a schedule.json to build engines from elsewhere)")
     return _run("astraea-build", argv, parser, _build)
 
 
@@ -321,6 +329,7 @@ def _bench_config(args):
     import json
 
     from . import config
+    from .io import read_json
 
     target = Path(args.config)
     engine_folder = None
@@ -334,7 +343,7 @@ def _bench_config(args):
             raise AstraeaError(f"{run_folder / 'config.json'} is missing: the engine folder must sit in its run folder")
         if args.steps is not None:
             raise AstraeaError("--steps cannot change an engine folder's schedule: rebuild the engines for another count")
-        raw = json.loads((run_folder / "config.json").read_text())
+        raw = read_json(run_folder / "config.json", "copy the run folder's config.json beside the engine folder")
         name, source, out = run_folder.name, str(run_folder / "config.json"), args.out or run_folder
     else:
         cfg = config.load(target)

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from .families import Conditioning, LoadedModel
-from .io import atomic_file, stable_hash
+from .io import atomic_file, read_tensors, stable_hash
 
 
 def encode_prompt(model: LoadedModel, prompt: str, cache_dir: Path | None) -> Conditioning:
@@ -26,7 +26,7 @@ def encode_prompt(model: LoadedModel, prompt: str, cache_dir: Path | None) -> Co
     key = stable_hash([model.family.name, encoder_id, prompt, model.text_length, str(model.dtype)])
     path = cache_dir / f"{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
-        return Conditioning(**load_file(str(path))).to(model.device, model.dtype)
+        return Conditioning(**read_tensors(path, "delete it to encode the prompt again")).to(model.device, model.dtype)
     with torch.no_grad():
         cond = model.encoder([prompt])
     if path is not None:

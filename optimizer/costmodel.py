@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import AstraeaError
-from .io import source_hash, stable_hash, write_json
+from .io import read_json, source_hash, stable_hash, write_json
 from .sampling import first_step_kwargs
 from .schedule import budget_rows, call_label
 from .schema import RunConfig
@@ -63,7 +63,7 @@ def measure(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], tokens
     key = cost_key(cfg, model, tokens, backend, only)
     path = folder / f"{key}.json"
     if path.is_file():
-        return CostModel(**json.loads(path.read_text()))
+        return CostModel(**read_json(path, "delete it to measure the cost model again"))
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     warmup, repeats = max(1, cfg.bench.warmup), cfg.bench.repeats
     top = max(tokens)

@@ -77,3 +77,26 @@ def source_hash() -> str:
         h.update(f.name.encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def read_json(path: Path, fix: str) -> Any:
+    """A JSON file a stage wrote earlier; an unreadable or corrupt one is a one-line
+    AstraeaError naming it and `fix` (e.g. "delete it to compute it again")."""
+    from .errors import AstraeaError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AstraeaError(f"{path} cannot be read ({type(e).__name__}: {e}): {fix}") from None
+
+
+def read_tensors(path: Path, fix: str, device: str = "cpu") -> dict:
+    """A safetensors file a stage wrote earlier, as read_json."""
+    from safetensors.torch import load_file
+
+    from .errors import AstraeaError
+
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error type for a corrupt header)
+        raise AstraeaError(f"{path} cannot be read ({type(e).__name__}: {e}): {fix}") from None

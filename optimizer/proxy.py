@@ -10,7 +10,6 @@ written to <search folder>/rescore.json as they finish and reused on a rerun.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .fitness import Candidate, Counters, Evaluator, Sample, decode, encode, fitness_of, gather, is_main, shard
-from .io import write_json
+from .io import read_json, write_json
 from .metrics import psnr, spearman
 from .schema import SearchSpec
 
@@ -88,7 +87,7 @@ def rescore(spec: SearchSpec, ranked: list[tuple[float, Candidate]], full: Evalu
     done: dict[Candidate, list] = {}
     counters = Counters()
     if path.is_file():
-        raw = json.loads(path.read_text())
+        raw = read_json(path, "delete it to re-score the candidates again")
         if raw.get("key") == key:
             done = {decode(k): v for k, v in raw["mse"].items()}
             counters = Counters(**raw["counters"])

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .conditioning import encode_prompt
 from .families import LoadedModel
 from .families.base import config_hash, decode_frames
-from .io import atomic_dir, stable_hash, write_json
+from .io import atomic_dir, read_tensors, stable_hash, write_json
 from .sampling import denoise, make_inputs
 from .schema import RunConfig
 
@@ -55,7 +55,8 @@ def run(cfg: RunConfig, model: LoadedModel, out_dir: Path, progress: bool = True
     key = reference_key(cfg, model)
     folder = out_dir / "reference" / key
     if (folder / "latents.safetensors").is_file():
-        return DenseReference(key, folder, load_file(str(folder / "latents.safetensors")), reused=True)
+        latents = read_tensors(folder / "latents.safetensors", f"delete {folder} to sample the dense reference again")
+        return DenseReference(key, folder, latents, reused=True)
 
     s = cfg.sampling
     cache = out_dir / "embeddings"

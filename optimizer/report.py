@@ -9,14 +9,13 @@ and PSNR) are stored beside the report under that key and reused.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from . import plots
-from .io import atomic_file, write_json
+from .io import atomic_file, read_json, read_tensors, write_json
 from .plots import quality_of
 
 __all__ = ["markdown", "merge", "quality_of", "store_dense", "stored_dense", "write"]
@@ -26,7 +25,7 @@ def merge(path: Path, setup: dict, rows: list[dict]) -> dict:
     """This invocation's rows (dense first) and an earlier report's other rows, if it has
     the same setup."""
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path, "move it away (or use another --out) to start a new report")
         if old.get("setup", {}).get("key") == setup["key"]:
             mine = {(r["method"], r["setting"]) for r in rows}
             rows = rows[:1] + [r for r in old["rows"] if (r["method"], r["setting"]) not in mine] + rows[1:]
@@ -46,7 +45,6 @@ def store_dense(folder: Path, key: str, row: dict, latents: dict[str, torch.Tens
 def stored_dense(folder: Path, key: str) -> tuple[dict, dict] | None:
     """The dense row and final latents an earlier invocation stored for this setup."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path, row = folder / "dense-latents.safetensors", folder / "dense-row.json"
     if not (path.is_file() and row.is_file()):
@@ -54,8 +52,8 @@ def stored_dense(folder: Path, key: str) -> tuple[dict, dict] | None:
     with safe_open(str(path), "pt") as fh:
         if (fh.metadata() or {}).get("key") != key:
             return None
-    stored = json.loads(row.read_text())
-    return (stored["row"], load_file(str(path))) if stored.get("key") == key else None
+    stored = read_json(row, "delete it (and dense-latents.safetensors) to measure dense again")
+    return (stored["row"], read_tensors(path, "delete it to measure dense again")) if stored.get("key") == key else None
 
 
 def markdown(report: dict) -> str:

@@ -46,7 +46,7 @@ from .fitness import (
     shard,
     world,
 )
-from .io import source_hash, stable_hash, write_json
+from .io import read_json, source_hash, stable_hash, write_json
 from .metrics import psnr
 from .proxy import Rescored, rescore
 from .schedule import Quality, Schedule, SearchRecord, level_tokens
@@ -255,9 +255,8 @@ class Search:
         ckpt = self.folder / "state.json"
         steps, spec = self.cfg.sampling.steps, self.spec
         if resume and ckpt.is_file():
-            import json
 
-            st = SearchState.from_json(json.loads(ckpt.read_text()), self.key)
+            st = SearchState.from_json(read_json(ckpt, "delete it, or drop --resume, to search from the start"), self.key)
             rng = np.random.default_rng()
             rng.bit_generator.state = st.rng
             log.info("search: resuming after generation %d of %d", st.generation, spec.generations)

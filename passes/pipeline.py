@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+import astraea.plugins  # noqa: F401  (the astraea:: ops the passes match and insert, registered first)
 from astraea.errors import AstraeaError
 from astraea.families import Family, TokenLayout
 

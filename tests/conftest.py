@@ -40,6 +40,23 @@ def tiny_config(family: str = "wan", preset: str = "tiny", **sections) -> config
     return config.from_dict(tiny_raw(family, preset, **sections))
 
 
+_CAPTURES: dict = {}
+
+
+def captured(family: str, preset: str, video: dict):
+    """(model, the capture of its first step) for a tiny config, made once a session: torch.export
+    is most of a tiny rewrite's time. Rewrite a copy of the graph (tokenwise.copy_graph_module)."""
+    from astraea import loader
+    from astraea.capture import capture
+
+    key = (family, preset, tuple(sorted(video.items())))
+    if key not in _CAPTURES:
+        cfg = tiny_config(family, preset, video=video)
+        model = loader.load_model(cfg)
+        _CAPTURES[key] = model, capture(model, cfg)
+    return _CAPTURES[key]
+
+
 def interrupt_search_after(monkeypatch, generation: int) -> None:
     """Ctrl-C right after the search has written generation `generation`'s checkpoint
     (monkeypatch.undo() lets the next run go through)."""

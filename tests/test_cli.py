@@ -30,6 +30,21 @@ def test_build_runs_and_reuses(tmp_path, capsys):
     assert "reference  1 sample(s) x 3 steps reused" in capsys.readouterr().err
 
 
+def test_a_corrupt_stage_output_is_one_line(tmp_path, capsys):
+    """A run folder's file damaged between builds (here the dense reference) is named in one
+    line with what to do, exit 2; deleting it as told recomputes it."""
+    path = _write(tmp_path, tiny_raw())
+    out = tmp_path / "run"
+    assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
+    (latents,) = (out / "reference").glob("*/latents.safetensors")
+    latents.write_bytes(latents.read_bytes()[:50])
+    assert build_main([str(path), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"astraea-build: error: {latents} cannot be read") and "delete " in err
+    shutil.rmtree(latents.parent)
+    assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
+
+
 def test_output_folder_from_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, tiny_raw(build={"output": "elsewhere"}), "mine.yaml")
@@ -168,7 +183,9 @@ def test_interrupted_build_resumes_to_the_same_schedule(tmp_path, capsys, monkey
     raw = tiny_raw(target={"budget": 0.5}, search={"levels": 3, "population": 4, "children": 3, "generations": 3},
                    bench={"warmup": 0, "repeats": 1}, build={"backend": "eager"})
     path = _write(tmp_path, raw)
-    assert build_main([str(path), "--out", str(tmp_path / "clean"), "--quiet"]) == 0
+    assert build_main([str(path), "--out", str(tmp_path / "clean"), "--quiet", "--until", "search"]) == 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].split()[1] == "search"  # --until: nothing after it
+    assert not (tmp_path / "clean" / "engines").exists()
     (clean,) = (tmp_path / "clean" / "search").iterdir()
     interrupt_search_after(monkeypatch, 1)
     out = tmp_path / "run"
@@ -176,7 +193,7 @@ def test_interrupted_build_resumes_to_the_same_schedule(tmp_path, capsys, monkey
     assert "continues with --resume" in capsys.readouterr().err
     assert not (out / "engines").exists()
     monkeypatch.undo()
-    assert build_main([str(path), "--out", str(out), "--quiet", "--resume"]) == 0
+    assert build_main([str(path), "--out", str(out), "--quiet", "--resume", "--until", "search"]) == 0
     assert "reference  1 sample(s) x 3 steps reused" in capsys.readouterr().err
     (folder,) = (out / "search").iterdir()
     got = json.loads((folder / "schedule.json").read_text())

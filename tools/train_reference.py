@@ -100,7 +100,14 @@ def plot_loss(log: Path, png: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(argv)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a process-wide setting: restored for callers in-process
+    try:
+        train(parse(argv))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def train(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True

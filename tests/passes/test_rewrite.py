@@ -9,20 +9,18 @@ import pytest
 import torch
 
 from astraea import loader
-from astraea.capture import capture
 from astraea.passes import pipeline
 from astraea.plugins.token_select import sketch
-from conftest import block_calls, tiny_config
+from astraea.tokenwise import copy_graph_module
+from conftest import block_calls, captured, tiny_config
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 VIDEO = {"frames": 9, "height": 48, "width": 64}
 
 
 def _rewritten(family, preset, k, sketch_dim=0, cache_dtype=None):
-    cfg = tiny_config(family, preset, video=VIDEO)
-    model = loader.load_model(cfg)
-    cap = capture(model, cfg)
-    gm = cap.program.graph_module
+    model, cap = captured(family, preset, VIDEO)  # one capture a family, a copy of its graph rewritten
+    gm = copy_graph_module(cap.program.graph_module)
     ctx = pipeline.PassContext(model.family, cap.layout, budget=k, sketch_dim=sketch_dim, cache_dtype=cache_dtype)
     pipeline.run(gm, ctx)
     return model, cap, gm, ctx
