@@ -104,6 +104,35 @@ class Bench:
         self.dense_frames: dict = {}  # the dense samples decoded once (None without a decoder)
         self.rows: list[dict] = []
         self.setup: dict | None = None  # set by run(): rows are then written as they finish
+        self._work: LoadedModel | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return self.cfg.build.precision == "fp8"
+
+    def tag(self, setting: str) -> str:
+        """A row's setting, marked when its model is the FP8 one (rows of both precisions merge)."""
+        return f"{setting}, fp8" if self.fp8 else setting
+
+    @property
+    def work(self) -> LoadedModel:
+        """The model the compiled and Astraea rows run: the FP8 one with build.precision fp8,
+        calibrated on this bench's dense samples; the model itself otherwise."""
+        if self._work is None:
+            self._work = self.model
+            if self.fp8:
+                from .quantize import run as quantize
+                from .reference import DenseReference, reference_key
+
+                # the dense samples are the dense reference of these prompts: its key, so that
+                # astraea-bench --build-only (reference.run) and the timing run share one calibration
+                key = reference_key(self.cfg, self.model)
+                ref = DenseReference(key, self.out / "reference" / key, self.dense, reused=True)
+                q = quantize(self.cfg, self.model, ref, self.out, self.progress)
+                log.info("fp8: %d of %d groups quantized (kept %s), dense FP8 %.2f dB against dense",
+                         len(q.record["quantized"]), len(q.record["groups"]), q.record["kept"], q.record["psnr"])
+                self._work = q.model
+        return self._work
 
     def _labels(self, m: Method) -> list[str]:
         steps = self.cfg.sampling.steps
@@ -248,8 +277,16 @@ class Plan:
 # ---- the methods: each yields the Method of every row it measures ------------------------
 
 def _dense_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
-    compiled = torch.compile(bench.model.transformer, dynamic=False)
-    yield Method("dense-compiled", "torch.compile (Inductor)", lambda: compiled)
+    module = bench.work.transformer
+    if bench.fp8:  # exported with the FP8 Linear layers written out in ATen ops, for Inductor to fuse
+        from astraea.plugins import fp8_linear
+
+        from .sampling import first_step_kwargs
+
+        kwargs = first_step_kwargs(bench.work, bench.cfg.video, bench.cfg.sampling)
+        module = fp8_linear.decompose(torch.export.export(module, (), kwargs, strict=False)).module()
+    compiled = torch.compile(module, dynamic=False)
+    yield Method("dense-compiled", bench.tag("torch.compile (Inductor)"), lambda: compiled)
     torch._dynamo.reset()
 
 
@@ -257,13 +294,14 @@ def _astraea(bench: Bench, plan: Plan) -> Iterator[Method]:
     from .tokenwise import TokenwiseTransformer, build_programs
 
     wanted = sorted({k for s in plan.schedules.values() for k in s.row_counts})
-    programs = build_programs(bench.model, bench.cfg, wanted, bench.progress)
+    programs = build_programs(bench.work, bench.cfg, wanted, bench.progress)
     for name, s in plan.schedules.items():
-        yield Method("astraea", name, lambda t=list(s.tokens): TokenwiseTransformer(programs, t), list(s.tokens))
+        yield Method("astraea", bench.tag(name), lambda t=list(s.tokens): TokenwiseTransformer(programs, t),
+                     list(s.tokens))
 
 
 def _astraea_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
-    cfg, model = bench.cfg, bench.model
+    cfg, model = bench.cfg, bench.work
     engines = plan.engines
     if engines is None and cfg.build.backend == "eager":
         log.info("astraea-compiled: build.backend is eager (the astraea rows are those programs); skipped")
@@ -277,7 +315,7 @@ def _astraea_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
     for name, s in plan.schedules.items():
         engines.use_schedule(list(s.tokens))
         label = f"{name}, CUDA graphs" if engines.cuda_graphs else name  # its own row beside the plain one
-        yield Method("astraea-compiled", label, lambda: engines, list(s.tokens),
+        yield Method("astraea-compiled", bench.tag(label), lambda: engines, list(s.tokens),
                      info={"backend": engines.manifest.backend, "weights_shared": shared,
                            "cuda_graphs": engines.cuda_graphs, "state_gib": engines.manifest.state_bytes() / 2**30})
 

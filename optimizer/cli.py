@@ -30,6 +30,9 @@ of their inputs and reused):
                 local diffusers checkpoint, on model.device in model.dtype
   4. reference  dense sampling of every prompt x seed with the family's scheduler and CFG:
                 <run>/reference/<key>/latents.safetensors (+ reference.json, previews)
+     quantize   build.precision fp8: the Linear layers in e4m3, calibrated with
+                nvidia-modelopt on the dense sampling, groups kept in the model's dtype by
+                measurement (build.fp8_keep, fp8_min_psnr): <run>/quantize/<key>/
   5. rewrite    with a target: torch.export once + the fx pass pipeline at every budget
                 level the search can pick: <run>/graphs/k<k>.json (pass counts) and .txt;
                 --dump-graphs: every pass's before/after
@@ -194,6 +197,10 @@ def _build(args) -> None:
                    f"{'reused' if ref.reused else 'written'}: {ref.folder}")
     if cfg.target.budget is None and cfg.target.speedup is None or args.until == "reference":
         return
+    dense = model
+    if cfg.build.precision == "fp8":
+        with stage("quantize") as line:
+            model, line[0] = _quantize(cfg, model, ref, out, not args.quiet)
     with stage("rewrite") as line:
         programs, line[0] = _rewrite(cfg, model, layout, out, args.dump_graphs, not args.quiet)
     from . import search
@@ -214,7 +221,19 @@ def _build(args) -> None:
     if args.until == "engines":
         return
     with stage("check") as line:
-        line[0] = _check(cfg, model, schedule, ref, out)
+        line[0] = _check(cfg, dense, schedule, ref, out)
+
+
+def _quantize(cfg, model, ref, out: Path, progress: bool):
+    """The FP8 model the rewrite, search and engines work on (the dense reference stays the model's dtype)."""
+    from . import quantize
+
+    q = quantize.run(cfg, model, ref, out, progress)
+    r = q.record
+    kept = f" ({', '.join(r['kept'])} in {cfg.model.dtype})" if r["kept"] else ""
+    return q.model, (f"{len(r['quantized'])} of {len(r['groups'])} groups of Linear layers in FP8 e4m3{kept}, "
+                     f"{'reused' if q.reused else r['rule']}; dense FP8 {r['psnr']:.2f} dB against dense: "
+                     f"{out / 'quantize' / r['key']}")
 
 
 def _rewrite(cfg, model, layout, out: Path, dump: bool, progress: bool) -> tuple[dict, str]:
@@ -375,6 +394,14 @@ def _bench(args) -> None:
         model = loader.load_model(cfg)
         line[0] = f"{model.identity['source']} on {model.device}/{cfg.model.dtype}"
     if args.build_only:
+        if cfg.build.precision == "fp8":  # the engines' model, calibrated on a dense reference of the prompts
+            from . import reference
+
+            with stage("reference") as line:
+                ref = reference.run(cfg, model, out, progress=not args.quiet)
+                line[0] = f"{len(ref.latents)} sample(s) {'reused' if ref.reused else 'written'}: {ref.folder}"
+            with stage("quantize") as line:
+                model, line[0] = _quantize(cfg, model, ref, out, not args.quiet)
         with stage("engines") as line:
             schedules = bench.plan_schedules(cfg, model, out, extra)
             manifest = bench.build_engines(cfg, model, out, schedules, progress=not args.quiet)

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from astraea.plugins import fp8_linear
+
 from . import runtime
 from .errors import EngineError
 from .io import atomic_file, source_hash, stable_hash
@@ -66,11 +68,13 @@ class Job:
     folder: Path
     device: torch.device
 
-    def exported(self) -> torch.export.ExportedProgram:
-        """The in-place step as an ExportedProgram (example inputs: the weights, inputs and zero state)."""
+    def exported(self, decompose: bool = False) -> torch.export.ExportedProgram:
+        """The in-place step as an ExportedProgram (example inputs: the weights, inputs and zero
+        state); decompose: FP8 Linear layers written out in ATen ops, for a compiler to fuse."""
         state = runtime.empty_state(self.sig.state, self.device)
         step = TensorStep(self.program.graph, self.sig.layout, in_place=True)
-        return torch.export.export(step, tuple(self.weights + self.inputs + state), strict=False)
+        ep = torch.export.export(step, tuple(self.weights + self.inputs + state), strict=False)
+        return fp8_linear.decompose(ep) if decompose else ep
 
 
 class Builder:
@@ -108,9 +112,11 @@ class EagerBuilder(Builder):
         return True
 
 
-class InductorBuilder(EagerBuilder):
+class InductorBuilder(Builder):
     def build(self, job: Job) -> bool:
-        super().build(job)
+        ep = job.exported(decompose=True)
+        ep.example_inputs = None  # they hold the weights and the state: not stored in engines
+        torch.export.save(ep, str(job.tmp))
         # compile what the runtime compiles, as it calls it: its cache keys
         compiled = runtime.load_engine("inductor", job.tmp, job.device)
         state = runtime.empty_state(job.sig.state, job.device)
@@ -135,7 +141,7 @@ class AotiBuilder(Builder):
         self.pool: list[tuple[Job, torch.export.ExportedProgram]] = []
 
     def build(self, job: Job) -> bool:
-        ep = job.exported()
+        ep = job.exported(decompose=True)
         if self.cfg.build.jobs > 1:  # compiled with the others in finish()
             self.pool.append((job, ep))
             return False

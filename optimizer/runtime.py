@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import astraea.plugins  # noqa: F401  (the astraea:: ops the engines call: runtime kernels, not build code)
+from astraea.plugins.fp8_linear import fp8_tensor_cores
 
 from .errors import EngineError
 from .manifest import Manifest, Step, TensorSpec, check_toolchain
@@ -292,6 +293,14 @@ class EngineTransformer(torch.nn.Module):
         return (out.clone(),)  # the graph's output buffer is rewritten at its next replay
 
 
+def check_precision(manifest: Manifest, device: torch.device) -> None:
+    """FP8 engines need FP8 tensor cores on a GPU (they run simulated, slowly, on the CPU)."""
+    if manifest.build.get("precision") == "fp8" and device.type == "cuda" and not fp8_tensor_cores(device):
+        cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise EngineError(f"these engines are FP8 (build.precision fp8) and this GPU (compute capability {cc}) has no "
+                          "FP8 tensor cores (8.9 and up: Ada, Hopper): rebuild with build.precision: model")
+
+
 def load(folder: str | Path, device: str | torch.device | None = None, warm: bool = True,
          cuda_graphs: bool = False) -> EngineTransformer:
     """Verify and load an engine folder (see the module docstring). Raises EngineError.
@@ -304,6 +313,7 @@ def load(folder: str | Path, device: str | torch.device | None = None, warm: boo
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     check_toolchain(manifest.toolchain, device)
+    check_precision(manifest, device)
     verify = time.perf_counter() - t0
     transformer = EngineTransformer(folder, manifest, device, warm, cuda_graphs)
     transformer.load_seconds["verify"] = verify

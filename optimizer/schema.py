@@ -111,7 +111,17 @@ class SelectionSpec:
 @dataclass(frozen=True)
 class BuildSpec:
     backend: str = spec("inductor", choices=BACKENDS)
-    precision: str = spec("model", choices=("model",) + DTYPES, doc="engine precision; model = model.dtype")
+    precision: str = spec("model", choices=("model", "fp8"),
+                          doc="engine precision: model = model.dtype; fp8 = the Linear layers in e4m3, calibrated with "
+                              "nvidia-modelopt (astraea.quantize); attention and the rest stay in model.dtype")
+    fp8_scaling: str = spec("channel", choices=("channel", "tensor"),
+                            doc="fp8: channel = a weight scale an output channel and each input row scaled by its own "
+                                "amax; tensor = one scale a weight and one a layer's input, calibrated")
+    fp8_keep: tuple[str, ...] = spec(("auto",), doc="fp8: the groups left in model.dtype (a block 'blocks.0', "
+                                     "'blocks.-1' for the last, or a module outside the blocks 'proj_out'); auto = "
+                                     "by measurement, most sensitive first until fp8_min_psnr")
+    fp8_min_psnr: float = spec(40.0, lo=0.0, hi=200.0, doc="fp8 with fp8_keep auto: the PSNR of the dense FP8 model "
+                               "against dense (final latents, the config's prompts x seeds) the selection reaches")
     output: str | None = spec(None, doc="run folder (default runs/<config name>), relative to the cwd")
     cfg: str = spec("auto", choices=("auto", "per_branch", "batched"),
                     doc="engines at batch 1 per CFG branch or at the CFG batch of 2; auto = what the family's diffusers pipeline calls")
@@ -279,6 +289,12 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
     if t.budget is not None and t.budget * se.repair_high < 1 / s.steps:
         raise ConfigError("target.budget", f"{t.budget} cannot be met with {s.steps} steps: the dense first step "
                           f"alone is a mean budget of {1 / s.steps:.3g}")
+    b = cfg.build
+    if b.precision == "fp8" and b.backend == "tensorrt":
+        raise ConfigError("build.precision", "fp8 engines are built for the eager, inductor and aoti backends "
+                          "(the TensorRT path exports the bf16 programs only)")
+    if b.fp8_keep != ("auto",) and "auto" in b.fp8_keep:
+        raise ConfigError("build.fp8_keep", "give auto alone, or group names")
     if se.mutation_end > se.mutation_start:
         raise ConfigError("search.mutation_end", "must not exceed search.mutation_start")
     if se.children > se.population:

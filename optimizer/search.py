@@ -353,7 +353,7 @@ class Search:
 
 
 def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backend: str,
-               cost_from: str | None = None) -> str:
+               cost_from: str | None = None, model_identity: dict | None = None) -> str:
     """cost_from: the key of the cost model read from search.cost_from (its times, wherever the file lies)."""
     from dataclasses import asdict
 
@@ -361,7 +361,8 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
     settings["cost_from"] = cost_from
-    return stable_hash({"reference": reference_key, "search": settings, "selection": asdict(cfg.selection),
+    return stable_hash({"reference": reference_key, "model": model_identity, "search": settings,
+                        "selection": asdict(cfg.selection),
                         "backend": backend, "source": source_hash(),
                         "constraint": [constraint.kind, constraint.target, constraint.low, constraint.high,
                                        list(constraint.step_ms)]})
@@ -388,7 +389,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     else:
         raise SearchError("target: set target.budget (mean budget) or target.speedup for the search")
     c.check_feasible(steps)
-    key = search_key(reference.key, cfg, c, "eager", cost.key if spec.cost_from else None)
+    key = search_key(reference.key, cfg, c, "eager", cost.key if spec.cost_from else None, model.identity)
     folder = out_dir / "search" / key
     done = folder / "schedule.json"
     if done.is_file() and not resume:

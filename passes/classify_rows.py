@@ -160,6 +160,8 @@ TOKEN_RULES = {
     aten.gelu.default: _keep, aten.silu.default: _keep, SDPA: _keep,
     aten.view.default: _view, aten.reshape.default: _view, aten._unsafe_view.default: _view,
     aten.permute.default: _permute, aten.transpose.int: _transpose, aten.unsqueeze.default: _unsqueeze,
+    # an FP8 Linear with a static input scale: row-local like the Linear it replaces
+    torch.ops.astraea.fp8_linear.default: _keep,
 }
 # rules that need N (ranges along the token axis), or see every input (cat, slice_scatter)
 RANGE_RULES = {

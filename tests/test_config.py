@@ -99,7 +99,7 @@ BAD = [
     ("search.rescore", 0, "search.rescore", "below the minimum 1"),
     ("build.backend", "onnx", "build.backend", "eager, inductor, aoti, tensorrt"),
     ("selection.cache", "fp8", "selection.cache", "model, float8"),
-    ("build.precision", "int8", "build.precision", "model, bf16, fp16, fp32"),
+    ("build.precision", "int8", "build.precision", "model, fp8"),
     ("bench.repeats", 0, "bench.repeats", "below the minimum 1"),
     ("bench.cuda_graphs", True, "bench.cuda_graphs", "needs a CUDA device (model.device is cpu)"),
 ]

@@ -230,3 +230,58 @@ def test_engines_on_cuda(backend, tmp_path):
         # Seen on the H100 (2026-11-27): the new process misses the AOTAutograd entry on CUDA
         # (it hits on the CPU, tests/test_engines.py). Open: diff the cache-key details there.
         pytest.xfail(f"inductor engines did not start warm on CUDA: {counters['aot_autograd']}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["tensor", "channel"])
+def test_fp8_linear_runs_scaled_mm_like_its_definition(scheme):
+    """astraea::fp8_linear on FP8 tensor cores (torch._scaled_mm: tensor-wise or row-wise
+    scales) against its float32 definition on the CPU, and row-local."""
+    import astraea.plugins  # noqa: F401
+    from astraea.plugins import fp8_linear as f8
+
+    cuda = torch.device("cuda")
+    if not f8.fp8_tensor_cores(cuda):
+        pytest.skip("no FP8 tensor cores on this GPU")
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(256, 512).to(torch.bfloat16)
+    x = (torch.randn(2, 300, 256, generator=g) * 3).to(torch.bfloat16)
+    w_amax = lin.weight.float().abs().amax(dim=1) if scheme == "channel" else lin.weight.float().abs().amax()
+    x_amax = None if scheme == "channel" else x.float().abs().amax()
+    layer = f8.Fp8Linear.from_linear(lin, w_amax, x_amax)
+    want = layer(x)  # the CPU: the definition
+    got = layer.to(cuda)(x.to(cuda))
+    torch.testing.assert_close(got.float().cpu(), want.float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(layer(x.to(cuda)[:, 7:19]), got[:, 7:19])  # a row's output is its own
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["aoti", "inductor"])
+def test_fp8_engines_on_cuda(backend, tmp_path):
+    """build.precision fp8 on the GPU (bf16 model, channel scales): the compiled engines, whose
+    FP8 Linear layers are written out in ATen ops for the compiler, sample like the rewritten
+    FP8 graphs, also replayed as CUDA graphs."""
+    import dataclasses
+
+    from astraea import engines, loader, quantize, runtime
+    from astraea.tokenwise import TokenwiseTransformer, build_programs
+    from conftest import fixed_schedule
+
+    cfg = tiny_config("wan", "tiny", model={"device": "cuda", "dtype": "bf16"}, sampling={"steps": 4},
+                      build={"cfg": "batched", "precision": "fp8"})
+    model = loader.load_model(cfg)
+    names = quantize.candidates(model.transformer)
+    amax = {f"{n}.weight_amax": m.weight.detach().float().abs().amax(dim=1) for n, m in names.items()}
+    fp8 = dataclasses.replace(model, transformer=quantize.convert(model.transformer, amax, set(names)))
+    n = model.layout(cfg.video).video_tokens
+    tokens = [n, 3, 0, 3]
+    programs = build_programs(fp8, cfg, [n, 3], progress=False)
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
+    want = denoise(fp8, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, tokens))
+    manifest = engines.build(cfg, fp8, programs, fixed_schedule(fp8, cfg, tokens), tmp_path, backend=backend, progress=False)
+    assert manifest.build["precision"] == "fp8"
+    for graphs in (False, True):
+        transformer = runtime.load(tmp_path / "engines", cuda_graphs=graphs)
+        for _ in range(2 if graphs else 1):
+            got = denoise(model, cfg.video, cfg.sampling, inputs, transformer)
+            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from astraea import config, loader, runtime  # noqa: E402
 from astraea.capture import capture  # noqa: E402
 from astraea.engines import one_branch  # noqa: E402
+from astraea.plugins import fp8_linear  # noqa: E402
 from astraea.sampling import first_step_kwargs  # noqa: E402
 from astraea.timing import device_name  # noqa: E402
 from astraea.tokenwise import TensorStep, TokenwiseTransformer, rewrite, signature, weight_tensors  # noqa: E402
@@ -103,7 +104,7 @@ def engine_step(tp, kwargs: dict, state: list, graph: bool):
     weights = weight_tensors(tp, sig.weights)
     args = [weights[name].detach() for name in sig.weights] + [runtime.packed(kwargs[s.name]) for s in sig.inputs]
     ep = torch.export.export(TensorStep(tp.graph, sig.layout, in_place=True), tuple(args + state), strict=False)
-    compiled = torch.compile(ep.module(), dynamic=False)
+    compiled = torch.compile(fp8_linear.decompose(ep).module(), dynamic=False)  # as engines.build does
     compiled(*args, *state)  # compiles and autotunes
     if not graph:
         return lambda: compiled(*args, *state)
@@ -128,6 +129,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, choices=(1, 2), default=2, help="2: the CFG batch; 1: one branch a call")
     p.add_argument("--profile", action="store_true", help="also write each variant's kernel profile to profile.json")
+    p.add_argument("--precision", choices=("model", "fp8"), default="model",
+                   help="fp8: every variant but dense_eager on the FP8 model (the blocks' Linear layers in e4m3, channel "
+                        "scales from the weights; the time embedding and the head in bf16); dense_eager stays bf16")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = config.from_dict({
@@ -135,12 +139,22 @@ def main() -> None:
         "video": {"frames": args.frames, "height": args.height, "width": args.width},
         "sampling": {"steps": 50, "prompts": ["timing"]},
     })
-    model = loader.load_model(cfg)
+    model = dense = loader.load_model(cfg)
+    if args.precision == "fp8":
+        import dataclasses
+
+        from astraea import quantize
+
+        names = {n: m for n, m in quantize.candidates(model.transformer).items()
+                 if quantize.group_of(n, model.family.block_containers) not in ("condition_embedder", "proj_out")}
+        amax = {f"{n}.weight_amax": m.weight.detach().float().abs().amax(dim=1) for n, m in names.items()}
+        model = dataclasses.replace(model, transformer=quantize.convert(model.transformer, amax, set(names)))
     n = model.layout(cfg.video).video_tokens
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     if args.batch == 1:
         kwargs = one_branch(kwargs)
     report = {"device": device_name(model.device), "torch": torch.__version__, "preset": args.preset,
+              "precision": args.precision,
               "video": f"{args.width}x{args.height}x{args.frames}", "tokens": n, "batch": kwargs["hidden_states"].shape[0],
               "block_fit": BLOCK_FIT, "rows": []}
 
@@ -163,11 +177,14 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     with torch.no_grad():
-        if "dense_eager" in args.variants:
-            ms, peak = time_calls(lambda: model.transformer(**kwargs), args.warmup, args.repeats)
-            record({"variant": "dense_eager", "budget": 1.0, "ms": ms, "peak_gb": peak}, lambda: model.transformer(**kwargs))
+        if "dense_eager" in args.variants:  # the model's own dtype: the baseline
+            ms, peak = time_calls(lambda: dense.transformer(**kwargs), args.warmup, args.repeats)
+            record({"variant": "dense_eager", "budget": 1.0, "ms": ms, "peak_gb": peak}, lambda: dense.transformer(**kwargs))
         if "dense_compiled" in args.variants:
-            compiled = torch.compile(model.transformer, dynamic=False)
+            module = model.transformer
+            if args.precision == "fp8":  # exported with the FP8 Linear layers in ATen ops, as astraea-bench compiles it
+                module = fp8_linear.decompose(torch.export.export(module, (), kwargs, strict=False)).module()
+            compiled = torch.compile(module, dynamic=False)
             t0 = time.perf_counter()
             compiled(**kwargs)
             torch.cuda.synchronize()
