@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,6 +115,10 @@ def _quiet_libraries() -> None:
 def _run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, body: Callable) -> int:
     args = parser.parse_args(argv)
     _logging(prog, args.verbose, args.debug)
+    if not args.debug:
+        # torch >= 2.12 warns when a graph module's tree spec is copied (torch's own pickling,
+        # not ours): noise between the stage lines
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     try:
         if args.quiet:
             _quiet_libraries()
