@@ -25,7 +25,7 @@ from . import runtime
 from .io import atomic_file
 from .tokenwise import Signature, TensorStep, TokenwiseProgram
 
-OPSET = 18
+OPSET = 19  # QuantizeLinear / DequantizeLinear in float8e4m3fn (FP8 engines)
 
 
 def input_names(sig: Signature) -> list[str]:
@@ -59,7 +59,8 @@ def check(model: onnx.ModelProto, tp: TokenwiseProgram, dense: TokenwiseProgram,
     differ from the first's, as in sampling: with equal inputs every score ties, and
     onnxruntime's TopK (like TensorRT's) orders equal scores its own way, where the torch op
     takes the lowest rows; either choice is the method's, but only one matches bit for bit."""
-    cpu = [t.detach().float().cpu() if t.is_floating_point() else t.cpu() for t in [*weights, *inputs]]
+    cpu = [t.detach().float().cpu() if t.is_floating_point() and t.dtype != torch.float8_e4m3fn else t.cpu()
+           for t in [*weights, *inputs]]
     w, x = cpu[: len(weights)], cpu[len(weights):]
     gen = torch.Generator().manual_seed(0)
     x2 = [t + 0.3 * torch.randn(t.shape, generator=gen) if s.name == "hidden_states" else t
@@ -69,8 +70,8 @@ def check(model: onnx.ModelProto, tp: TokenwiseProgram, dense: TokenwiseProgram,
         state = list(first(*w, *x, *runtime.empty_state(sig.state, torch.device("cpu")))[1:])
         want = step(*w, *x2, *state)
     session = onnx_ops.ort_session(model)
-    feed = {name: t.numpy() for name, t in zip(input_names(sig), [*w, *x2, *state])}
-    got = session.run(None, feed)
+    feed = onnx_ops.ort_inputs(input_names(sig), [*w, *x2, *state])
+    got = [v.numpy() for v in session.run_with_ort_values(None, feed)]
     worst = 0.0
     for g, t in zip(got, want):
         t = t.numpy()

@@ -290,9 +290,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         raise ConfigError("target.budget", f"{t.budget} cannot be met with {s.steps} steps: the dense first step "
                           f"alone is a mean budget of {1 / s.steps:.3g}")
     b = cfg.build
-    if b.precision == "fp8" and b.backend == "tensorrt":
-        raise ConfigError("build.precision", "fp8 engines are built for the eager, inductor and aoti backends "
-                          "(the TensorRT path exports the bf16 programs only)")
+    if b.precision == "fp8" and b.backend == "tensorrt" and b.fp8_scaling == "channel":
+        raise ConfigError("build.fp8_scaling", "channel scales (each token scaled on the fly) have no TensorRT form: "
+                          "use fp8_scaling: tensor with the tensorrt backend")
     if b.fp8_keep != ("auto",) and "auto" in b.fp8_keep:
         raise ConfigError("build.fp8_keep", "give auto alone, or group names")
     if se.mutation_end > se.mutation_start:

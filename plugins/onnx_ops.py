@@ -4,6 +4,12 @@ torch ops for `torch.onnx.export`, and reference kernels that run them in onnxru
     astraea.SelectScores(lse, x, x_ref, skips) -> score        attr w_beta (float)
     astraea.SparseAttention(q, k, v[, key_mask]) -> out, lse   attr scale (float, optional)
 
+`astraea::fp8_linear` with per-tensor scales (build.fp8_scaling: tensor) exports as standard
+nodes, the pattern TensorRT fuses into an FP8 GEMM: QuantizeLinear / DequantizeLinear of
+the input at its calibrated scale (float8e4m3fn, saturating), DequantizeLinear of the e4m3
+weight, MatMul, the bias; onnxruntime runs it as is. Channel scales (each token scaled by
+its own amax at run time) have no Q/DQ form and are refused.
+
 `astraea::token_select` exports as SelectScores, then the standard TopK (largest k; equal
 scores keep the lower row first, as the torch op breaks ties) and a second TopK that puts
 the k rows in ascending order: only the scoring pass needs a plugin. Same semantics as the
@@ -55,9 +61,15 @@ def register_schemas() -> None:
         attributes=[attr("scale", kind.FLOAT, "softmax scale (default 1/sqrt(Dh))", required=False)]))
 
 
+FP8_CHANNEL_REFUSED = ("astraea::fp8_linear with channel scales (each token scaled on the fly) has no ONNX Q/DQ form "
+                       "for TensorRT: set build.fp8_scaling: tensor")
+
+
 def translation_table() -> dict:
     """torch op -> ONNX builder, for torch.onnx.export(custom_translation_table=...)."""
-    from onnxscript import opset18 as op
+    from onnx import TensorProto
+    from onnx.helper import make_tensor
+    from onnxscript import opset19 as op
     from onnxscript.values import Opset
 
     register_schemas()
@@ -77,8 +89,36 @@ def translation_table() -> dict:
         scale = float(scale) if scale is not None else float(q.shape[-1]) ** -0.5  # always stated: TensorRT's
         return astraea.SparseAttention(*inputs, _outputs=2, scale=scale)  # plugins take every attribute
 
+    def fp8_linear(x, weight, w_scale, x_scale=None, bias=None):
+        if x_scale is None:
+            raise NotImplementedError(FP8_CHANNEL_REFUSED)
+        zero = op.Constant(value=make_tensor("zero", TensorProto.FLOAT8E4M3FN, [], [0]))
+        x_q = op.QuantizeLinear(op.Cast(x, to=TensorProto.FLOAT), x_scale, zero, saturate=1)
+        w = op.DequantizeLinear(weight, w_scale, zero)
+        y = op.MatMul(op.DequantizeLinear(x_q, x_scale, zero), op.Transpose(w, perm=[1, 0]))
+        if bias is not None:
+            y = op.Add(y, op.Cast(bias, to=TensorProto.FLOAT))
+        return op.CastLike(y, x)
+
     return {torch.ops.astraea.token_select.default: token_select,
-            torch.ops.astraea.sparse_attention.default: sparse_attention}
+            torch.ops.astraea.sparse_attention.default: sparse_attention,
+            torch.ops.astraea.fp8_linear.default: fp8_linear}
+
+
+def ort_inputs(names: list[str], tensors: list[torch.Tensor]) -> dict:
+    """onnxruntime OrtValues of CPU tensors by input name (e4m3 weights as float8e4m3fn,
+    which numpy has no type for)."""
+    from onnx import TensorProto
+    from onnxruntime import OrtValue
+
+    feed = {}
+    for name, t in zip(names, tensors, strict=True):
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.float8_e4m3fn:
+            feed[name] = OrtValue.ortvalue_from_numpy_with_onnx_type(t.view(torch.uint8).numpy(), TensorProto.FLOAT8E4M3FN)
+        else:
+            feed[name] = OrtValue.ortvalue_from_numpy(t.numpy())
+    return feed
 
 
 # ---- reference kernels (numpy in, numpy out) ---------------------------------------------

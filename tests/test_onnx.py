@@ -1,6 +1,7 @@
 """The TensorRT backend's input, checked here without TensorRT: the astraea ops as ONNX
 nodes (registered schemas, onnx.checker), run in onnxruntime with the reference kernels
-against the torch ops and against the rewritten graph of a whole step."""
+against the torch ops and against the rewritten graph of a whole step (FP8 steps too, as
+Q/DQ nodes)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_ops_as_onnx_nodes_run_like_the_torch_ops(masked):
             torch.randn(b, 2, n, 8, generator=gen), torch.rand(b, n, generator=gen) > 0.3)
     module = _Ops(k, masked)
     model = torch.onnx.export(module, args, dynamo=True, custom_translation_table=onnx_ops.translation_table(),
-                              opset_version=18).model_proto
+                              opset_version=onnx_export.OPSET).model_proto
     onnx.checker.check_model(model, full_check=True)
     nodes = Counter((n.domain, n.op_type) for n in model.graph.node)
     assert nodes[("astraea", "SelectScores")] == 1 and nodes[("astraea", "SparseAttention")] == 1
@@ -76,6 +77,49 @@ def test_a_rewritten_step_exports_and_runs_in_onnxruntime(tmp_path):
     assert nodes[("astraea", "SelectScores")] == tp.blocks == nodes[("astraea", "SparseAttention")]
     assert [i.name for i in onnx_model.graph.input] == onnx_export.input_names(sig)
     assert onnx_export.check(onnx_model, tp, programs[max(programs)], sig, weights, inputs) < 1e-4
+
+
+def test_an_fp8_step_exports_as_qdq_nodes_and_runs_in_onnxruntime(tmp_path):
+    """build.fp8_scaling tensor: each astraea::fp8_linear of the rewritten step becomes
+    QuantizeLinear / DequantizeLinear (float8e4m3fn) around a MatMul, with the e4m3 weights
+    as float8 graph inputs; onnxruntime runs the step like the FP8 graph (its definition).
+    Channel scales have no Q/DQ form: the export names the setting to use."""
+    import dataclasses
+
+    from astraea import quantize
+    from astraea.tokenwise import build_programs
+
+    cfg, model, _, _, _, _ = engine_case("cpu")
+    n = model.layout(cfg.video).video_tokens
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    names = quantize.candidates(model.transformer)
+
+    def fp8_step(scheme):
+        amax = {}
+        for name, m in names.items():
+            w = m.weight.detach().float().abs()
+            amax[f"{name}.weight_amax"] = w.amax() if scheme == "tensor" else w.amax(dim=1)
+            if scheme == "tensor":
+                amax[f"{name}.input_amax"] = torch.tensor(3.0)  # static: any calibrated value
+        fp8 = dataclasses.replace(model, transformer=quantize.convert(model.transformer, amax, set(names)))
+        programs = build_programs(fp8, cfg, [n, 3], progress=False)
+        sig = signature(programs[3], kwargs)
+        table = weight_tensors(programs[3], sig.weights)
+        return programs, sig, [table[w] for w in sig.weights], [kwargs[s.name] for s in sig.inputs]
+
+    programs, sig, weights, inputs = fp8_step("tensor")
+    tp = programs[3]
+    onnx_model = onnx_export.export(tp, sig, weights, inputs, tmp_path / "fp8.onnx", model.device)
+    layers = sum(node.target is ops.fp8_linear.default for node in tp.graph.graph.nodes)
+    nodes = Counter(n.op_type for n in onnx_model.graph.node)
+    assert layers > 0 and nodes["QuantizeLinear"] == layers and nodes["DequantizeLinear"] == 2 * layers
+    fp8_inputs = [i.name for i in onnx_model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT8E4M3FN]
+    assert len(fp8_inputs) == len(names) and all(name.startswith("weight:") for name in fp8_inputs)
+    assert onnx_export.check(onnx_model, tp, programs[n], sig, weights, inputs) < 1e-4
+    programs, sig, weights, inputs = fp8_step("channel")
+    with pytest.raises(Exception, match="set build.fp8_scaling: tensor"):
+        onnx_export.export(programs[3], sig, weights, inputs, tmp_path / "channel.onnx", model.device)
+    assert not (tmp_path / "channel.onnx").exists()
 
 
 @pytest.mark.trt

@@ -114,8 +114,9 @@ def test_fp8_keep_names_groups_and_refuses_unknown_ones():
     assert quantize.resolve_keep(("blocks.-1", "proj_out"), names, ("blocks",)) == {"blocks.1", "proj_out"}
     with pytest.raises(config.ConfigError, match=r"build.fp8_keep\[0\]: 'blocks.7' is not a group"):
         quantize.resolve_keep(("blocks.7",), names, ("blocks",))
-    with pytest.raises(config.ConfigError, match="build.precision: fp8 engines are built for"):
+    with pytest.raises(config.ConfigError, match="build.fp8_scaling: channel scales .* no TensorRT form"):
         tiny_config("wan", "tiny", build={"precision": "fp8", "backend": "tensorrt"})
+    tiny_config("wan", "tiny", build={"precision": "fp8", "backend": "tensorrt", "fp8_scaling": "tensor"})
 
 
 def test_an_fp8_build_samples_what_its_search_measured(tmp_path, capsys):

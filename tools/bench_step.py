@@ -115,6 +115,26 @@ def engine_step(tp, kwargs: dict, state: list, graph: bool):
     return cuda_graph.replay
 
 
+def input_amax(transformer, names: dict, kwargs: dict) -> dict:
+    """Each named Linear's input amax over one dense call (tensor scaling's calibration)."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, inputs):
+            a = inputs[0].detach().float().abs().amax()
+            amax[f"{name}.input_amax"] = torch.maximum(amax.get(f"{name}.input_amax", a), a)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in names.items()]
+    try:
+        with torch.no_grad():
+            transformer(**kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -132,6 +152,9 @@ def main() -> None:
     p.add_argument("--precision", choices=("model", "fp8"), default="model",
                    help="fp8: every variant but dense_eager on the FP8 model (the blocks' Linear layers in e4m3, channel "
                         "scales from the weights; the time embedding and the head in bf16); dense_eager stays bf16")
+    p.add_argument("--fp8-scaling", choices=("channel", "tensor"), default="channel",
+                   help="fp8: channel (a weight scale a channel, each token its own) or tensor (one weight scale "
+                        "and one input scale a layer, the input's calibrated on the timed call itself)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = config.from_dict({
@@ -147,14 +170,18 @@ def main() -> None:
 
         names = {n: m for n, m in quantize.candidates(model.transformer).items()
                  if quantize.group_of(n, model.family.block_containers) not in ("condition_embedder", "proj_out")}
-        amax = {f"{n}.weight_amax": m.weight.detach().float().abs().amax(dim=1) for n, m in names.items()}
+        if args.fp8_scaling == "channel":
+            amax = {f"{n}.weight_amax": m.weight.detach().float().abs().amax(dim=1) for n, m in names.items()}
+        else:
+            amax = {f"{n}.weight_amax": m.weight.detach().float().abs().amax() for n, m in names.items()}
+            amax.update(input_amax(model.transformer, names, first_step_kwargs(model, cfg.video, cfg.sampling)))
         model = dataclasses.replace(model, transformer=quantize.convert(model.transformer, amax, set(names)))
     n = model.layout(cfg.video).video_tokens
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     if args.batch == 1:
         kwargs = one_branch(kwargs)
     report = {"device": device_name(model.device), "torch": torch.__version__, "preset": args.preset,
-              "precision": args.precision,
+              "precision": args.precision, "fp8_scaling": args.fp8_scaling if args.precision == "fp8" else None,
               "video": f"{args.width}x{args.height}x{args.frames}", "tokens": n, "batch": kwargs["hidden_states"].shape[0],
               "block_fit": BLOCK_FIT, "rows": []}
 
@@ -256,7 +283,8 @@ def finish(report: dict, out: Path) -> None:
     (out / "bench_step.json").write_text(json.dumps(report, indent=1))
     lines = [f"Card: {report['device']}, torch {report['torch']}; {report['preset']} at {report['video']} "
              f"({report['tokens']} tokens), batch {report['batch']} ({'the CFG batch' if report['batch'] == 2 else 'one CFG branch'}), "
-             "bf16; median step.", "",
+             + ("bf16" if report.get("precision") != "fp8" else
+              f"FP8 Linear layers ({report.get('fp8_scaling') or 'channel'} scales; dense_eager bf16)") + "; median step.", "",
              "| variant | budget | step (ms) | peak (GiB) | speedup vs dense eager | ratio vs dense of its kind | predicted ratio (block fit) | compile (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
