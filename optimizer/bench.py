@@ -1,4 +1,4 @@
-"""astraea-bench: eager and compiled, dense and Astraea, and diffusers' peers, measured side
+"""astraea-bench: eager and compiled, dense and Astraea, and the peers (diffusers' caches, ToCa), measured side
 by side on one model, prompt set, seed set and card.
 
 Methods (`bench.methods`; every one samples the config's prompts x seeds through the same
@@ -321,8 +321,9 @@ def _astraea_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
 
 
 def _peers(bench: Bench, plan: Plan) -> Iterator[Method]:
-    from .peers import PeerTransformer, calibrate_mag_cache, parse_setting
+    from .peers import calibrate_mag_cache, make, parse_setting
     from .sampling import denoise
+    from .schema import TOCA_FAMILIES
 
     cfg, model = bench.cfg, bench.model
     ratios = None
@@ -336,9 +337,12 @@ def _peers(bench: Bench, plan: Plan) -> Iterator[Method]:
             knobs = knobs | {"steps": cfg.sampling.steps, "ratios": ratios}
         if name == "faster_cache":  # its unconditional-branch cache needs the CFG batch
             knobs = knobs | {"distilled": cfg.sampling.guidance <= 1}
+        if name == "toca" and model.family.name not in TOCA_FAMILIES:
+            continue  # in the default list only (a setting given is refused by the config's validation)
+        if name == "toca":  # its step count and its CFG pairing (one choice of tokens for both branches)
+            knobs = knobs | {"steps": cfg.sampling.steps, "cfg": cfg.sampling.guidance > 1}
         yield Method(name, text.partition(" ")[2] or "defaults",
-                     lambda name=name, knobs=knobs: PeerTransformer(model.transformer, name, model.family.block_containers,
-                                                                     **knobs),
+                     lambda name=name, knobs=knobs: make(model, name, **knobs),
                      finish=lambda t: t.close(), count_work=True)
 
 

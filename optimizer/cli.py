@@ -427,7 +427,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="astraea-bench",
         description="Measure, on one model, prompt set and card: eager dense (diffusers), compiled dense, "
-        "Astraea eager and compiled (engines), and diffusers' peers; latency end to end and per call, peak memory, "
+        "Astraea eager and compiled (engines), and the peers (diffusers' caches, ToCa); latency end to end and per call, peak memory, "
         "PSNR/SSIM against dense. Writes <run>/bench/bench.json, bench.md and PNGs.",
         epilog=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

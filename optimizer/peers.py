@@ -18,6 +18,9 @@ Peers and their knobs (diffusers' cache configs; a knob left out takes diffusers
   mag_cache           MagCache: threshold (accumulated error), max_skip (steps in a row),
                       retention (fraction of first steps always computed); its per-step
                       magnitude ratios come from `calibrate_mag_cache` (a dense sample)
+  toca                ToCa, token-wise feature caching (ours: astraea.toca): ratio (fresh
+                      tokens), interval (self-attention and MLP force cycle), cross
+                      (cross-attention's), first (full first steps); `make` builds it
 Each call runs inside `transformer.cache_context("cfg")` and tells the hooks the current
 timestep, as diffusers pipelines do; `close()` removes the hooks.
 """
@@ -101,3 +104,12 @@ def calibrate_mag_cache(transformer: torch.nn.Module, blocks: tuple[str, ...], s
     if len(ratios) != steps:
         raise RuntimeError(f"MagCache calibrated {len(ratios)} ratios for {steps} steps")
     return ratios
+
+
+def make(model, name: str, **knobs):
+    """A peer of `model` (a LoadedModel) by name: ToCa (ours) or a diffusers cache."""
+    if name == "toca":
+        from .toca import ToCa
+
+        return ToCa(model.transformer, model.family.name, model.family.block_containers, **knobs)
+    return PeerTransformer(model.transformer, name, model.family.block_containers, **knobs)

@@ -133,8 +133,10 @@ class BuildSpec:
 KNOBS = {"pab": {"skip": int, "cross": int, "lo": float, "hi": float}, "first_block_cache": {"threshold": float},
          "taylorseer": {"interval": int, "order": int, "warmup": int},
          "faster_cache": {"skip": int, "lo": float, "hi": float},
-         "mag_cache": {"threshold": float, "max_skip": int, "retention": float}}  # the knobs a setting may give
+         "mag_cache": {"threshold": float, "max_skip": int, "retention": float},
+         "toca": {"ratio": float, "interval": int, "cross": int, "first": int}}  # the knobs a setting may give
 PEERS = tuple(KNOBS)
+TOCA_FAMILIES = ("wan",)  # blocks with self-attention, cross-attention and an MLP (astraea.toca.ROLES)
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -158,7 +160,7 @@ BENCH_METHODS = ("dense", "dense-compiled", "astraea", "astraea-compiled", "peer
 DEFAULT_PEERS = ("pab skip=2", "pab skip=2 cross=6", "pab skip=4 cross=8", "first_block_cache threshold=0.1",
                  "first_block_cache threshold=0.2", "first_block_cache threshold=0.3", "taylorseer interval=2",
                  "taylorseer interval=3", "faster_cache skip=2", "faster_cache skip=3", "mag_cache threshold=0.06",
-                 "mag_cache threshold=0.12")
+                 "mag_cache threshold=0.12", "toca", "toca interval=5 cross=10")
 
 
 @dataclass(frozen=True)
@@ -254,9 +256,12 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
     m, s, t, se = cfg.model, cfg.sampling, cfg.target, cfg.search
     for i, text in enumerate(cfg.bench.peers):
         try:
-            parse_setting(text)
+            name, _ = parse_setting(text)
         except ValueError as e:
             raise ConfigError(f"bench.peers[{i}]", str(e)) from None
+        if name == "toca" and m.family not in TOCA_FAMILIES and cfg.bench.peers != DEFAULT_PEERS:
+            raise ConfigError(f"bench.peers[{i}]", f"toca is defined for {', '.join(TOCA_FAMILIES)} blocks, not "
+                              f"{m.family}'s (text and video attended jointly): drop it")
     if (m.preset is None) == (m.checkpoint is None):
         raise ConfigError("model", "set exactly one of preset (random weights) and checkpoint (a local folder)")
     if m.device not in ("auto", "cpu", "meta", "cuda") and not (

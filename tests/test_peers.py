@@ -69,3 +69,49 @@ def test_settings_are_parsed_with_errors_that_name_the_fix(text, error):
     assert parse_setting("pab skip=2 cross=6") == ("pab", {"skip": 2, "cross": 6})
     with pytest.raises(ValueError, match=error):
         parse_setting(text)
+
+
+def _toca(case, **knobs):
+    from astraea.peers import make
+
+    cfg, model, inputs, _ = case
+    peer = make(model, "toca", steps=cfg.sampling.steps, cfg=inputs.cfg, **knobs)
+    try:
+        return denoise(model, cfg.video, cfg.sampling, inputs, peer), peer.state.computed_rows
+    finally:
+        peer.close()
+
+
+def test_toca_every_step_forced_is_dense(case):
+    cfg, model, inputs, dense = case
+    got, _ = _toca(case, interval=1, cross=1)
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs), dense)  # close() restored the blocks
+
+
+def test_toca_computes_what_its_published_setting_says(case):
+    """8 steps at ratio 0.1, cycles 3 / 6 / 3, the first 3 full: self-attention and MLP whole
+    at steps 0-3 and 6, cross-attention at 0-2 and 6 (its fresh ratio is under zero), and
+    int(0.1 x 1.495 x N) MLP rows at steps 4, 5 and 7, one choice for both CFG branches."""
+    cfg, model, inputs, dense = case
+    got, rows = _toca(case)
+    n = model.layout(cfg.video).video_tokens
+    b = 2 if inputs.cfg else 1
+    layers = len(model.transformer.blocks)
+    k = int(0.1 * (1 + 0.33 * 1.5) * n)
+    assert rows == layers * b * (5 * n + 4 * n + 5 * n + 3 * k)
+    rel = ((got - dense).norm() / dense.norm()).item()
+    assert torch.isfinite(got).all() and 1e-6 < rel < 1.0, rel
+
+
+def test_toca_is_refused_where_blocks_attend_jointly():
+    from astraea.schema import TOCA_FAMILIES
+    from astraea.toca import ROLES, ToCa
+    from conftest import tiny_config
+
+    assert set(ROLES) == set(TOCA_FAMILIES)
+    with pytest.raises(ValueError, match="toca is defined for the wan family's blocks .* not 'cogvideox'"):
+        ToCa(torch.nn.Module(), "cogvideox", ("transformer_blocks",), steps=4)
+    with pytest.raises(config.ConfigError, match=r"bench.peers\[1\]: toca is defined for wan blocks, not cogvideox's"):
+        tiny_config("cogvideox", "tiny", bench={"peers": ["pab skip=2", "toca"]})
+    tiny_config("cogvideox", "tiny")  # the default list holds toca: astraea-bench leaves it out there
