@@ -106,6 +106,8 @@ class SelectionSpec:
     cache: str = spec("model", choices=("model", "float8"),
                       doc="the cached block outputs in the model's dtype, or float8 (e4m3) with a float32 scale a "
                           "row: half the state's largest part in bf16, at a quality cost (docs/benchmarks.md)")
+    shards: int = spec(1, lo=1, hi=64, doc="the video rows in this many contiguous shards, each choosing its share of "
+                       "a step's rows by its own top-k: what sequence parallelism over as many ranks selects")
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | No
     sel = cfg.selection
     ctx = pipeline.PassContext(model.family, cap.layout, dump_dir=dump_dir, budget=budget, w_beta=sel.w_beta,
                                sketch_dim=sel.sketch_dim if sel.delta == "sketch" else 0,
-                               cache_dtype=torch.float8_e4m3fn if sel.cache == "float8" else None)
+                               cache_dtype=torch.float8_e4m3fn if sel.cache == "float8" else None, shards=sel.shards)
     pipeline.run(gm, ctx)
     return TokenwiseProgram(cap.program, gm, budget, len(ctx.blocks), ctx.stats)
 

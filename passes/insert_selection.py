@@ -11,6 +11,9 @@ AOTInductor packages and TensorRT engines both take it that way, and the runtime
 the buffers.
 At the dense budget (k = N) the selection is every row in order, an arange: no scores and
 no top-k (and gather_subset inserts no gathers), the state written as at any budget.
+With `ctx.shards` P > 1 the rows are P contiguous shards, each choosing its share of the k
+rows by its own top-k (`select_in_shards`; the first k mod P shards one row more): what a
+sequence-parallel step over P ranks selects, each rank seeing only its rows.
 """
 
 from __future__ import annotations
@@ -26,9 +29,33 @@ MARK = torch.ops.astraea.token_mark.default
 aten = torch.ops.aten
 
 
+def shard_sizes(total: int, shards: int) -> list[int]:
+    """`total` split over `shards` as evenly as it goes, the first ones one more."""
+    return [total // shards + (1 if s < total % shards else 0) for s in range(shards)]
+
+
+def select_in_shards(lse, x, ref, skips, k: int, w_beta: float, shards: int) -> torch.Tensor:
+    """(B, k) int64 ascending: each of `shards` contiguous row ranges chooses its share of k
+    by astraea::token_select over its own rows (rank-local state only)."""
+    n = x.shape[1]
+    picks, start = [], 0
+    for rows, share in zip(shard_sizes(n, shards), shard_sizes(k, shards)):
+        end = start + rows
+        if share == rows:
+            idx = torch.arange(start, end, device=x.device).expand(x.shape[0], rows)
+        else:
+            idx = torch.ops.astraea.token_select(lse[:, start:end], x[:, start:end], ref[:, start:end],
+                                                 skips[:, start:end], share, w_beta, None) + start
+        picks.append(idx)
+        start = end
+    return torch.cat(picks, dim=1)
+
+
 def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
     if ctx.budget is None or not 1 <= ctx.budget <= ctx.layout.video_tokens:
         raise ValueError(f"budget {ctx.budget} must be in 1..{ctx.layout.video_tokens}")
+    if not 1 <= ctx.shards <= ctx.layout.video_tokens:
+        raise ValueError(f"selection.shards {ctx.shards} must be in 1..{ctx.layout.video_tokens} (the video rows)")
     marks = [n for n in gm.graph.nodes if n.target is MARK]
     inputs = 0
     for mark in marks:
@@ -58,6 +85,9 @@ def insert_selection(gm: fx.GraphModule, ctx) -> dict[str, int]:
                 rows = gm.graph.call_function(aten.arange.default, (ctx.budget,), {"device": x.device})
                 idx = call(gm.graph, aten.expand.default, call(gm.graph, aten.view.default, rows, [1, ctx.budget]),
                            [b, ctx.budget])
+            elif ctx.shards > 1:
+                idx = gm.graph.call_function(select_in_shards, (state["lse"], seen, state["ref"], state["skips"],
+                                                                ctx.budget, ctx.w_beta, ctx.shards))
             else:
                 idx = gm.graph.call_function(torch.ops.astraea.token_select.default,
                                              (state["lse"], seen, state["ref"], state["skips"], ctx.budget, ctx.w_beta,

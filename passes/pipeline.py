@@ -43,6 +43,7 @@ class PassContext:
     w_beta: float = 0.5  # staleness weight of the selection score
     sketch_dim: int = 0  # Delta from a sketch of the block input with this many dims (0: the full input)
     cache_dtype: torch.dtype | None = None  # the cached block outputs' dtype (None: the stream's); float8 adds a scale a row
+    shards: int = 1  # the video rows in this many contiguous shards, each selecting its share (sequence parallelism)
     blocks: dict[str, dict] = field(default_factory=dict)  # per block: its mark, index and state nodes
 
 

@@ -10,6 +10,7 @@ import torch
 
 from astraea import loader
 from astraea.passes import pipeline
+from astraea.passes.insert_selection import select_in_shards, shard_sizes
 from astraea.plugins.token_select import sketch
 from astraea.tokenwise import copy_graph_module
 from conftest import block_calls, captured, tiny_config
@@ -18,10 +19,11 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 VIDEO = {"frames": 9, "height": 48, "width": 64}
 
 
-def _rewritten(family, preset, k, sketch_dim=0, cache_dtype=None):
+def _rewritten(family, preset, k, sketch_dim=0, cache_dtype=None, shards=1):
     model, cap = captured(family, preset, VIDEO)  # one capture a family, a copy of its graph rewritten
     gm = copy_graph_module(cap.program.graph_module)
-    ctx = pipeline.PassContext(model.family, cap.layout, budget=k, sketch_dim=sketch_dim, cache_dtype=cache_dtype)
+    ctx = pipeline.PassContext(model.family, cap.layout, budget=k, sketch_dim=sketch_dim, cache_dtype=cache_dtype,
+                               shards=shards)
     pipeline.run(gm, ctx)
     return model, cap, gm, ctx
 
@@ -40,19 +42,20 @@ def _zero_state(x, blocks, sketch_dim=0, cache_dtype=None):
     return [t.clone() for _ in range(blocks) for t in one]
 
 
-@pytest.mark.parametrize("family,preset,budget,sketch_dim", [
-    *[(f, p, b, 0) for f, p in [("wan", "tiny"), ("cogvideox", "tiny"), ("cogvideox", "tiny-rotary"), ("hunyuan_video", "tiny")]
-      for b in (1.0, 0.5, 0.09)],
-    ("wan", "tiny", 0.5, 8), ("hunyuan_video", "tiny", 0.3, 8),  # Delta from a sketch of the block input
+@pytest.mark.parametrize("family,preset,budget,sketch_dim,shards", [
+    *[(f, p, b, 0, 1) for f, p in [("wan", "tiny"), ("cogvideox", "tiny"), ("cogvideox", "tiny-rotary"),
+                                   ("hunyuan_video", "tiny")] for b in (1.0, 0.5, 0.09)],
+    ("wan", "tiny", 0.5, 8, 1), ("hunyuan_video", "tiny", 0.3, 8, 1),  # Delta from a sketch of the block input
+    ("wan", "tiny", 0.5, 0, 3), ("cogvideox", "tiny", 0.3, 0, 2),  # each of 3 (2) row shards choosing its share
 ])
-def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget, sketch_dim):
+def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget, sketch_dim, shards):
     probe = tiny_config(family, preset, video=VIDEO)
     n = loader.load_model(probe).layout(probe.video).video_tokens
     k = max(1, round(budget * n))
     _, cap_dense, gm_dense, _ = _rewritten(family, preset, n, sketch_dim)  # step 0 is always dense
-    model, cap, gm, ctx = _rewritten(family, preset, k, sketch_dim)
+    model, cap, gm, ctx = _rewritten(family, preset, k, sketch_dim, shards=shards)
     assert not [x for x in gm.graph.nodes if x.target is SDPA and x.meta.get("astraea_attention") == "self"]
-    selects = [x for x in gm.graph.nodes if x.target is torch.ops.astraea.token_select.default]
+    selects = [x for x in gm.graph.nodes if x.target in (torch.ops.astraea.token_select.default, select_in_shards)]
     if k == n:  # the dense budget selects every row in order: no scores, no top-k, no row gathers
         assert not selects and not [x for x in gm_dense.graph.nodes if x.target is torch.ops.astraea.token_select.default]
         assert ctx.stats["gather_subset"]["gathers"] == 0
@@ -75,7 +78,11 @@ def test_rewrite_follows_the_oracle_over_two_steps(family, preset, budget, sketc
         seen = sketch(call["hidden_states"], sketch_dim) if sketch_dim else call["hidden_states"]
         # the selection: the k best rows by the float64 score of the old state and this input
         score = lse_old.double() * (seen.double() - ref_old.double()).norm(dim=-1) + 0.5 * torch.exp(skips_old.double())
-        want_rows = torch.sort(torch.topk(score, k, dim=-1).indices, dim=-1).values
+        want_rows, start = [], 0  # each shard's own top rows, its share of k
+        for rows, share in zip(shard_sizes(score.shape[1], shards), shard_sizes(k, shards)):
+            want_rows.append(torch.topk(score[:, start:start + rows], share, dim=-1).indices + start)
+            start += rows
+        want_rows = torch.sort(torch.cat(want_rows, dim=1), dim=-1).values
         assert torch.equal(torch.nonzero(skips == 0)[:, 1].view(-1, k), want_rows)
         with torch.no_grad():
             dense = block(**call)

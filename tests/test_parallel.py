@@ -1,0 +1,68 @@
+"""Sequence parallelism on gloo processes (CPU): Ulysses' all-to-all around
+astraea::sparse_attention gives each rank what one process holding every rank's rows
+computes (2 and 4 ranks, with and without a key mask)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+B, H, M, N, D = 2, 4, 3, 5, 16  # a rank's selected rows M and shard N
+
+
+def _inputs(world: int):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, world * M, D, generator=g)
+    k = torch.randn(B, H, world * N, D, generator=g)
+    v = torch.randn(B, H, world * N, D, generator=g)
+    mask = torch.rand(B, world * N, generator=g) > 0.3
+    mask[:, 0] = True
+    return q, k, v, mask
+
+
+def _worker(rank: int, world: int, init: str, out: str):
+    import torch.distributed as dist
+
+    from astraea.parallel import ulysses_sparse_attention
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        q, k, v, mask = _inputs(world)
+        rows, shard = slice(rank * M, (rank + 1) * M), slice(rank * N, (rank + 1) * N)
+        got = {}
+        for masked in (False, True):
+            o, lse = ulysses_sparse_attention(q[:, :, rows], k[:, :, shard], v[:, :, shard],
+                                              mask[:, shard] if masked else None)
+            got[masked] = (o, lse)
+        torch.save(got, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_attention_is_the_one_process_attention(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    import astraea.plugins  # noqa: F401
+
+    mp.spawn(_worker, args=(world, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=world)
+    q, k, v, mask = _inputs(world)
+    for masked in (False, True):
+        want, want_lse = torch.ops.astraea.sparse_attention(q, k, v, mask if masked else None, None)
+        for rank in range(world):
+            o, lse = torch.load(tmp_path / f"rank{rank}.pt")[masked]
+            rows = slice(rank * M, (rank + 1) * M)
+            torch.testing.assert_close(o, want[:, :, rows], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lse, want_lse[:, :, rows], atol=1e-5, rtol=1e-5)
+
+
+def test_one_process_is_the_op_and_odd_heads_are_refused(monkeypatch):
+    import astraea.parallel as par
+
+    q, k, v, mask = _inputs(1)
+    out, lse = par.ulysses_sparse_attention(q, k, v, mask)
+    want, want_lse = torch.ops.astraea.sparse_attention(q, k, v, mask, None)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    monkeypatch.setattr(par, "world", lambda group=None: (0, 3))
+    with pytest.raises(ValueError, match=r"heads \(4\) divisible by the ranks \(3\)"):
+        par.ulysses_sparse_attention(q, k, v)
