@@ -63,6 +63,7 @@ class SearchRecord:
     cost_model: str = ""  # the cost model's key
     cost_source: str = "eager"  # "eager": measured on the rewritten programs; else the bench.json read
     proxy: dict | None = None  # a proxy-video search's re-scoring report
+    holdout: dict | None = None  # the chosen schedule on prompts and seeds the search never saw (search.holdout_*)
 
     @property
     def predicted_speedup(self) -> float | None:
@@ -147,6 +148,8 @@ class Schedule:
         if self.search is not None:
             raw |= {f.name: getattr(self.search, f.name) for f in fields(SearchRecord)}
             raw["level_ms"] = list(self.search.level_ms)
+            if self.search.holdout is None:  # newer than the format: written only when measured
+                del raw["holdout"]
         return raw
 
     @classmethod

@@ -91,6 +91,9 @@ class SearchSpec:
                                                "re-evaluated at the full video to measure how well the proxy ranks")
     proxy_min_spearman: float = spec(0.6, lo=-1.0, hi=1.0, doc="with proxy_video: below this rank correlation between "
                                      "proxy and full fitness the build warns that the proxy is not validated")
+    holdout_prompts: tuple[str, ...] = spec((), doc="prompts the search never sees: the chosen schedule is sampled on "
+                                            "them (with every seed) afterwards and its PSNR there reported")
+    holdout_seeds: tuple[int, ...] = spec((), lo=0, doc="seeds the search never sees (with every prompt), likewise")
     cost_from: str | None = spec(None, doc="an astraea-bench bench.json measured on the deployment card, relative to "
                                  "model.yaml: the schedule's time is predicted from its compiled calls by budget and "
                                  "its dense eager step (a speedup target is then that card's), not measured here")
@@ -264,6 +267,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         if name == "toca" and m.family not in TOCA_FAMILIES and cfg.bench.peers != DEFAULT_PEERS:
             raise ConfigError(f"bench.peers[{i}]", f"toca is defined for {', '.join(TOCA_FAMILIES)} blocks, not "
                               f"{m.family}'s (text and video attended jointly): drop it")
+    if set(se.holdout_prompts) & set(s.prompts) or set(se.holdout_seeds) & set(s.seeds):
+        raise ConfigError("search.holdout_prompts" if set(se.holdout_prompts) & set(s.prompts) else "search.holdout_seeds",
+                          "must not repeat sampling's: held-out samples are ones the search never sees")
     if (m.preset is None) == (m.checkpoint is None):
         raise ConfigError("model", "set exactly one of preset (random weights) and checkpoint (a local folder)")
     if m.device not in ("auto", "cpu", "meta", "cuda") and not (

@@ -20,6 +20,7 @@ programs, cost model, constraint, search (at a proxy video and re-scored, proxy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -420,10 +421,39 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     search = Search(cfg, ev, c, folder, key, early_stop=spec.early_stop)
     st = search.run(resume=resume, progress=progress)
     rescored = rescore(spec, ranking(st.memo, search.n), full, folder, key, progress) if spec.proxy_video else None
+    chosen = rescored.chosen if rescored is not None else st.population[0][0]
     if cost is None:
-        chosen = rescored.chosen if rescored is not None else st.population[0][0]
         cost = measure_cost(cfg, model, programs, tokens, out_dir, progress, only=set(chosen))
-    return search.write_outputs(st, cost, [float(t) for t in full.samplers[0].timesteps.cpu()], rescored)
+    schedule = search.write_outputs(st, cost, [float(t) for t in full.samplers[0].timesteps.cpu()], rescored)
+    if spec.holdout_prompts or spec.holdout_seeds:
+        report = holdout(cfg, model, programs, chosen, out_dir, schedule.quality.psnr, progress)
+        schedule = dataclasses.replace(schedule, search=dataclasses.replace(schedule.search, holdout=report))
+        if is_main():
+            write_json(done, schedule.to_json())
+    return schedule
+
+
+def holdout(cfg: RunConfig, model, programs, chosen: Candidate, out_dir: Path, search_psnr: float,
+            progress: bool = True) -> dict:
+    """The chosen schedule sampled on every (prompt, seed) pair of search.holdout_* that the
+    search did not see, against their dense samples: PSNR per sample and the drop from the
+    search's own samples."""
+    from . import reference as dense
+
+    s, spec = cfg.sampling, cfg.search
+    wide = dataclasses.replace(cfg, sampling=dataclasses.replace(
+        s, prompts=tuple(s.prompts) + tuple(spec.holdout_prompts), seeds=tuple(dict.fromkeys((*s.seeds, *spec.holdout_seeds)))))
+    seen = {f"p{i}_s{seed}" for i in range(len(s.prompts)) for seed in s.seeds}
+    ref = dense.run(wide, model, out_dir, progress=progress)
+    samples = [x for x in calibration_samples(model, wide, ref, out_dir / "embeddings") if x.name not in seen]
+    n = model.layout(cfg.video).video_tokens
+    ev = Evaluator(model, wide, programs, samples, spec.levels, n, 0, False)
+    mse = ev.evaluate([chosen], math.inf, Counters())[chosen]
+    per_sample = {x.name: psnr(v, x.peak) for x, v in zip(samples, mse)}
+    mean = float(np.mean(list(per_sample.values())))
+    log.info("search: on %d held-out samples %.2f dB (%.2f dB on the search's own)", len(samples), mean, search_psnr)
+    return {"prompts": list(wide.sampling.prompts), "seeds": list(wide.sampling.seeds), "psnr": mean,
+            "per_sample": per_sample, "search_psnr": search_psnr, "drop_db": search_psnr - mean}
 
 
 def measure_cost(cfg, model, programs, tokens, out_dir, progress, only: set[int] | None = None):

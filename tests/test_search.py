@@ -205,6 +205,33 @@ def test_plan_writes_the_schedule_and_reuses_it(tiny):
     assert again == first
 
 
+def test_holdout_reports_the_schedule_on_prompts_and_seeds_the_search_never_saw(tiny, tmp_path):
+    """search.holdout_prompts / holdout_seeds: every unseen (prompt, seed) pair sampled with
+    the chosen schedule afterwards, its PSNR equal to an independent run against dense, and
+    written into schedule.json; a held-out prompt or seed that the search sees is refused."""
+    from astraea.metrics import psnr
+    from astraea.sampling import denoise, prompt_inputs
+    from astraea.schedule import Schedule
+    from astraea.tokenwise import TokenwiseTransformer
+
+    cfg, model, n, programs, _, _ = tiny
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, holdout_prompts=("an unseen prompt",),
+                                                              holdout_seeds=(7,)))
+    ref = reference.run(cfg, model, tmp_path, progress=False)
+    got = plan(cfg, model, ref, tmp_path, progress=False, programs=programs)
+    h = got.search.holdout
+    assert set(h["per_sample"]) == {"p0_s7", "p1_s0", "p1_s1", "p1_s7"}
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, "an unseen prompt", 7)
+    dense = denoise(model, cfg.video, cfg.sampling, inputs).float()
+    mine = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, list(got.tokens))).float()
+    want = psnr(float(((mine - dense) ** 2).mean()), float(dense.max() - dense.min()))
+    assert h["per_sample"]["p1_s7"] == pytest.approx(want, abs=1e-4)
+    assert h["drop_db"] == pytest.approx(h["search_psnr"] - h["psnr"]) and h["search_psnr"] == got.quality.psnr
+    assert Schedule.read(tmp_path / "search" / got.key / "schedule.json").search.holdout == h
+    with pytest.raises(config.ConfigError, match="search.holdout_seeds: must not repeat sampling's"):
+        tiny_config("wan", "tiny", sampling={"seeds": [0, 1]}, search={"holdout_seeds": [1]})
+
+
 def test_searched_schedule_beats_uniform_on_the_bundled_model(tmp_path):
     """A regression test with a margin: a small search (8 candidates, seeded with the uniform
     and front-loaded schedules) at a 50% mean budget, never above it, beats the uniform
