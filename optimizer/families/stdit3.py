@@ -1,0 +1,248 @@
+"""STDiT3, Open-Sora v1.2's video transformer, written here (it is not in diffusers) with the
+public checkpoint's parameter names, so `load_state_dict` takes hpcai-tech/OpenSora-STDiT-v3's
+model.safetensors as it is.
+
+Per depth a spatial block (self-attention within each frame) then a temporal block
+(self-attention across the frames at each position, rotary positions over time), each: adaLN
+modulation from the timestep (`scale_shift_table` + t), self-attention with RMS-normed q, k,
+cross-attention to the caption (no norm, no gate), an MLP. The caption is a T5 embedding
+(4096 wide, 300 tokens) projected by `y_embedder`; `fps_embedder` adds the frame rate to the
+timestep; 2D sin-cos positions scaled by the resolution are added once after the patch
+embedding. The output has 2 x in_channels (pred_sigma): the velocity is the first half.
+
+Differences from the public code: attention through SDPA (the rewrite finds it there; its
+softmax in SDPA's precision) with the caption padding as a key mask instead of xformers'
+block-diagonal packing (the same attention); the rotary angles in the activations' dtype; no
+sequence parallelism, dropout, gradient checkpointing or image-conditioning masks.
+
+    model = STDiT3(STDiT3Config(depth=28, hidden_size=1152, num_heads=16))   # STDiT3-XL/2
+    (out,) = model(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask, fps, height, width)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class STDiT3Config:
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    in_channels: int = 4
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096
+    model_max_length: int = 300
+    input_sq_size: int = 512
+    qk_norm: bool = True
+    pred_sigma: bool = True
+
+
+def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(N,) -> (N, dim) float32: [cos, sin] of t at geometric frequencies (GLIDE's)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, out: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, out)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t, dtype):
+        return self.mlp(sinusoid(t, self.freq_dim).to(dtype))
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, in_channels: int, hidden: int, tokens: int):
+        super().__init__()
+        self.y_proj = Mlp(in_channels, hidden, hidden)
+        self.register_buffer("y_embedding", torch.randn(tokens, in_channels) / in_channels**0.5)  # the null caption
+
+    def forward(self, y):
+        return self.y_proj(y)
+
+
+def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding over dim -2 with interleaved pairs (rotary-embedding-torch's)."""
+    angles = (positions[:, None].to(freqs.dtype) * freqs[None]).repeat_interleave(2, dim=-1).to(x)
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * angles.cos() + rotated * angles.sin()
+
+
+class Rope(nn.Module):
+    """The temporal blocks' rotary table: `freqs` (head_dim / 2), as the checkpoint holds it."""
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.freqs = nn.Parameter(1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim), requires_grad=False)
+
+    def forward(self, x):
+        return rotate_pairs(x, torch.arange(x.shape[-2], device=x.device, dtype=x.dtype), self.freqs)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool, rope: Rope | None = None):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self._rope = [rope]  # shared with the model, not a submodule: the checkpoint holds it once, as `rope`
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self._rope[0] is not None:
+            q, k = self._rope[0](q), self._rope[0](k)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cond, mask=None):
+        b, n, c = x.shape
+        q = self.q_linear(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_linear(cond).view(b, -1, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class STDiT3Block(nn.Module):
+    def __init__(self, cfg: STDiT3Config, temporal: bool, rope: Rope | None):
+        super().__init__()
+        c = cfg.hidden_size
+        self.temporal = temporal
+        self.norm1 = nn.LayerNorm(c, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(c, cfg.num_heads, cfg.qk_norm, rope if temporal else None)
+        self.cross_attn = CrossAttention(c, cfg.num_heads)
+        self.norm2 = nn.LayerNorm(c, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(c, int(c * cfg.mlp_ratio), c)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, c) / c**0.5)
+
+    def forward(self, x, y, t, mask, frames: int, spatial: int):
+        b, _, c = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t.reshape(b, 6, -1)).chunk(6, dim=1)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        if self.temporal:  # attention across the frames at each position
+            h = h.view(b, frames, spatial, c).transpose(1, 2).reshape(b * spatial, frames, c)
+            h = self.attn(h).view(b, spatial, frames, c).transpose(1, 2).reshape(b, frames * spatial, c)
+        else:  # attention within each frame
+            h = self.attn(h.reshape(b * frames, spatial, c)).view(b, frames * spatial, c)
+        x = x + gate_msa * h
+        x = x + self.cross_attn(x, y, mask)
+        return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, patch: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(hidden, patch * out)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden) / hidden**0.5)
+
+    def forward(self, x, t):
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+def position_embedding(dim: int, h: int, w: int, scale: float, base_size: int, device) -> torch.Tensor:
+    """(1, h w, dim) float32: 2D sin-cos positions, rows of the grid scaled by the resolution
+    (Open-Sora's PositionEmbedding2D)."""
+    half = dim // 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, half, 2, device=device).float() / half))
+    grid_h = torch.arange(h, device=device) / scale * (base_size / h)
+    grid_w = torch.arange(w, device=device) / scale * (base_size / w)
+    rows, cols = grid_h[:, None].expand(h, w).reshape(-1), grid_w[None, :].expand(h, w).reshape(-1)
+
+    def emb(p):
+        out = p[:, None].float() * inv_freq[None]
+        return torch.cat([out.sin(), out.cos()], dim=-1)
+
+    return torch.cat([emb(cols), emb(rows)], dim=-1)[None]  # the column's code first ("w goes first" there)
+
+
+class STDiT3(nn.Module):
+    def __init__(self, cfg: STDiT3Config = STDiT3Config()):
+        super().__init__()
+        self.cfg = cfg
+        c, pt, ph, pw = cfg.hidden_size, *cfg.patch_size
+        self.out_channels = cfg.in_channels * (2 if cfg.pred_sigma else 1)
+        self.rope = Rope(c // cfg.num_heads)
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv3d(cfg.in_channels, c, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(c)
+        self.fps_embedder = TimestepEmbedder(c)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, c, cfg.model_max_length)
+        self.spatial_blocks = nn.ModuleList(STDiT3Block(cfg, False, None) for _ in range(cfg.depth))
+        self.temporal_blocks = nn.ModuleList(STDiT3Block(cfg, True, self.rope) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(c, pt * ph * pw, self.out_channels)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None, fps=None,
+                height=None, width=None, return_dict: bool = False):
+        cfg = self.cfg
+        b, _, frames, hh, ww = hidden_states.shape
+        pt, ph, pw = cfg.patch_size
+        t_, h_, w_ = frames // pt, hh // ph, ww // pw
+        dtype = self.x_embedder.proj.weight.dtype
+        x = self.x_embedder.proj(hidden_states.to(dtype)).flatten(2).transpose(1, 2)  # (B, T S, C)
+        spatial = h_ * w_
+        scale = (height[0].float() * width[0].float()).sqrt() / cfg.input_sq_size if height is not None else 1.0
+        pos = position_embedding(cfg.hidden_size, h_, w_, float(scale), round(spatial**0.5), x.device).to(dtype)
+        x = (x.view(b, t_, spatial, -1) + pos[:, None]).view(b, t_ * spatial, -1)
+        t = self.t_embedder(timestep, dtype)
+        if fps is not None:
+            t = t + self.fps_embedder(fps.reshape(-1).expand(b) if fps.numel() == 1 else fps, dtype)
+        t_mlp = self.t_block(t)
+        y = self.y_embedder(encoder_hidden_states.to(dtype))
+        mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
+            x = spatial_block(x, y, t_mlp, mask, t_, spatial)
+            x = temporal_block(x, y, t_mlp, mask, t_, spatial)
+        x = self.final_layer(x, t)  # (B, T S, pt ph pw out)
+        x = x.view(b, t_, h_, w_, pt, ph, pw, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = x.reshape(b, self.out_channels, t_ * pt, h_ * ph, w_ * pw).float()
+        return (out,)
