@@ -323,12 +323,17 @@ def _astraea_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
 def _peers(bench: Bench, plan: Plan) -> Iterator[Method]:
     from .peers import calibrate_mag_cache, make, parse_setting
     from .sampling import denoise
-    from .schema import TOCA_FAMILIES
+    from .schema import NOT_DIFFUSERS, TOCA_FAMILIES
 
     cfg, model = bench.cfg, bench.model
     ratios = None
     for text in cfg.bench.peers:
         name, knobs = parse_setting(text)
+        # a default setting that does not apply here (one given is refused by the config's validation)
+        if name == "toca" and model.family.name not in TOCA_FAMILIES:
+            continue
+        if name != "toca" and model.family.name in NOT_DIFFUSERS:
+            continue
         if name == "mag_cache":
             if ratios is None:
                 first = next(iter(bench.samples.values()))
@@ -337,8 +342,6 @@ def _peers(bench: Bench, plan: Plan) -> Iterator[Method]:
             knobs = knobs | {"steps": cfg.sampling.steps, "ratios": ratios}
         if name == "faster_cache":  # its unconditional-branch cache needs the CFG batch
             knobs = knobs | {"distilled": cfg.sampling.guidance <= 1}
-        if name == "toca" and model.family.name not in TOCA_FAMILIES:
-            continue  # in the default list only (a setting given is refused by the config's validation)
         if name == "toca":  # its step count and its CFG pairing (one choice of tokens for both branches)
             knobs = knobs | {"steps": cfg.sampling.steps, "cfg": cfg.sampling.guidance > 1}
         yield Method(name, text.partition(" ")[2] or "defaults",

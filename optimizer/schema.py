@@ -141,7 +141,8 @@ KNOBS = {"pab": {"skip": int, "cross": int, "lo": float, "hi": float}, "first_bl
          "mag_cache": {"threshold": float, "max_skip": int, "retention": float},
          "toca": {"ratio": float, "interval": int, "cross": int, "first": int}}  # the knobs a setting may give
 PEERS = tuple(KNOBS)
-TOCA_FAMILIES = ("wan",)  # blocks with self-attention, cross-attention and an MLP (astraea.toca.ROLES)
+TOCA_FAMILIES = ("wan", "opensora")  # blocks with self-attention, cross-attention and an MLP (astraea.toca.ROLES)
+NOT_DIFFUSERS = ("opensora",)  # transformers written here: diffusers' cache hooks do not apply
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
@@ -267,6 +268,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         if name == "toca" and m.family not in TOCA_FAMILIES and cfg.bench.peers != DEFAULT_PEERS:
             raise ConfigError(f"bench.peers[{i}]", f"toca is defined for {', '.join(TOCA_FAMILIES)} blocks, not "
                               f"{m.family}'s (text and video attended jointly): drop it")
+        if name != "toca" and m.family in NOT_DIFFUSERS and cfg.bench.peers != DEFAULT_PEERS:
+            raise ConfigError(f"bench.peers[{i}]", f"{name} is one of diffusers' cache hooks, which need a diffusers "
+                              f"model; {m.family}'s transformer is written here: use toca")
     if set(se.holdout_prompts) & set(s.prompts) or set(se.holdout_seeds) & set(s.seeds):
         raise ConfigError("search.holdout_prompts" if set(se.holdout_prompts) & set(s.prompts) else "search.holdout_seeds",
                           "must not repeat sampling's: held-out samples are ones the search never sees")

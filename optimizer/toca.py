@@ -21,9 +21,10 @@ first three steps full, the 'ToCa' ratio scheduler, soft_fresh_weight 0.25.
     latents = sampling.denoise(model, video, sampling, inputs, peer)
     peer.close()
 
-Roles by family: a block's submodule -> ToCa's module. Wan's blocks (and the bundled model,
-a Wan transformer) have all three; CogVideoX and HunyuanVideo attend over text and video
-jointly (no cross-attention map to score by), so ToCa is refused for them in one line.
+Roles by family: a block's submodule -> ToCa's module. Open-Sora's STDiT3 (ToCa's own target:
+spatial and temporal blocks, each with its own caches) and Wan's blocks (the bundled model
+too) have all three; CogVideoX and HunyuanVideo attend over text and video jointly (no
+cross-attention map to score by), so ToCa is refused for them in one line.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ROLES = {"wan": {"attn1": "attn", "attn2": "cross-attn", "ffn": "mlp"}}
+ROLES = {"wan": {"attn1": "attn", "attn2": "cross-attn", "ffn": "mlp"},
+         "opensora": {"attn": "attn", "cross_attn": "cross-attn", "mlp": "mlp"}}  # STDiT3: ToCa's own target
 MODULE_WEIGHT, MODULE_TIME_WEIGHT, SOFT_WEIGHT, BASE_THRESHOLD = 1.5, 0.33, 0.25, 3  # the published constants
 
 
@@ -45,17 +47,26 @@ def fresh_ratio(ratio: float, role: str) -> float:
     return min(max(ratio * factor, 0.0), 1.0)
 
 
-def cross_attention_map(attn: nn.Module, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def cross_attention_map(attn: nn.Module, x: torch.Tensor, context: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, N, L) float32: each query token's attention over the text, the mean over heads, of
-    a diffusers Wan attention module (its q/k projections and norms), one head at a time."""
-    heads = attn.heads
-    q, k = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(context))
+    a diffusers Wan attention module (its q/k projections and norms) or STDiT3's cross-attention
+    (q_linear, the key half of kv_linear; the caption mask), one head at a time."""
+    if hasattr(attn, "to_q"):
+        heads = attn.heads
+        q, k = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(context))
+    else:
+        heads = attn.heads
+        q, k = attn.q_linear(x), attn.kv_linear(context).unflatten(-1, (2, -1))[..., 0, :]
     q = q.unflatten(-1, (heads, -1)).float()
     k = k.unflatten(-1, (heads, -1)).float()
     scale = q.shape[-1] ** -0.5
     out = torch.zeros(q.shape[0], q.shape[1], k.shape[1], device=x.device)
     for h in range(heads):
-        out += torch.softmax(q[:, :, h] @ k[:, :, h].transpose(1, 2) * scale, dim=-1)
+        s = q[:, :, h] @ k[:, :, h].transpose(1, 2) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+        out += torch.softmax(s, dim=-1)
     return out / heads
 
 
@@ -108,9 +119,10 @@ class _Cached(nn.Module):
             st.cache[key] = out
             st.stale[key] = torch.zeros(x.shape[:2], dtype=torch.int32, device=x.device)
             st.computed_rows += x.shape[0] * x.shape[1]
-            if self.role == "cross-attn":
+            if self.role == "cross-attn":  # Wan: attn2(x, context, ...); STDiT3: cross_attn(x, y, mask)
                 context = args[0] if args else kwargs["encoder_hidden_states"]
-                st.set_entropy(self.layer, cross_attention_map(self.inner, x, context))
+                mask = args[1] if len(args) > 1 and not hasattr(self.inner, "to_q") else None
+                st.set_entropy(self.layer, cross_attention_map(self.inner, x, context, mask))
             return out
         st.stale[key] += 1
         k = int(fresh_ratio(st.ratio, self.role) * x.shape[1]) if self.role != "attn" else 0
@@ -134,7 +146,7 @@ class ToCa:
     def __init__(self, transformer: nn.Module, family: str, blocks: tuple[str, ...], steps: int, cfg: bool = False,
                  ratio: float = 0.1, interval: int = 3, cross: int = 6, first: int = 3):
         if family not in ROLES:
-            raise ValueError(f"toca is defined for the {', '.join(ROLES)} family's blocks (self-attention, "
+            raise ValueError(f"toca is defined for the {', '.join(ROLES)} families' blocks (self-attention, "
                              f"cross-attention, MLP), not {family!r}: its blocks attend over text and video jointly")
         if not (0.0 <= ratio <= 1.0 and interval >= 1 and cross >= 1 and first >= 1 and steps >= 1):
             raise ValueError("toca takes 0 <= ratio <= 1, interval >= 1, cross >= 1, first >= 1")

@@ -110,8 +110,8 @@ def test_toca_is_refused_where_blocks_attend_jointly():
     from conftest import tiny_config
 
     assert set(ROLES) == set(TOCA_FAMILIES)
-    with pytest.raises(ValueError, match="toca is defined for the wan family's blocks .* not 'cogvideox'"):
+    with pytest.raises(ValueError, match="toca is defined for the wan, opensora families' blocks .* not 'cogvideox'"):
         ToCa(torch.nn.Module(), "cogvideox", ("transformer_blocks",), steps=4)
-    with pytest.raises(config.ConfigError, match=r"bench.peers\[1\]: toca is defined for wan blocks, not cogvideox's"):
+    with pytest.raises(config.ConfigError, match=r"bench.peers\[1\]: toca is defined for wan, opensora blocks, not cogvideox's"):
         tiny_config("cogvideox", "tiny", bench={"peers": ["pab skip=2", "toca"]})
     tiny_config("cogvideox", "tiny")  # the default list holds toca: astraea-bench leaves it out there

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import cogvideox, hunyuan_video, wan  # noqa: F401  (register the built-in families)
+from . import cogvideox, hunyuan_video, opensora, wan  # noqa: F401  (register the built-in families)
 from .base import FAMILIES, Conditioning, Family, LoadedModel, Preset, TokenLayout, get_family
 
 __all__ = ["FAMILIES", "Conditioning", "Family", "LoadedModel", "Preset", "TokenLayout", "get_family"]

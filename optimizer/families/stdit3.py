@@ -22,7 +22,7 @@ sequence parallelism, dropout, gradient checkpointing or image-conditioning mask
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,9 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, in_channels: int, hidden: int, tokens: int):
         super().__init__()
         self.y_proj = Mlp(in_channels, hidden, hidden)
-        self.register_buffer("y_embedding", torch.randn(tokens, in_channels) / in_channels**0.5)  # the null caption
+        # the learned null caption (a buffer in the public code: the same key), a parameter so that
+        # random-weight presets fill it like every weight, alike on every device
+        self.y_embedding = nn.Parameter(torch.randn(tokens, in_channels) / in_channels**0.5, requires_grad=False)
 
     def forward(self, y):
         return self.y_proj(y)
@@ -103,11 +105,12 @@ def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) 
 
 
 class Rope(nn.Module):
-    """The temporal blocks' rotary table: `freqs` (head_dim / 2), as the checkpoint holds it."""
+    """The temporal blocks' rotary table: `freqs` (head_dim / 2), as the checkpoint holds it
+    (a buffer here: computed, never random)."""
 
     def __init__(self, dim: int, theta: float = 10000.0):
         super().__init__()
-        self.freqs = nn.Parameter(1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim), requires_grad=False)
+        self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
 
     def forward(self, x):
         return rotate_pairs(x, torch.arange(x.shape[-2], device=x.device, dtype=x.dtype), self.freqs)
@@ -161,7 +164,8 @@ class STDiT3Block(nn.Module):
         self.mlp = Mlp(c, int(c * cfg.mlp_ratio), c)
         self.scale_shift_table = nn.Parameter(torch.randn(6, c) / c**0.5)
 
-    def forward(self, x, y, t, mask, frames: int, spatial: int):
+    def forward(self, hidden_states, y, t, mask, frames: int, spatial: int):  # the name the capture marks
+        x = hidden_states
         b, _, c = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t.reshape(b, 6, -1)).chunk(6, dim=1)
@@ -188,7 +192,7 @@ class FinalLayer(nn.Module):
         return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
 
-def position_embedding(dim: int, h: int, w: int, scale: float, base_size: int, device) -> torch.Tensor:
+def position_embedding(dim: int, h: int, w: int, scale, base_size: int, device) -> torch.Tensor:
     """(1, h w, dim) float32: 2D sin-cos positions, rows of the grid scaled by the resolution
     (Open-Sora's PositionEmbedding2D)."""
     half = dim // 2
@@ -205,6 +209,10 @@ def position_embedding(dim: int, h: int, w: int, scale: float, base_size: int, d
 
 
 class STDiT3(nn.Module):
+    """The transformer, with the small part of diffusers' model interface the loader uses:
+    `config` (a dict), `from_config`, `from_pretrained` (a folder with config.json and
+    model.safetensors, e.g. hpcai-tech/OpenSora-STDiT-v3's), `dtype`."""
+
     def __init__(self, cfg: STDiT3Config = STDiT3Config()):
         super().__init__()
         self.cfg = cfg
@@ -230,8 +238,9 @@ class STDiT3(nn.Module):
         dtype = self.x_embedder.proj.weight.dtype
         x = self.x_embedder.proj(hidden_states.to(dtype)).flatten(2).transpose(1, 2)  # (B, T S, C)
         spatial = h_ * w_
+        # the resolution's scale stays a tensor: no data-dependent Python value (torch.export)
         scale = (height[0].float() * width[0].float()).sqrt() / cfg.input_sq_size if height is not None else 1.0
-        pos = position_embedding(cfg.hidden_size, h_, w_, float(scale), round(spatial**0.5), x.device).to(dtype)
+        pos = position_embedding(cfg.hidden_size, h_, w_, scale, round(spatial**0.5), x.device).to(dtype)
         x = (x.view(b, t_, spatial, -1) + pos[:, None]).view(b, t_ * spatial, -1)
         t = self.t_embedder(timestep, dtype)
         if fps is not None:
@@ -246,3 +255,41 @@ class STDiT3(nn.Module):
         x = x.view(b, t_, h_, w_, pt, ph, pw, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.reshape(b, self.out_channels, t_ * pt, h_ * ph, w_ * pw).float()
         return (out,)
+
+    # ---- the loader's interface ------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return {f.name: getattr(self.cfg, f.name) for f in fields(STDiT3Config)}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.proj.weight.dtype
+
+    @classmethod
+    def from_config(cls, config: dict) -> STDiT3:
+        known = {f.name for f in fields(STDiT3Config)}
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known}
+        return cls(STDiT3Config(**values))
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder: str | None = None, dtype: torch.dtype = torch.float32) -> STDiT3:
+        """config.json (the public STDiT3Config's keys) and model.safetensors, in `folder` or
+        its `subfolder`; raises OSError / ValueError naming what is missing or does not fit."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        root = Path(folder)
+        if subfolder and (root / subfolder).is_dir():
+            root = root / subfolder
+        for name in ("config.json", "model.safetensors"):
+            if not (root / name).is_file():
+                raise OSError(f"{root / name} is missing (an STDiT3 checkpoint: config.json and model.safetensors)")
+        model = cls.from_config(json.loads((root / "config.json").read_text()))
+        state = load_file(str(root / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{root / 'model.safetensors'} does not fit STDiT3 {model.cfg}: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
+        return model.to(dtype)

@@ -1,0 +1,159 @@
+"""Open-Sora v1.2 (hpcai-tech): STDiT3 (our implementation, families/stdit3.py), T5 captions
+(4096 wide, 300 tokens, a padding mask), its rectified-flow sampler, latents B,C,F,H,W from
+its VAE (8x in space, 17 frames -> 5 latent frames in time).
+
+The sampler is Open-Sora's RFLOW: timesteps (1 - i/N) x 1000, each moved by the resolution
+and length transform (ratio = sqrt(H W / 512^2) x sqrt(latent frames), t' = ratio t /
+(1 + (ratio - 1) t)), Euler steps z += v (t_i - t_i+1) / 1000 with the velocity the first
+half of the output's channels. The frame rate and the pixel size are model inputs.
+
+Not yet: the token-wise rewrite of STDiT3's factored attention (spatial attention within a
+frame, temporal across frames; the OpenSora issue), so `astraea-build` stops at the rewrite
+with the op it cannot prove; dense sampling, the bench's dense row and ToCa run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from .base import FAMILIES, Conditioning, Family, Geometry, Preset, pseudo_embedding
+from .stdit3 import STDiT3
+
+FPS = 24.0
+
+
+@dataclass(frozen=True)
+class MicroFrameGeometry(Geometry):
+    """Open-Sora v1.2's VAE: 8x in space; in time, each 17 frames -> 5 latent frames."""
+
+    spatial: int = 8
+    temporal: int = 17
+    latent_per_micro: int = 5
+
+    def latent_frames(self, frames: int) -> int:
+        return frames // self.temporal * self.latent_per_micro
+
+
+class RFlow:
+    """Open-Sora v1.2's rectified-flow sampler (timesteps on a 0-1000 scale)."""
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def __init__(self, height: int, width: int, frames: int, num_timesteps: int = 1000):
+        self.height, self.width, self.frames, self.num_timesteps = height, width, frames, num_timesteps
+        self.timesteps = torch.zeros(0)
+
+    @property
+    def config(self) -> dict:
+        return {"height": self.height, "width": self.width, "frames": self.frames, "num_timesteps": self.num_timesteps}
+
+    def transform(self, t: float) -> float:
+        ratio = math.sqrt(self.height * self.width / 512**2) * math.sqrt(self.frames // 17 * 5 if self.frames > 1 else 1)
+        t = t / self.num_timesteps
+        return ratio * t / (1 + (ratio - 1) * t) * self.num_timesteps
+
+    def set_timesteps(self, steps: int, device=None) -> None:
+        ts = [self.transform((1 - i / steps) * self.num_timesteps) for i in range(steps)]
+        self.timesteps = torch.tensor(ts, dtype=torch.float32, device=device)
+
+    def step(self, velocity: torch.Tensor, t, latents: torch.Tensor) -> torch.Tensor:
+        ts = self.timesteps
+        i = int((ts - float(t)).abs().argmin())
+        dt = (ts[i] - ts[i + 1] if i + 1 < len(ts) else ts[i]) / self.num_timesteps
+        return latents + velocity * dt.to(latents.device)
+
+
+_XL = dict(depth=28, hidden_size=1152, num_heads=16, in_channels=4, patch_size=(1, 2, 2), caption_channels=4096,
+           model_max_length=300)
+
+
+@FAMILIES.register("opensora")
+class OpenSora(Family):
+    name = "opensora"
+    model_class = STDiT3
+    pipeline_class = ""  # no diffusers pipeline: a checkpoint is the transformer's folder alone
+    layout = "BCFHW"
+    schedulers = ("rflow",)
+    block_containers = ("spatial_blocks", "temporal_blocks")
+    self_attention = ("attn",)
+    pipeline_cfg_per_branch = False  # Open-Sora runs the CFG batch in one call
+    presets = {
+        # 2 s at 24 fps (51 frames: 15 latent frames), 480p 16:9: 15 x 30 x 53 tokens before patching
+        "stdit3-xl-2": Preset("stdit3-xl-2", _XL, 300, (51, 480, 848), "Open-Sora v1.2, random weights",
+                              geometry=MicroFrameGeometry()),
+        "tiny": Preset("tiny", dict(_XL, depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16),
+                       16, (17, 64, 64), "2 spatial + 2 temporal blocks, 4 heads x 16, random weights: tests",
+                       geometry=MicroFrameGeometry()),
+    }
+
+    @staticmethod
+    def patch(config):
+        return tuple(config.get("patch_size", (1, 2, 2)))
+
+    def text_dim(self, config):
+        return config.get("caption_channels", 4096)
+
+    def default_text_length(self, config):
+        return config.get("model_max_length", 300)
+
+    def geometry(self, cfg):
+        return MicroFrameGeometry() if cfg.model.preset is None else self.preset(cfg.model.preset).geometry
+
+    def validate(self, cfg):
+        if cfg.model.checkpoint is not None:
+            self.model_config_from_folder(cfg.model.checkpoint)
+        v, s = cfg.video, cfg.sampling
+        if v.frames % 17:
+            lo = max(17, v.frames // 17 * 17)
+            raise ConfigError("video.frames", f"opensora needs frames = 17k (its VAE encodes 17 frames into 5): "
+                                              f"{v.frames} is not; try {lo} or {lo + 17}")
+        for key, size in (("height", v.height), ("width", v.width)):
+            if size % 16:
+                raise ConfigError(f"video.{key}", f"{size} is not divisible by 16 (VAE stride 8 x patch 2)")
+        if s.scheduler not in ("default", "rflow"):
+            raise ConfigError("sampling.scheduler", f"{s.scheduler!r} is not one of default, rflow for opensora")
+        if s.embedded_guidance is not None:
+            raise ConfigError("sampling.embedded_guidance", "only hunyuan_video has embedded guidance, not opensora")
+
+    @staticmethod
+    def model_config_from_folder(folder) -> dict:
+        import json
+        from pathlib import Path
+
+        root = Path(folder) / "transformer" if (Path(folder) / "transformer").is_dir() else Path(folder)
+        path = root / "config.json"
+        if not path.is_file():
+            raise ConfigError("model.checkpoint", f"{path} is missing: an opensora checkpoint is STDiT3's config.json "
+                                                  "and model.safetensors (in the folder or its transformer/)")
+        return json.loads(path.read_text())
+
+    def model_config(self, cfg):
+        if cfg.model.preset is not None:
+            return self.preset(cfg.model.preset).config
+        return self.model_config_from_folder(cfg.model.checkpoint)
+
+    def make_scheduler(self, name, shift, config, video):
+        return RFlow(video.height, video.width, video.frames)
+
+    def pseudo_condition(self, prompt, config, text_length):
+        embeds, mask = pseudo_embedding(prompt, text_length, self.text_dim(config))
+        return Conditioning(embeds[None], mask[None])
+
+    def static_inputs(self, model, video, sampling):
+        device = model.device
+        return {"fps": torch.tensor([FPS], device=device), "height": torch.tensor([float(video.height)], device=device),
+                "width": torch.tensor([float(video.width)], device=device)}
+
+    def model_inputs(self, latents, t, cond, static):
+        b = latents.shape[0]
+        return dict(hidden_states=latents, timestep=t.expand(b), encoder_hidden_states=cond.embeds,
+                    encoder_attention_mask=cond.mask, fps=static["fps"], height=static["height"].expand(b),
+                    width=static["width"].expand(b), return_dict=False)
+
+    def scheduler_step(self, scheduler, pred, t, latents, state):
+        return scheduler.step(pred[:, : latents.shape[1]], t, latents)  # the velocity: the first half (pred_sigma)
