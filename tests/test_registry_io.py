@@ -27,7 +27,7 @@ def test_registry_miss_lists_names_and_snapshot_restores():
 
 
 def test_builtin_families():
-    assert FAMILIES.names() == ["cogvideox", "hunyuan_video", "wan"]
+    assert FAMILIES.names() == ["cogvideox", "hunyuan_video", "opensora", "wan"]
 
 
 def test_atomic_file_keeps_old_content_on_error(tmp_path):
