@@ -47,7 +47,7 @@ from .families import LoadedModel
 from .io import stable_hash
 from .metrics import compare, frames
 from .schedule import Schedule, call_label
-from .schema import RunConfig
+from .schema import NOT_DIFFUSERS, TOCA_FAMILIES, RunConfig
 from .timing import Clock, device_name, synchronize
 
 log = logging.getLogger("astraea")
@@ -323,7 +323,6 @@ def _astraea_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
 def _peers(bench: Bench, plan: Plan) -> Iterator[Method]:
     from .peers import calibrate_mag_cache, make, parse_setting
     from .sampling import denoise
-    from .schema import NOT_DIFFUSERS, TOCA_FAMILIES
 
     cfg, model = bench.cfg, bench.model
     ratios = None
@@ -366,7 +365,8 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
     setup = bench.setup = _setup(cfg, model, bench)
     stored = report.stored_dense(out / "bench", setup["key"])
     if "dense" in methods or stored is None:
-        bench.add(Method("dense", "diffusers, eager", lambda: model.transformer, count_work=True))
+        source = "diffusers" if model.family.name not in NOT_DIFFUSERS else type(model.transformer).__name__
+        bench.add(Method("dense", f"{source}, eager", lambda: model.transformer, count_work=True))
         report.store_dense(out / "bench", setup["key"], bench.rows[0], bench.dense)
     else:  # this setup's dense row and samples from an earlier invocation (the same card: see setup)
         log.info("dense: reusing the row and samples of %s (add dense to --methods to measure it again)",

@@ -101,6 +101,6 @@ def test_the_bench_runs_toca_and_leaves_diffusers_hooks_out(tmp_path):
     model = loader.load_model(cfg)
     report = bench.run(cfg, model, tmp_path, methods=("dense", "peers"), progress=False)
     assert [(r["method"], r["setting"]) for r in report["rows"]] == [
-        ("dense", "diffusers, eager"), ("toca", "defaults"), ("toca", "interval=5 cross=10")]
+        ("dense", "STDiT3, eager"), ("toca", "defaults"), ("toca", "interval=5 cross=10")]
     with pytest.raises(config.ConfigError, match=r"bench.peers\[0\]: pab is one of diffusers' cache hooks"):
         _cfg(bench={"peers": ["pab skip=2"]})
