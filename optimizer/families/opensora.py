@@ -81,6 +81,7 @@ class OpenSora(Family):
     schedulers = ("rflow",)
     block_containers = ("spatial_blocks", "temporal_blocks")
     self_attention = ("attn",)
+    token_tables = {"rotary_emb": 0}  # the temporal blocks' rotary cos/sin, (N, head_dim) each
     pipeline_cfg_per_branch = False  # Open-Sora runs the CFG batch in one call
     presets = {
         # 2 s at 24 fps (51 frames: 15 latent frames), 480p 16:9: 15 x 30 x 53 tokens before patching

@@ -96,42 +96,46 @@ class CaptionEmbedder(nn.Module):
         return self.y_proj(y)
 
 
-def rotate_pairs(x: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding over dim -2 with interleaved pairs (rotary-embedding-torch's)."""
-    angles = (positions[:, None].to(freqs.dtype) * freqs[None]).repeat_interleave(2, dim=-1).to(x)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding with interleaved pairs (rotary-embedding-torch's), angles given."""
     pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * angles.cos() + rotated * angles.sin()
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class Rope(nn.Module):
-    """The temporal blocks' rotary table: `freqs` (head_dim / 2), as the checkpoint holds it
-    (a buffer here: computed, never random)."""
+    """The temporal blocks' rotary frequencies, `freqs` (head_dim / 2) as the checkpoint holds
+    it (a buffer here: computed, never random), and their table a token: the cos and sin
+    (N, head_dim) of each token's frame index, the positions the temporal attention rotates by.
+    A table indexed by token (the family's `token_tables`), so a row keeps its angles wherever
+    it is gathered to."""
 
     def __init__(self, dim: int, theta: float = 10000.0):
         super().__init__()
         self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
 
-    def forward(self, x):
-        return rotate_pairs(x, torch.arange(x.shape[-2], device=x.device, dtype=x.dtype), self.freqs)
+    def table(self, frames: int, spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+        frame = torch.arange(frames, device=self.freqs.device).repeat_interleave(spatial)  # token n -> n // spatial
+        angles = (frame[:, None].float() * self.freqs[None]).repeat_interleave(2, dim=-1)
+        return angles.cos(), angles.sin()
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qk_norm: bool, rope: Rope | None = None):
+    def __init__(self, dim: int, heads: int, qk_norm: bool):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-        self._rope = [rope]  # shared with the model, not a submodule: the checkpoint holds it once, as `rope`
 
-    def forward(self, x):
+    def forward(self, x, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x (G, L, C): G groups of L tokens; rotary: cos, sin broadcasting to (G, heads, L, D)."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self._rope[0] is not None:
-            q, k = self._rope[0](q), self._rope[0](k)
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
@@ -153,18 +157,20 @@ class CrossAttention(nn.Module):
 
 
 class STDiT3Block(nn.Module):
-    def __init__(self, cfg: STDiT3Config, temporal: bool, rope: Rope | None):
+    def __init__(self, cfg: STDiT3Config, temporal: bool):
         super().__init__()
         c = cfg.hidden_size
         self.temporal = temporal
         self.norm1 = nn.LayerNorm(c, eps=1e-6, elementwise_affine=False)
-        self.attn = Attention(c, cfg.num_heads, cfg.qk_norm, rope if temporal else None)
+        self.attn = Attention(c, cfg.num_heads, cfg.qk_norm)
         self.cross_attn = CrossAttention(c, cfg.num_heads)
         self.norm2 = nn.LayerNorm(c, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(c, int(c * cfg.mlp_ratio), c)
         self.scale_shift_table = nn.Parameter(torch.randn(6, c) / c**0.5)
 
-    def forward(self, hidden_states, y, t, mask, frames: int, spatial: int):  # the name the capture marks
+    def forward(self, hidden_states, y, t, mask, frames: int, spatial: int, rotary_emb=None):
+        """hidden_states (B, T S, C), the name the capture marks; rotary_emb: the temporal
+        blocks' (cos, sin) a token (Rope.table)."""
         x = hidden_states
         b, _, c = x.shape
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
@@ -172,7 +178,11 @@ class STDiT3Block(nn.Module):
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
         if self.temporal:  # attention across the frames at each position
             h = h.view(b, frames, spatial, c).transpose(1, 2).reshape(b * spatial, frames, c)
-            h = self.attn(h).view(b, spatial, frames, c).transpose(1, 2).reshape(b, frames * spatial, c)
+            rotary = None
+            if rotary_emb is not None:  # the table grouped like the tokens: (B S, 1 head, T, D)
+                rotary = tuple(r.view(frames, spatial, -1).transpose(0, 1)[None].expand(b, -1, -1, -1)
+                               .reshape(b * spatial, 1, frames, -1) for r in rotary_emb)
+            h = self.attn(h, rotary).view(b, spatial, frames, c).transpose(1, 2).reshape(b, frames * spatial, c)
         else:  # attention within each frame
             h = self.attn(h.reshape(b * frames, spatial, c)).view(b, frames * spatial, c)
         x = x + gate_msa * h
@@ -225,8 +235,8 @@ class STDiT3(nn.Module):
         self.fps_embedder = TimestepEmbedder(c)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, c, cfg.model_max_length)
-        self.spatial_blocks = nn.ModuleList(STDiT3Block(cfg, False, None) for _ in range(cfg.depth))
-        self.temporal_blocks = nn.ModuleList(STDiT3Block(cfg, True, self.rope) for _ in range(cfg.depth))
+        self.spatial_blocks = nn.ModuleList(STDiT3Block(cfg, False) for _ in range(cfg.depth))
+        self.temporal_blocks = nn.ModuleList(STDiT3Block(cfg, True) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(c, pt * ph * pw, self.out_channels)
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask=None, fps=None,
@@ -248,9 +258,10 @@ class STDiT3(nn.Module):
         t_mlp = self.t_block(t)
         y = self.y_embedder(encoder_hidden_states.to(dtype))
         mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        rotary = self.rope.table(t_, spatial)
         for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
             x = spatial_block(x, y, t_mlp, mask, t_, spatial)
-            x = temporal_block(x, y, t_mlp, mask, t_, spatial)
+            x = temporal_block(x, y, t_mlp, mask, t_, spatial, rotary_emb=rotary)
         x = self.final_layer(x, t)  # (B, T S, pt ph pw out)
         x = x.view(b, t_, h_, w_, pt, ph, pw, self.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.reshape(b, self.out_channels, t_ * pt, h_ * ph, w_ * pw).float()
