@@ -177,8 +177,13 @@ class Bench:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         ends, calls, quality, latents = [], {}, {}, {}
-        linear_calls = [0]
-        hooks = [mod.register_forward_pre_hook(lambda *_: linear_calls.__setitem__(0, linear_calls[0] + 1))
+        linear = [0, 0]  # the blocks' Linear calls, and the rows through them (ToCa computes some rows of a call)
+
+        def count(_module, args):
+            linear[0] += 1
+            linear[1] += args[0].shape[:-1].numel()
+
+        hooks = [mod.register_forward_pre_hook(count)
                  for b in model.family.block_containers for mod in getattr(model.transformer, b).modules()
                  if isinstance(mod, torch.nn.Linear)] if m.count_work else []
         for name, inputs in self.samples.items():
@@ -209,7 +214,8 @@ class Bench:
                "step_ms_mean": {k: statistics.fmean(v) for k, v in calls.items()},
                "step_calls": {k: len(v) for k, v in calls.items()}, "peak_gib": peak,
                "quality": quality, **_mean_quality(quality), **m.info,
-               "linear_calls": linear_calls[0] / len(ends) if m.count_work else None}
+               "linear_calls": linear[0] / len(ends) if m.count_work else None,
+               "linear_rows": linear[1] / len(ends) if m.count_work else None}
         return row
 
     def add(self, m: Method) -> dict:
@@ -222,6 +228,8 @@ class Bench:
         # the fraction of the dense blocks' Linear calls a peer made: the work it did not skip
         row["work_fraction"] = (row["linear_calls"] / dense["linear_calls"]
                                 if row["linear_calls"] is not None and dense.get("linear_calls") else None)
+        row["row_work_fraction"] = (row["linear_rows"] / dense["linear_rows"]
+                                    if row.get("linear_rows") is not None and dense.get("linear_rows") else None)
         self.rows.append(row)
         q = row["psnr_pixels"] if row["psnr_pixels"] is not None else row["psnr_latent"]
         log.info("%-17s %-22s %8.0f ms a sample  %5.2fx  PSNR %6.2f dB  (warm-up %.0f s)%s", row["method"],

@@ -66,7 +66,8 @@ def markdown(report: dict) -> str:
             f"{s['repeats']} timed generation(s) each after warm-up; {s['device']}, torch {s['torch']}; {s['date']}. "
             f"Quality against the dense eager sample: {'decoded frames (PSNR, SSIM) and ' if pixels else ''}"
             "final latents (PSNR); no LPIPS (its backbone cannot be downloaded here). Block work: the fraction of "
-            "the dense blocks' Linear calls a peer made.\n\n")
+            "the dense blocks' Linear calls a peer made (and of the rows through them, where a peer computes some "
+            "rows of a call).\n\n")
     cols = ("| method | setting | mean budget | sample (ms) | speedup | block work | per call ms (by budget) | peak GiB "
             "| extra GiB |")
     cols += " PSNR pixels | SSIM | PSNR latents |\n" if pixels else " PSNR latents |\n"
@@ -80,6 +81,9 @@ def markdown(report: dict) -> str:
         q = f" {_db(r['psnr_pixels'])} | {_num(r['ssim_pixels'])} | {_db(r['psnr_latent'])} |" if pixels else \
             f" {_db(r['psnr_latent'])} |"
         work = "-" if r.get("work_fraction") is None else f"{r['work_fraction']:.2f}"
+        rows = r.get("row_work_fraction")
+        if rows is not None and abs(rows - r["work_fraction"]) > 0.005:
+            work += f" (rows {rows:.2f})"
         lines.append(f"| {r['method']} | {r['setting']} | {budget} | {r['sample_ms']:.0f} | {r['speedup']:.2f}x | {work} | "
                      f"{calls} | {peak} | {extra} |{q}")
     return head + cols + sep + "\n".join(lines) + "\n"

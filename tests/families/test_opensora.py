@@ -97,10 +97,14 @@ def test_the_bench_runs_toca_and_leaves_diffusers_hooks_out(tmp_path):
     needs a diffusers model); one given explicitly is refused at validation."""
     from astraea import bench
 
-    cfg = _cfg(bench={"warmup": 0, "repeats": 1})
+    cfg = _cfg(bench={"warmup": 0, "repeats": 1}, sampling={"steps": 8})
     model = loader.load_model(cfg)
     report = bench.run(cfg, model, tmp_path, methods=("dense", "peers"), progress=False)
     assert [(r["method"], r["setting"]) for r in report["rows"]] == [
         ("dense", "STDiT3, eager"), ("toca", "defaults"), ("toca", "interval=5 cross=10")]
+    dense, toca = report["rows"][0], report["rows"][1]
+    assert dense["work_fraction"] == dense["row_work_fraction"] == 1.0
+    # partial calls (the MLP on 15% of the rows) make the rows' fraction the smaller
+    assert toca["row_work_fraction"] < min(1.0, toca["work_fraction"])
     with pytest.raises(config.ConfigError, match=r"bench.peers\[0\]: pab is one of diffusers' cache hooks"):
         _cfg(bench={"peers": ["pab skip=2"]})
