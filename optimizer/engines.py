@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from astraea.plugins import fp8_linear
+from astraea.plugins import factored_attention, fp8_linear
 
 from . import runtime
 from .errors import EngineError
@@ -70,11 +70,13 @@ class Job:
 
     def exported(self, decompose: bool = False) -> torch.export.ExportedProgram:
         """The in-place step as an ExportedProgram (example inputs: the weights, inputs and zero
-        state); decompose: FP8 Linear layers written out in ATen ops, for a compiler to fuse."""
+        state); decompose: FP8 Linear layers written out in ATen ops, for a compiler to fuse, and
+        factored attention as its grouping around astraea::sparse_attention (no Python op left
+        in an AOTI package)."""
         state = runtime.empty_state(self.sig.state, self.device)
         step = TensorStep(self.program.graph, self.sig.layout, in_place=True)
         ep = torch.export.export(step, tuple(self.weights + self.inputs + state), strict=False)
-        return fp8_linear.decompose(ep) if decompose else ep
+        return factored_attention.decompose(fp8_linear.decompose(ep)) if decompose else ep
 
 
 class Builder:

@@ -5,7 +5,9 @@ From each block's `astraea::token_mark` (token axis: dim 1) and `astraea::token_
 the block by a whitelist of rules keyed by op (`TOKEN_RULES`); a node that touches a
 token-carrying tensor and has no rule stops the pass with an error naming the op, never a
 guess; sizes are only asserted. Then:
-  full    token nodes that are ancestors of a self-attention's K or V (they need all rows)
+  full    token nodes that are ancestors of a self-attention's K or V (they need all rows),
+          or of a factored attention's outputs (`astraea::factored_attention`, STDiT3's
+          attention within a frame or a position: computed on every row, gathered after)
   subset  every other token node of the block (they will run on the selected rows only)
   gather  each edge from a full node into a subset node (e.g. the normed input into the Q
           projection, the rotary table into the Q-side rotation, the block input into the
@@ -31,6 +33,7 @@ from astraea.errors import AstraeaError
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+FACTORED = torch.ops.astraea.factored_attention.default  # attention within a frame or a position (STDiT3)
 MARK = torch.ops.astraea.token_mark.default
 TABLE = torch.ops.astraea.token_table.default
 IGNORED = {aten._assert_tensor_metadata.default}
@@ -162,6 +165,8 @@ TOKEN_RULES = {
     aten.permute.default: _permute, aten.transpose.int: _transpose, aten.unsqueeze.default: _unsqueeze,
     # an FP8 Linear with a static input scale: row-local like the Linear it replaces
     torch.ops.astraea.fp8_linear.default: _keep,
+    # (out, lse), both on q's token axis; computed on every row (see the full anchors below)
+    FACTORED: lambda node, ax, src: [ax, ax],
 }
 # rules that need N (ranges along the token axis), or see every input (cat, slice_scatter)
 RANGE_RULES = {
@@ -232,6 +237,9 @@ def classify_rows(gm: fx.GraphModule, ctx) -> dict[str, int]:
         # full: ancestors (inside the block, token-carrying) of self-attention K and V
         full: set[fx.Node] = set()
         stack = [a for n in order if n.target is SDPA and n.meta.get("astraea_attention") == "self" for a in n.args[1:3]]
+        # factored attention (within a frame or a position) runs on every row, queries included: its
+        # outputs anchor the full side, and the rows are gathered after it (the groups never split)
+        stack += [u for n in order if n.target is FACTORED for u in n.users]
         while stack:
             n = stack.pop()
             if n in token and n not in full and n is not mark and not isinstance(token[n], list):

@@ -2,6 +2,7 @@
 
 - `token_select`     score = LSE x ||x - x_ref|| + w_beta exp(skips); top-k per batch row
 - `sparse_attention` query-only attention over all keys, with the row LSE (Triton on CUDA)
+- `factored_attention` attention within a token's frame or position (STDiT3), with the row LSE
 - `cache_update`     fresh rows, LSE, reference input and skip counters, in place
 - `fp8_linear`       a Linear layer in FP8 e4m3 with static scales (torch._scaled_mm on FP8 tensor cores)
 - `token_mark`, `token_table`  identities that mark a block's token stream and its token-indexed
@@ -12,6 +13,6 @@ works in eager mode, under torch.compile and through torch.export. Kernels live 
 `kernels/`, free of registration side effects. Importing this package registers the ops.
 """
 
-from . import cache_update, fp8_linear, sparse_attention, token_mark, token_select  # noqa: F401  (registration)
+from . import cache_update, factored_attention, fp8_linear, sparse_attention, token_mark, token_select  # noqa: F401
 
-__all__ = ["cache_update", "fp8_linear", "sparse_attention", "token_mark", "token_select"]  # the op modules; call torch.ops.astraea.*
+__all__ = ["cache_update", "factored_attention", "fp8_linear", "sparse_attention", "token_mark", "token_select"]  # the op modules; call torch.ops.astraea.*

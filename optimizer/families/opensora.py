@@ -7,9 +7,11 @@ and length transform (ratio = sqrt(H W / 512^2) x sqrt(latent frames), t' = rati
 (1 + (ratio - 1) t)), Euler steps z += v (t_i - t_i+1) / 1000 with the velocity the first
 half of the output's channels. The frame rate and the pixel size are model inputs.
 
-Not yet: the token-wise rewrite of STDiT3's factored attention (spatial attention within a
-frame, temporal across frames; the OpenSora issue), so `astraea-build` stops at the rewrite
-with the op it cannot prove; dense sampling, the bench's dense row and ToCa run.
+STDiT3's factored attention (within a frame, or across the frames at a position) is one op on
+token-ordered tensors, `astraea::factored_attention`, which the rewrite keeps on every row
+(the selected rows are gathered after it): oracle-exact like the other families. Query-only
+grouped attention (the selected rows' queries against their group's keys) is not yet: at
+480p spatial attention is about a fifth of a spatial block's FLOPs.
 """
 
 from __future__ import annotations

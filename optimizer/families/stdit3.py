@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import astraea.plugins  # noqa: F401  (astraea::factored_attention)
+
 
 @dataclass(frozen=True)
 class STDiT3Config:
@@ -121,22 +123,26 @@ class Rope(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, qk_norm: bool):
+    """Self-attention within each frame (spatial) or across the frames at each position
+    (temporal), on tokens in their order: astraea::factored_attention, so that the token
+    axis stays whole in a captured graph."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, temporal: bool):
         super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
+        self.heads, self.head_dim, self.temporal = heads, dim // heads, temporal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """x (G, L, C): G groups of L tokens; rotary: cos, sin broadcasting to (G, heads, L, D)."""
+    def forward(self, x, frames: int, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x (B, T S, C); rotary: cos, sin (T S, D) a token (the temporal blocks')."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotate(q, *rotary), rotate(k, *rotary)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out, _ = torch.ops.astraea.factored_attention(q, k, v, frames, self.temporal)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -162,7 +168,7 @@ class STDiT3Block(nn.Module):
         c = cfg.hidden_size
         self.temporal = temporal
         self.norm1 = nn.LayerNorm(c, eps=1e-6, elementwise_affine=False)
-        self.attn = Attention(c, cfg.num_heads, cfg.qk_norm)
+        self.attn = Attention(c, cfg.num_heads, cfg.qk_norm, temporal)
         self.cross_attn = CrossAttention(c, cfg.num_heads)
         self.norm2 = nn.LayerNorm(c, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(c, int(c * cfg.mlp_ratio), c)
@@ -176,15 +182,7 @@ class STDiT3Block(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t.reshape(b, 6, -1)).chunk(6, dim=1)
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        if self.temporal:  # attention across the frames at each position
-            h = h.view(b, frames, spatial, c).transpose(1, 2).reshape(b * spatial, frames, c)
-            rotary = None
-            if rotary_emb is not None:  # the table grouped like the tokens: (B S, 1 head, T, D)
-                rotary = tuple(r.view(frames, spatial, -1).transpose(0, 1)[None].expand(b, -1, -1, -1)
-                               .reshape(b * spatial, 1, frames, -1) for r in rotary_emb)
-            h = self.attn(h, rotary).view(b, spatial, frames, c).transpose(1, 2).reshape(b, frames * spatial, c)
-        else:  # attention within each frame
-            h = self.attn(h.reshape(b * frames, spatial, c)).view(b, frames * spatial, c)
+        h = self.attn(h, frames, rotary_emb if self.temporal else None)
         x = x + gate_msa * h
         x = x + self.cross_attn(x, y, mask)
         return x + gate_mlp * self.mlp(self.norm2(x) * (1 + scale_mlp) + shift_mlp)

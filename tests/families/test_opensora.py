@@ -1,6 +1,6 @@
 """The opensora family: Open-Sora v1.2's sampler against its formulas, dense sampling on the
-tiny preset, a checkpoint folder in the public layout, ToCa on its blocks, and the rewrite
-refusing STDiT3's factored attention in one line (until grouped attention lands)."""
+tiny preset, a checkpoint folder in the public layout, ToCa on its blocks, the token-wise
+programs sampling, and the bench."""
 
 from __future__ import annotations
 
@@ -81,15 +81,32 @@ def test_toca_on_stdit3_blocks():
         assert rel < 1e-5 if same else 1e-6 < rel < 1.0, (knobs, rel)
 
 
-def test_the_rewrite_refuses_factored_attention_in_one_line():
-    from astraea.passes.pipeline import PassError
-    from astraea.tokenwise import build_programs
+def test_the_rewritten_programs_sample_and_decompose_for_compilers():
+    """The token-wise programs (attention within a frame or a position on every row; the oracle
+    is tests/passes/test_rewrite.py's): at 100% the whole sampling equals dense, at 50% it stays
+    close; the decomposition engines compile (factored attention as its grouping around
+    astraea::sparse_attention) computes what the op does."""
+    from astraea.plugins import factored_attention
+    from astraea.tokenwise import TokenwiseTransformer, build_programs
 
     cfg = _cfg()
     model = loader.load_model(cfg)
-    with pytest.raises(PassError, match=r"classify_rows .* aten.view.default merges or splits the token axis") as e:
-        build_programs(model, cfg, [10], progress=False)
-    assert "\n" not in str(e.value)
+    n = model.layout(cfg.video).video_tokens
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
+    dense = denoise(model, cfg.video, cfg.sampling, inputs)
+    programs = build_programs(model, cfg, [n, n // 2], progress=False)
+    full = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, [n] * 4))
+    torch.testing.assert_close(full, dense, atol=1e-5, rtol=1e-5)
+    half = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, [n] + [n // 2] * 3))
+    assert 1e-6 < ((half - dense).norm() / dense.norm()).item() < 1.0
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    ep = torch.export.export(model.transformer, (), kwargs, strict=False)
+    op = torch.ops.astraea.factored_attention.default
+    assert sum(node.target is op for node in ep.graph.nodes) == 4  # 2 spatial + 2 temporal blocks
+    flat = factored_attention.decompose(ep)
+    assert not any(node.target is op for node in flat.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(flat.module()(**kwargs)[0], model.transformer(**kwargs)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_the_bench_runs_toca_and_leaves_diffusers_hooks_out(tmp_path):

@@ -1,0 +1,65 @@
+"""astraea::factored_attention: attention within groups of the token axis, with the row LSE.
+
+    out, lse = factored_attention(q, k, v, frames, temporal)
+    q, k, v (B, H, N, D) in token order, N = frames x S (frame-major, as a video's tokens are)
+    temporal False: each token attends to the S tokens of its own frame (spatial attention)
+    temporal True:  each token attends to the `frames` tokens at its own position
+    out (B, H, N, D) in q's dtype, lse (B, H, N) float32
+
+Open-Sora's STDiT3 factors its attention this way. As one op on token-ordered tensors the
+token axis never splits into (frame, position) in a captured graph, so the rewrite's passes
+follow it as they follow any other op (the groups are a function of the token index: a
+token-to-group map). Its definition, and what compilers get (`decompose`), is the grouping
+by view/permute around `astraea::sparse_attention` (every query of a group against its
+keys), so it runs on that op's kernels everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _grouped(t: torch.Tensor, frames: int, temporal: bool) -> torch.Tensor:
+    b, h, n, d = t.shape
+    t = t.view(b, h, frames, n // frames, d)
+    if temporal:  # (B, S, H, T, D): the frames of one position together
+        return t.permute(0, 3, 1, 2, 4).reshape(b * (n // frames), h, frames, d)
+    return t.transpose(1, 2).reshape(b * frames, h, n // frames, d)  # (B T, H, S, D)
+
+
+def _ungrouped(t: torch.Tensor, b: int, frames: int, temporal: bool) -> torch.Tensor:
+    g, h, length, *rest = t.shape
+    if temporal:  # (B S, H, T, ...) -> (B, H, T S, ...)
+        s = g // b
+        t = t.view(b, s, h, frames, *rest).permute(0, 2, 3, 1, *range(4, 4 + len(rest)))
+        return t.reshape(b, h, frames * s, *rest)
+    return t.view(b, frames, h, length, *rest).transpose(1, 2).reshape(b, h, frames * length, *rest)
+
+
+def _math(q, k, v, frames: int, temporal: bool):
+    b, _, n, _ = q.shape
+    if n % frames:
+        raise ValueError(f"factored_attention: {n} tokens are not {frames} frames of equal size")
+    out, lse = torch.ops.astraea.sparse_attention(*(_grouped(t, frames, temporal) for t in (q, k, v)), None, None)
+    return _ungrouped(out, b, frames, temporal), _ungrouped(lse, b, frames, temporal)
+
+
+@torch.library.custom_op("astraea::factored_attention", mutates_args=())
+def factored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: int,
+                       temporal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = _math(q, k, v, frames, temporal)
+    return out.contiguous(), lse.contiguous()
+
+
+@factored_attention.register_fake
+def _(q, k, v, frames, temporal):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """ep with every astraea::factored_attention written as its grouping around
+    astraea::sparse_attention (for Inductor and AOTInductor); unchanged without one."""
+    op = torch.ops.astraea.factored_attention.default
+    if not any(n.target is op for n in ep.graph.nodes):
+        return ep
+    return ep.run_decompositions({op: _math})
