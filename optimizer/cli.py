@@ -255,9 +255,11 @@ def _rewrite(cfg, model, layout, out: Path, dump: bool, progress: bool) -> tuple
         with atomic_file(out / "graphs" / f"k{k}.txt") as fh:
             fh.write(program.graph.code)
     some = programs[max(programs)]
+    attention = some.stats["replace_attention"]
+    kinds = f"{attention['sparse_attention']} query-only attentions" + (
+        f", {attention['factored_attention']} factored on every row" if attention.get("factored_attention") else "")
     return programs, (f"{len(programs)} programs (k = {min(programs)} .. {max(programs)} of {layout.video_tokens} rows), "
-                      f"{some.blocks} blocks, {some.stats['replace_attention']['sparse_attention']} query-only "
-                      f"attentions each: {out / 'graphs'}")
+                      f"{some.blocks} blocks, {kinds} each: {out / 'graphs'}")
 
 
 def _search_line(schedule, out: Path) -> str:

@@ -38,10 +38,11 @@ def _factored_lse(gm: fx.GraphModule, node: fx.Node, ctx) -> fx.Node:
 
 
 def replace_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
-    replaced = 0
+    replaced = factored = 0
     for node in list(gm.graph.nodes):
         if node.target is FACTORED and node.meta.get("astraea_attention") == "self":
             ctx.blocks[node.meta["astraea_block"]]["row_lse"] = _factored_lse(gm, node, ctx)
+            factored += 1
             continue
         if node.target is not SDPA or node.meta.get("astraea_attention") != "self":
             continue
@@ -76,4 +77,4 @@ def replace_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
         gm.graph.erase_node(node)
         ctx.blocks[block]["row_lse"] = row_lse
         replaced += 1
-    return {"sparse_attention": replaced}
+    return {"sparse_attention": replaced} | ({"factored_attention": factored} if factored else {})

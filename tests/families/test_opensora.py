@@ -144,6 +144,7 @@ def test_astraea_build_end_to_end(tmp_path, capsys):
     assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert [line.split()[1] for line in err.strip().splitlines()][-3:] == ["search", "engines", "check"], err
+    assert "4 blocks, 0 query-only attentions, 4 factored on every row each" in err
     manifest = json.loads((out / "engines" / "manifest.json").read_text())
     (folder,) = (out / "search").iterdir()
     schedule = json.loads((folder / "schedule.json").read_text())
