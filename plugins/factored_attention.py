@@ -11,7 +11,8 @@ token axis never splits into (frame, position) in a captured graph, so the rewri
 follow it as they follow any other op (the groups are a function of the token index: a
 token-to-group map). Its definition, and what compilers get (`decompose`), is the grouping
 by view/permute around `astraea::sparse_attention` (every query of a group against its
-keys), so it runs on that op's kernels everywhere.
+keys), so it runs on that op's kernels everywhere. Inference only (no autograd formula):
+training runs the same grouping around SDPA (`grouped`, `ungrouped`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 
-def _grouped(t: torch.Tensor, frames: int, temporal: bool) -> torch.Tensor:
+def grouped(t: torch.Tensor, frames: int, temporal: bool) -> torch.Tensor:
     b, h, n, d = t.shape
     t = t.view(b, h, frames, n // frames, d)
     if temporal:  # (B, S, H, T, D): the frames of one position together
@@ -27,7 +28,7 @@ def _grouped(t: torch.Tensor, frames: int, temporal: bool) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b * frames, h, n // frames, d)  # (B T, H, S, D)
 
 
-def _ungrouped(t: torch.Tensor, b: int, frames: int, temporal: bool) -> torch.Tensor:
+def ungrouped(t: torch.Tensor, b: int, frames: int, temporal: bool) -> torch.Tensor:
     g, h, length, *rest = t.shape
     if temporal:  # (B S, H, T, ...) -> (B, H, T S, ...)
         s = g // b
@@ -40,8 +41,8 @@ def _math(q, k, v, frames: int, temporal: bool):
     b, _, n, _ = q.shape
     if n % frames:
         raise ValueError(f"factored_attention: {n} tokens are not {frames} frames of equal size")
-    out, lse = torch.ops.astraea.sparse_attention(*(_grouped(t, frames, temporal) for t in (q, k, v)), None, None)
-    return _ungrouped(out, b, frames, temporal), _ungrouped(lse, b, frames, temporal)
+    out, lse = torch.ops.astraea.sparse_attention(*(grouped(t, frames, temporal) for t in (q, k, v)), None, None)
+    return ungrouped(out, b, frames, temporal), ungrouped(lse, b, frames, temporal)
 
 
 @torch.library.custom_op("astraea::factored_attention", mutates_args=())

@@ -1,6 +1,10 @@
 """Train the bundled reference model (astraea.bundled) from scratch with flow matching.
 
 Run on the GPU (device tool): `python3 tools/train_reference.py --out $OUT/train --minutes 8`.
+`--family opensora` trains the second one, Open-Sora's STDiT3 at the same size
+(bundled.STDIT3_CONFIG), on the same data with Open-Sora's conventions: velocity x0 - noise,
+timesteps moved by its sampler's resolution/length transform, caption mask, fps and size
+inputs; it writes astraea-tiny-stdit3.safetensors.
 Deterministic for a seed on a given device: the data pool is rendered from a seeded scene
 list, each step draws its batch, noise and timesteps from generators seeded by (seed, step),
 so a resumed run continues exactly where a checkpoint stopped. Writes, atomically:
@@ -52,6 +56,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--family", choices=("wan", "opensora"), default="wan", help="the architecture trained")
     return p.parse_args(argv)
 
 
@@ -77,7 +82,47 @@ def export(ema: dict, path: Path) -> None:
     with atomic_file(path, "wb") as fh:
         from safetensors.torch import save
 
-        fh.write(save(tensors, metadata={"format": "pt", "model": "astraea-tiny-t2v"}))
+        fh.write(save(tensors, metadata={"format": "pt", "model": path.stem}))
+
+
+class Objective:
+    """What the trained architecture is fed and asked for, per family."""
+
+    def __init__(self, family: str, device: torch.device, seed: int):
+        from astraea.families.base import Preset
+
+        self.family = family
+        frames, height, width = bundled.VIDEO
+        if family == "opensora":
+            from astraea.families.opensora import RFlow
+
+            preset = Preset("bundled-training", bundled.STDIT3_CONFIG, bundled.TEXT_LENGTH, bundled.VIDEO)
+            self.rflow = RFlow(height, width, frames)
+            self.size = torch.tensor([float(height)], device=device), torch.tensor([float(width)], device=device)
+            self.weights = bundled.STDIT3_WEIGHTS.name
+        else:
+            preset = get_family("wan").preset("bundled")
+            self.weights = bundled.WEIGHTS.name
+        self.model = get_family(family).build_random(preset, device, torch.float32, seed).train().requires_grad_(True)
+
+    def sigma(self, u: torch.Tensor) -> torch.Tensor:
+        """Noise levels from logit-normal draws u in (0, 1), moved as the family's sampler moves them."""
+        if self.family == "opensora":
+            return torch.stack([torch.tensor(self.rflow.transform(float(x) * 1000) / 1000) for x in u]).to(u)
+        return bundled.SHIFT * u / (1 + (bundled.SHIFT - 1) * u)
+
+    def loss(self, forward, text, prompts, x0, noise, sigma) -> torch.Tensor:
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        if self.family == "opensora":  # Open-Sora: the velocity x0 - noise; the caption mask (one row at least)
+            mask = text.tokenize(prompts).to(x0.device) != 0
+            mask[:, 0] = True
+            height, width = self.size
+            pred = forward(xt, sigma * 1000, text(prompts), mask, torch.tensor([24.0], device=x0.device),
+                           height.expand(len(prompts)), width.expand(len(prompts)))[0]
+            return F.mse_loss(pred[:, : x0.shape[1]].float(), x0 - noise)
+        pred = forward(xt, sigma * 1000, text(prompts), return_dict=False)[0]
+        return F.mse_loss(pred.float(), noise - x0)
 
 
 def plot_loss(log: Path, png: Path) -> None:
@@ -93,7 +138,7 @@ def plot_loss(log: Path, png: Path) -> None:
     ax.set_ylabel("flow-matching MSE")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.set_title("astraea-tiny-t2v training loss")
+    ax.set_title(f"{png.parent.name}: training loss")
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
@@ -111,8 +156,8 @@ def train(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    preset = get_family("wan").preset("bundled")
-    model = get_family("wan").build_random(preset, device, torch.float32, args.seed).train().requires_grad_(True)
+    objective = Objective(args.family, device, args.seed)
+    model = objective.model
     torch.manual_seed(args.seed)
     text = TextEncoder(bundled.TEXT_DIM, bundled.TEXT_LENGTH).to(device)
     params = {f"transformer.{k}": v for k, v in model.named_parameters()} | {
@@ -150,15 +195,11 @@ def train(args: argparse.Namespace) -> None:
         g = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)
         x0 = pool[idx].float()
         noise = torch.randn(x0.shape, generator=g, device=device)
-        sigma = torch.sigmoid(torch.randn(args.batch, generator=g, device=device))
-        sigma = bundled.SHIFT * sigma / (1 + (bundled.SHIFT - 1) * sigma)  # the sampling shift
-        s = sigma.view(-1, 1, 1, 1, 1)
-        xt = (1 - s) * x0 + s * noise
+        sigma = objective.sigma(torch.sigmoid(torch.randn(args.batch, generator=g, device=device)))  # the sampling shift
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = forward(xt, sigma * 1000, text(prompts), return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise - x0)
+            loss = objective.loss(forward, text, prompts, x0, noise, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
@@ -181,7 +222,7 @@ def train(args: argparse.Namespace) -> None:
         bar.update()
     bar.close()
     save()
-    export(ema, args.out / bundled.WEIGHTS.name)
+    export(ema, args.out / objective.weights)
     if log.is_file():
         plot_loss(log, args.out / "loss.png")
     print(json.dumps({"step": step, "minutes": (time.time() - start) / 60, "out": str(args.out)}))

@@ -30,6 +30,11 @@ CONFIG = dict(
     added_kv_proj_dim=None, rope_max_seq_len=1024,
 )
 SHIFT = 2.0  # flow shift the model is sampled with
+# The second bundled model, Open-Sora's architecture (STDiT3: spatial and temporal blocks) at the
+# same size, trained on the same data by the same script (`--family opensora`); not shipped yet
+STDIT3_CONFIG = dict(depth=3, hidden_size=192, num_heads=3, in_channels=codec.CHANNELS, patch_size=(1, 2, 2),
+                     caption_channels=TEXT_DIM, model_max_length=TEXT_LENGTH, pred_sigma=False)
+STDIT3_WEIGHTS = Path(__file__).with_name("astraea-tiny-stdit3.safetensors")
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

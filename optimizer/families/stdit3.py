@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import astraea.plugins  # noqa: F401  (astraea::factored_attention)
+from astraea.plugins import factored_attention as factored
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,11 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotate(q, *rotary), rotate(k, *rotary)
-        out, _ = torch.ops.astraea.factored_attention(q, k, v, frames, self.temporal)
+        if torch.is_grad_enabled() and x.requires_grad:  # training: the same grouping around SDPA, differentiable
+            qg, kg, vg = (factored.grouped(z, frames, self.temporal) for z in (q, k, v))
+            out = factored.ungrouped(F.scaled_dot_product_attention(qg, kg, vg), b, frames, self.temporal)
+        else:
+            out, _ = torch.ops.astraea.factored_attention(q, k, v, frames, self.temporal)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 

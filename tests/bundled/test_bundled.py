@@ -87,21 +87,24 @@ def test_bundled_weights_are_small_and_complete():
     assert len(tstate) == len(dict(loader.load_model(_bundled_config()).transformer.named_parameters()))
 
 
-def test_training_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("family", ["wan", "opensora"])
+def test_training_resumes_to_the_same_weights(tmp_path, family):
     """tools/train_reference.py, in this process: 3 steps straight equal 2 steps, stopped,
-    then resumed to 3 (the optimizer, EMA and data order restored)."""
+    then resumed to 3 (the optimizer, EMA and data order restored); for both architectures."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_reference", ROOT / "tools" / "train_reference.py")
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
-    args = ["--device", "cpu", "--batch", "1", "--pool", "2", "--log-every", "1", "--warmup", "2", "--decay-steps", "4"]
+    args = ["--device", "cpu", "--batch", "1", "--pool", "2", "--log-every", "1", "--warmup", "2", "--decay-steps", "4",
+            "--family", family]
+    weights = (bundled.STDIT3_WEIGHTS if family == "opensora" else bundled.WEIGHTS).name
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main([*args, "--out", str(straight), "--steps", "3"])
     train.main([*args, "--out", str(resumed), "--steps", "2"])
     train.main([*args, "--out", str(resumed), "--steps", "3", "--resume"])
-    a = load_file(str(straight / bundled.WEIGHTS.name))
-    b = load_file(str(resumed / bundled.WEIGHTS.name))
+    a = load_file(str(straight / weights))
+    b = load_file(str(resumed / weights))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [np.float64(line.split('"loss": ')[1].split(",")[0]) for line in (straight / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(np.isfinite(losses))
