@@ -102,6 +102,9 @@ def grid(rows: dict[str, np.ndarray], psnrs: dict[str, float], count: int, title
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    from PIL import Image
+
+    Image.open(path).convert("RGB").quantize(colors=256).save(path, optimize=True)  # a palette: half the bytes
 
 
 if __name__ == "__main__":
