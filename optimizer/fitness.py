@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .sampling import SampleInputs, Sampler
+from .metrics import psnr
+from .sampling import SampleInputs, Sampler, denoise
 from .schedule import level_tokens
 from .schema import RunConfig
-from .tokenwise import TokenwiseProgram, TokenwiseTransformer
+from .tokenwise import TokenwiseProgram, TokenwiseTransformer, build_programs
 
 Candidate = tuple[int, ...]  # one budget level per step
 
@@ -208,6 +209,26 @@ def calibration_samples(model, cfg: RunConfig, reference, cache_dir: Path) -> li
             samples.append(Sample(name, make_inputs(model, cfg.video, s, cond, negative, seed), ref,
                                   float(ref.max() - ref.min())))
     return samples
+
+
+@torch.no_grad()
+def sample_psnrs(model, cfg: RunConfig, samples: list[Sample], make: Callable[[], Callable]) -> list[float]:
+    """Each sample's PSNR of the final latents against its dense reference, sampled with a
+    transformer from `make()` (one a sample: a token-wise one keeps its schedule's state)."""
+    out = []
+    for s in samples:
+        got = denoise(model, cfg.video, cfg.sampling, s.inputs, make()).float().cpu()
+        out.append(psnr(float(((got - s.reference) ** 2).mean()), s.peak))
+    return out
+
+
+def schedule_psnrs(model, cfg: RunConfig, samples: list[Sample], schedules) -> dict[str, list[float]]:
+    """Each named schedule's PSNR per sample: `schedules` (name, Schedule) pairs sampled with the
+    rewritten programs of cfg (built once for every row count they use)."""
+    schedules = list(schedules)
+    programs = build_programs(model, cfg, sorted({k for _, s in schedules for k in s.tokens if k}), progress=False)
+    return {name: sample_psnrs(model, cfg, samples, lambda t=list(s.tokens): TokenwiseTransformer(programs, t))
+            for name, s in schedules}
 
 
 def fitness_of(values: list, samples: int) -> float:

@@ -42,9 +42,8 @@ from astraea.plugins.fp8_linear import Fp8Linear
 
 from .errors import AstraeaError, ConfigError
 from .families import LoadedModel
-from .fitness import Sample, calibration_samples
+from .fitness import Sample, calibration_samples, sample_psnrs
 from .io import read_json, read_tensors, stable_hash, write_json
-from .metrics import psnr
 from .sampling import denoise, first_step_kwargs
 from .schema import RunConfig
 
@@ -167,11 +166,7 @@ def convert(transformer: nn.Module, amax: dict[str, torch.Tensor], names: set[st
 
 def sample_psnr(model: LoadedModel, cfg: RunConfig, samples: list[Sample], transformer: nn.Module) -> float:
     """Mean PSNR of the final latents sampled with `transformer` against the dense reference."""
-    values = []
-    with torch.no_grad():
-        for s in samples:
-            got = denoise(model, cfg.video, cfg.sampling, s.inputs, transformer).float().cpu()
-            values.append(psnr(float(((got - s.reference) ** 2).mean()), s.peak))
+    values = sample_psnrs(model, cfg, samples, lambda: transformer)
     return sum(values) / len(values)
 
 

@@ -22,31 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from astraea import config, loader, quantize, reference  # noqa: E402
-from astraea.fitness import calibration_samples  # noqa: E402
-from astraea.metrics import psnr  # noqa: E402
-from astraea.sampling import denoise  # noqa: E402
+from astraea.fitness import calibration_samples, schedule_psnrs  # noqa: E402
 from astraea.schedule import read_schedules  # noqa: E402
-from astraea.tokenwise import TokenwiseTransformer, build_programs  # noqa: E402
 
 PROMPTS = ["a red circle moving left over a striped background", "a green ring growing over a gradient background"]
 
 
-def schedule_psnr(model, cfg, samples, schedules: dict, n: int) -> dict[str, float]:
-    """Mean PSNR of each schedule (rows per step) sampled with the model's rewritten programs."""
-    wanted = sorted({k for s in schedules.values() for k in s.tokens if k})
-    programs = build_programs(model, cfg, wanted, progress=False)
-    out = {}
-    with torch.no_grad():
-        for name, s in schedules.items():
-            values = []
-            for x in samples:
-                got = denoise(model, cfg.video, cfg.sampling, x.inputs, TokenwiseTransformer(programs, list(s.tokens)))
-                values.append(psnr(float(((got.float().cpu() - x.reference) ** 2).mean()), x.peak))
-            out[name] = sum(values) / len(values)
-    return out
+def schedule_psnr(model, cfg, samples, schedules: dict) -> dict[str, float]:
+    """Mean PSNR of each schedule."""
+    return {name: sum(v) / len(v) for name, v in schedule_psnrs(model, cfg, samples, schedules.items()).items()}
 
 
 def main() -> None:
@@ -65,12 +51,12 @@ def main() -> None:
     samples = calibration_samples(model, base, ref, args.out / "run" / "embeddings")
     schedules = read_schedules(args.schedules, args.steps, n)
     report = {"steps": args.steps, "prompts": PROMPTS, "min_psnr": args.min_psnr,
-              "model_dtype": schedule_psnr(model, base, samples, schedules, n), "schemes": {}}
+              "model_dtype": schedule_psnr(model, base, samples, schedules), "schemes": {}}
     for scheme in args.schemes:
         cfg = dataclasses.replace(base, build=dataclasses.replace(base.build, precision="fp8", fp8_scaling=scheme,
                                                                   fp8_min_psnr=args.min_psnr))
         q = quantize.run(cfg, model, ref, args.out / "run", progress=False)
-        report["schemes"][scheme] = {"record": q.record, "schedules": schedule_psnr(q.model, cfg, samples, schedules, n)}
+        report["schemes"][scheme] = {"record": q.record, "schedules": schedule_psnr(q.model, cfg, samples, schedules)}
         (args.out / "fp8.json").write_text(json.dumps(report, indent=1))
         print(json.dumps({scheme: report["schemes"][scheme]["schedules"], "kept": q.record["kept"]}), flush=True)
     write(report, args.out)

@@ -19,14 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from astraea import config, loader, reference  # noqa: E402
-from astraea.fitness import calibration_samples  # noqa: E402
-from astraea.metrics import psnr  # noqa: E402
-from astraea.sampling import denoise  # noqa: E402
+from astraea.fitness import calibration_samples, schedule_psnrs  # noqa: E402
 from astraea.schedule import read_schedules  # noqa: E402
-from astraea.tokenwise import TokenwiseTransformer, build_programs  # noqa: E402
 
 PROMPTS = ["a red circle moving left over a striped background", "a green ring growing over a gradient background",
            "a blue square bouncing over a plain background"]
@@ -49,15 +45,8 @@ def main() -> None:
     report = {"steps": args.steps, "prompts": PROMPTS, "video_tokens": n, "psnr": {}}
     for shards in args.shards:
         cfg = dataclasses.replace(base, selection=dataclasses.replace(base.selection, shards=shards))
-        wanted = sorted({k for s in schedules.values() for k in s.tokens if k})
-        programs = build_programs(model, cfg, wanted, progress=False)
-        row = {}
-        with torch.no_grad():
-            for name, s in schedules.items():
-                values = [psnr(float(((denoise(model, cfg.video, cfg.sampling, x.inputs,
-                                               TokenwiseTransformer(programs, list(s.tokens))).float().cpu()
-                                       - x.reference) ** 2).mean()), x.peak) for x in samples]
-                row[name] = {"mean": sum(values) / len(values), "per_prompt": values}
+        row = {name: {"mean": sum(values) / len(values), "per_prompt": values}
+               for name, values in schedule_psnrs(model, cfg, samples, schedules.items()).items()}
         report["psnr"][str(shards)] = row
         (args.out / "shards.json").write_text(json.dumps(report, indent=1))
         print(json.dumps({"shards": shards, **{k: round(v["mean"], 2) for k, v in row.items()}}), flush=True)
