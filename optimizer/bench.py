@@ -47,7 +47,7 @@ from .families import LoadedModel
 from .io import stable_hash
 from .metrics import compare, frames
 from .schedule import Schedule, call_label
-from .schema import NOT_DIFFUSERS, TOCA_FAMILIES, RunConfig
+from .schema import NOT_DIFFUSERS, RunConfig, peer_refusal
 from .timing import Clock, device_name, synchronize
 
 log = logging.getLogger("astraea")
@@ -339,10 +339,7 @@ def _peers(bench: Bench, plan: Plan) -> Iterator[Method]:
     ratios = None
     for text in cfg.bench.peers:
         name, knobs = parse_setting(text)
-        # a default setting that does not apply here (one given is refused by the config's validation)
-        if name == "toca" and model.family.name not in TOCA_FAMILIES:
-            continue
-        if name != "toca" and model.family.name in NOT_DIFFUSERS:
+        if peer_refusal(name, model.family.name):  # a default setting that does not apply (one given is refused)
             continue
         if name == "mag_cache":
             if ratios is None:

@@ -145,6 +145,18 @@ TOCA_FAMILIES = ("wan", "opensora")  # blocks with self-attention, cross-attenti
 NOT_DIFFUSERS = ("opensora",)  # transformers written here: diffusers' cache hooks do not apply
 
 
+def peer_refusal(name: str, family: str) -> str | None:
+    """Why peer `name` does not apply to `family` (None: it does): ToCa needs blocks with
+    cross-attention; diffusers' cache hooks need a diffusers model."""
+    if name == "toca" and family not in TOCA_FAMILIES:
+        return (f"toca is defined for {', '.join(TOCA_FAMILIES)} blocks, not {family}'s (text and video attended "
+                "jointly): drop it")
+    if name != "toca" and family in NOT_DIFFUSERS:
+        return f"{name} is one of diffusers' cache hooks, which need a diffusers model; {family}'s transformer is " \
+               "written here: use toca"
+    return None
+
+
 def parse_setting(text: str) -> tuple[str, dict]:
     """'pab skip=2 cross=6' -> ("pab", {"skip": 2, "cross": 6}); ValueError naming what is wrong."""
     name, *pairs = text.split()
@@ -265,12 +277,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
             name, _ = parse_setting(text)
         except ValueError as e:
             raise ConfigError(f"bench.peers[{i}]", str(e)) from None
-        if name == "toca" and m.family not in TOCA_FAMILIES and cfg.bench.peers != DEFAULT_PEERS:
-            raise ConfigError(f"bench.peers[{i}]", f"toca is defined for {', '.join(TOCA_FAMILIES)} blocks, not "
-                              f"{m.family}'s (text and video attended jointly): drop it")
-        if name != "toca" and m.family in NOT_DIFFUSERS and cfg.bench.peers != DEFAULT_PEERS:
-            raise ConfigError(f"bench.peers[{i}]", f"{name} is one of diffusers' cache hooks, which need a diffusers "
-                              f"model; {m.family}'s transformer is written here: use toca")
+        why = peer_refusal(name, m.family)
+        if why and cfg.bench.peers != DEFAULT_PEERS:  # the default list leaves out what does not apply
+            raise ConfigError(f"bench.peers[{i}]", why)
     if set(se.holdout_prompts) & set(s.prompts) or set(se.holdout_seeds) & set(s.seeds):
         raise ConfigError("search.holdout_prompts" if set(se.holdout_prompts) & set(s.prompts) else "search.holdout_seeds",
                           "must not repeat sampling's: held-out samples are ones the search never sees")
