@@ -441,18 +441,25 @@ def holdout(cfg: RunConfig, model, programs, chosen: Candidate, out_dir: Path, s
     from . import reference as dense
 
     s, spec = cfg.sampling, cfg.search
-    wide = dataclasses.replace(cfg, sampling=dataclasses.replace(
-        s, prompts=tuple(s.prompts) + tuple(spec.holdout_prompts), seeds=tuple(dict.fromkeys((*s.seeds, *spec.holdout_seeds)))))
-    seen = {f"p{i}_s{seed}" for i in range(len(s.prompts)) for seed in s.seeds}
-    ref = dense.run(wide, model, out_dir, progress=progress)
-    samples = [x for x in calibration_samples(model, wide, ref, out_dir / "embeddings") if x.name not in seen]
+    prompts, seeds = tuple(s.prompts) + tuple(spec.holdout_prompts), (*s.seeds, *spec.holdout_seeds)
+    # dense references of the unseen pairs only: every prompt with the new seeds, and the new
+    # prompts (numbered after the search's) with its seeds
+    groups = [(prompts, tuple(spec.holdout_seeds), 0), (tuple(spec.holdout_prompts), tuple(s.seeds), len(s.prompts))]
+    samples = []
+    for group_prompts, group_seeds, first in groups:
+        if not group_prompts or not group_seeds:
+            continue
+        part = dataclasses.replace(cfg, sampling=dataclasses.replace(s, prompts=group_prompts, seeds=group_seeds))
+        names = [dense.sample_name(first + i, seed) for i in range(len(group_prompts)) for seed in group_seeds]
+        found = calibration_samples(model, part, dense.run(part, model, out_dir, progress=progress), out_dir / "embeddings")
+        samples += [dataclasses.replace(x, name=name) for x, name in zip(found, names, strict=True)]
     n = model.layout(cfg.video).video_tokens
-    ev = Evaluator(model, wide, programs, samples, spec.levels, n, 0, False)
+    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, 0, False)
     mse = ev.evaluate([chosen], math.inf, Counters())[chosen]
     per_sample = {x.name: psnr(v, x.peak) for x, v in zip(samples, mse)}
     mean = float(np.mean(list(per_sample.values())))
     log.info("search: on %d held-out samples %.2f dB (%.2f dB on the search's own)", len(samples), mean, search_psnr)
-    return {"prompts": list(wide.sampling.prompts), "seeds": list(wide.sampling.seeds), "psnr": mean,
+    return {"prompts": list(prompts), "seeds": list(seeds), "psnr": mean,
             "per_sample": per_sample, "search_psnr": search_psnr, "drop_db": search_psnr - mean}
 
 
