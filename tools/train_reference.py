@@ -108,7 +108,7 @@ class Objective:
     def sigma(self, u: torch.Tensor) -> torch.Tensor:
         """Noise levels from logit-normal draws u in (0, 1), moved as the family's sampler moves them."""
         if self.family == "opensora":
-            return torch.stack([torch.tensor(self.rflow.transform(float(x) * 1000) / 1000) for x in u]).to(u)
+            return self.rflow.transform(u * 1000) / 1000
         return bundled.SHIFT * u / (1 + (bundled.SHIFT - 1) * u)
 
     def loss(self, forward, text, prompts, x0, noise, sigma) -> torch.Tensor:

@@ -54,8 +54,10 @@ class RFlow:
     def config(self) -> dict:
         return {"height": self.height, "width": self.width, "frames": self.frames, "num_timesteps": self.num_timesteps}
 
-    def transform(self, t: float) -> float:
-        ratio = math.sqrt(self.height * self.width / 512**2) * math.sqrt(self.frames // 17 * 5 if self.frames > 1 else 1)
+    def transform(self, t):
+        """t (a float or a tensor, 0-1000) moved by the resolution and the latent length."""
+        latent = MicroFrameGeometry().latent_frames(self.frames) if self.frames > 1 else 1
+        ratio = math.sqrt(self.height * self.width / 512**2) * math.sqrt(latent)
         t = t / self.num_timesteps
         return ratio * t / (1 + (ratio - 1) * t) * self.num_timesteps
 
