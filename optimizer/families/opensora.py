@@ -111,7 +111,7 @@ class OpenSora(Family):
 
     def validate(self, cfg):
         if cfg.model.checkpoint is not None:
-            self.model_config_from_folder(cfg.model.checkpoint)
+            self.model_config(cfg)  # its transformer/config.json reads (the schema has checked it is there)
         v, s = cfg.video, cfg.sampling
         if v.frames % 17:
             lo = max(17, v.frames // 17 * 17)
@@ -124,23 +124,6 @@ class OpenSora(Family):
             raise ConfigError("sampling.scheduler", f"{s.scheduler!r} is not one of default, rflow for opensora")
         if s.embedded_guidance is not None:
             raise ConfigError("sampling.embedded_guidance", "only hunyuan_video has embedded guidance, not opensora")
-
-    @staticmethod
-    def model_config_from_folder(folder) -> dict:
-        import json
-        from pathlib import Path
-
-        root = Path(folder) / "transformer" if (Path(folder) / "transformer").is_dir() else Path(folder)
-        path = root / "config.json"
-        if not path.is_file():
-            raise ConfigError("model.checkpoint", f"{path} is missing: an opensora checkpoint is STDiT3's config.json "
-                                                  "and model.safetensors (in the folder or its transformer/)")
-        return json.loads(path.read_text())
-
-    def model_config(self, cfg):
-        if cfg.model.preset is not None:
-            return self.preset(cfg.model.preset).config
-        return self.model_config_from_folder(cfg.model.checkpoint)
 
     def make_scheduler(self, name, shift, config, video):
         return RFlow(video.height, video.width, video.frames)
