@@ -11,7 +11,8 @@ from pathlib import Path
 from .io import atomic_file
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no screen); tools use it too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,10 +21,11 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """`fig` as a PNG at `path`, written atomically, then closed."""
     with atomic_file(path, "wb") as fh:
         fig.savefig(fh, format="png")
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def search_progress(path: Path, history: list[dict], evaluated: list[tuple[float, float]], chosen: tuple[float, float],
@@ -31,7 +33,7 @@ def search_progress(path: Path, history: list[dict], evaluated: list[tuple[float
     """Best and mean fitness per generation; every fully evaluated schedule's PSNR against
     its cost (`evaluated`: (cost, PSNR)), the chosen one and the target band; with a proxy,
     the re-scored candidates' PSNR at the full video against the proxy's."""
-    plt = _plt()
+    plt = pyplot()
     panels = 3 if proxy is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), dpi=110)
     a, b = axes[0], axes[1]
@@ -63,11 +65,11 @@ def search_progress(path: Path, history: list[dict], evaluated: list[tuple[float
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def schedule_bars(path: Path, budgets: list[float], mean: float, psnr: float) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
     ax.bar(range(len(budgets)), budgets, color="tab:blue")
     ax.axhline(mean, ls="--", color="grey", label=f"mean {mean:.2f}")
@@ -77,7 +79,7 @@ def schedule_bars(path: Path, budgets: list[float], mean: float, psnr: float) ->
     ax.set_title(f"searched schedule: PSNR {psnr:.2f} dB against dense", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def quality_of(row: dict) -> float:
@@ -87,7 +89,7 @@ def quality_of(row: dict) -> float:
 
 def bench_report(report: dict, folder: Path) -> None:
     """latency-vs-budget.png, quality-vs-speedup.png and step-latency.png of a bench report."""
-    plt = _plt()
+    plt = pyplot()
     rows, s = report["rows"], report["setup"]
     title = (f"{s['model'].get('preset') or 'checkpoint'}, {s['video']['width']}x{s['video']['height']}x"
              f"{s['video']['frames']}, {s['sampling']['steps']} steps; {s['device']}")
@@ -100,7 +102,7 @@ def bench_report(report: dict, folder: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         fig.tight_layout()
-        _save(fig, folder / name)
+        save_png(fig, folder / name)
 
     def dense_lines(ax, value) -> None:
         for r in rows:

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from astraea import config, loader  # noqa: E402
 from astraea.families.base import decode_frames  # noqa: E402
 from astraea.peers import make, parse_setting  # noqa: E402
+from astraea.plots import pyplot, save_png  # noqa: E402
 from astraea.sampling import denoise, prompt_inputs  # noqa: E402
 from astraea.schedule import read_schedules  # noqa: E402
 from astraea.tokenwise import TokenwiseTransformer, build_programs  # noqa: E402
@@ -78,11 +79,7 @@ def main() -> None:
 
 
 def grid(rows: dict[str, np.ndarray], psnrs: dict[str, float], count: int, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     frames = next(iter(rows.values()))
     idx = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
     fig, axes = plt.subplots(len(rows), len(idx), figsize=(1.3 * len(idx) + 1.6, 1.3 * len(rows)), dpi=110,
@@ -100,8 +97,7 @@ def grid(rows: dict[str, np.ndarray], psnrs: dict[str, float], count: int, title
                               rotation=0, ha="right", va="center")
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_png(fig, path)
     from PIL import Image
 
     Image.open(path).convert("RGB").quantize(colors=256).save(path, optimize=True)  # a palette: half the bytes

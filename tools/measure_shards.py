@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from astraea import config, loader, reference  # noqa: E402
 from astraea.fitness import calibration_samples, schedule_psnrs  # noqa: E402
+from astraea.plots import pyplot, save_png  # noqa: E402
 from astraea.schedule import read_schedules  # noqa: E402
 
 PROMPTS = ["a red circle moving left over a striped background", "a green ring growing over a gradient background",
@@ -66,11 +67,7 @@ def write(report: dict, out: Path) -> None:
                  f" ({report['psnr'][s][name]['mean'] - base:+.2f})") for s in shards]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "shards.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=110)
     for name in names:
         ax.plot([int(s) for s in shards], [report["psnr"][s][name]["mean"] for s in shards], marker="o", label=name)
@@ -81,8 +78,7 @@ def write(report: dict, out: Path) -> None:
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "shards.png")
-    plt.close(fig)
+    save_png(fig, out / "shards.png")
 
 
 if __name__ == "__main__":
