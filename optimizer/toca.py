@@ -52,20 +52,20 @@ def cross_attention_map(attn: nn.Module, x: torch.Tensor, context: torch.Tensor,
     """(B, N, L) float32: each query token's attention over the text, the mean over heads, of
     a diffusers Wan attention module (its q/k projections and norms) or STDiT3's cross-attention
     (q_linear, the key half of kv_linear; the caption mask), one head at a time."""
+    heads = attn.heads
     if hasattr(attn, "to_q"):
-        heads = attn.heads
         q, k = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(context))
     else:
-        heads = attn.heads
         q, k = attn.q_linear(x), attn.kv_linear(context).unflatten(-1, (2, -1))[..., 0, :]
     q = q.unflatten(-1, (heads, -1)).float()
     k = k.unflatten(-1, (heads, -1)).float()
     scale = q.shape[-1] ** -0.5
+    padding = None if mask is None else ~mask.bool()[:, None, :]
     out = torch.zeros(q.shape[0], q.shape[1], k.shape[1], device=x.device)
     for h in range(heads):
         s = q[:, :, h] @ k[:, :, h].transpose(1, 2) * scale
-        if mask is not None:
-            s = s.masked_fill(~mask.bool()[:, None, :], float("-inf"))
+        if padding is not None:
+            s = s.masked_fill(padding, float("-inf"))
         out += torch.softmax(s, dim=-1)
     return out / heads
 
