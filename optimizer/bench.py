@@ -289,13 +289,13 @@ def _dense_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
     # exported with the FP8 Linear layers written out in ATen ops, for Inductor to fuse, and
     # STDiT3's factored attention as its grouping around astraea::sparse_attention
     if bench.fp8 or bench.model.family.name in NOT_DIFFUSERS:
-        from astraea.plugins import factored_attention, fp8_linear
+        from astraea import plugins
 
         from .sampling import first_step_kwargs
 
         kwargs = first_step_kwargs(bench.work, bench.cfg.video, bench.cfg.sampling)
         ep = torch.export.export(module, (), kwargs, strict=False)
-        module = factored_attention.decompose(fp8_linear.decompose(ep)).module()
+        module = plugins.decompose(ep).module()
     compiled = torch.compile(module, dynamic=False)
     yield Method("dense-compiled", bench.tag("torch.compile (Inductor)"), lambda: compiled)
     torch._dynamo.reset()

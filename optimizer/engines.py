@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from astraea.plugins import factored_attention, fp8_linear
+import astraea.plugins as plugins
 
 from . import runtime
 from .errors import EngineError
@@ -76,7 +76,7 @@ class Job:
         state = runtime.empty_state(self.sig.state, self.device)
         step = TensorStep(self.program.graph, self.sig.layout, in_place=True)
         ep = torch.export.export(step, tuple(self.weights + self.inputs + state), strict=False)
-        return factored_attention.decompose(fp8_linear.decompose(ep)) if decompose else ep
+        return plugins.decompose(ep) if decompose else ep
 
 
 class Builder:

@@ -16,3 +16,11 @@ works in eager mode, under torch.compile and through torch.export. Kernels live 
 from . import cache_update, factored_attention, fp8_linear, sparse_attention, token_mark, token_select  # noqa: F401
 
 __all__ = ["cache_update", "factored_attention", "fp8_linear", "sparse_attention", "token_mark", "token_select"]  # the op modules; call torch.ops.astraea.*
+
+
+def decompose(ep):
+    """ep (a torch.export ExportedProgram) with every astraea op a compiler should see through
+    written out: FP8 Linear layers in ATen ops (fp8_linear.decompose), factored attention as its
+    grouping around astraea::sparse_attention (factored_attention.decompose). What Inductor and
+    AOTInductor compile; a program without those ops comes back unchanged."""
+    return factored_attention.decompose(fp8_linear.decompose(ep))

@@ -35,10 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea import config, loader, runtime  # noqa: E402
+from astraea import config, loader, plugins, runtime  # noqa: E402
 from astraea.capture import capture  # noqa: E402
 from astraea.engines import one_branch  # noqa: E402
-from astraea.plugins import fp8_linear  # noqa: E402
 from astraea.sampling import first_step_kwargs  # noqa: E402
 from astraea.timing import device_name  # noqa: E402
 from astraea.tokenwise import TensorStep, TokenwiseTransformer, rewrite, signature, weight_tensors  # noqa: E402
@@ -104,7 +103,7 @@ def engine_step(tp, kwargs: dict, state: list, graph: bool):
     weights = weight_tensors(tp, sig.weights)
     args = [weights[name].detach() for name in sig.weights] + [runtime.packed(kwargs[s.name]) for s in sig.inputs]
     ep = torch.export.export(TensorStep(tp.graph, sig.layout, in_place=True), tuple(args + state), strict=False)
-    compiled = torch.compile(fp8_linear.decompose(ep).module(), dynamic=False)  # as engines.build does
+    compiled = torch.compile(plugins.decompose(ep).module(), dynamic=False)  # as engines.build does
     compiled(*args, *state)  # compiles and autotunes
     if not graph:
         return lambda: compiled(*args, *state)
@@ -210,7 +209,7 @@ def main() -> None:
         if "dense_compiled" in args.variants:
             module = model.transformer
             if args.precision == "fp8":  # exported with the FP8 Linear layers in ATen ops, as astraea-bench compiles it
-                module = fp8_linear.decompose(torch.export.export(module, (), kwargs, strict=False)).module()
+                module = plugins.decompose(torch.export.export(module, (), kwargs, strict=False)).module()
             compiled = torch.compile(module, dynamic=False)
             t0 = time.perf_counter()
             compiled(**kwargs)

@@ -1,5 +1,5 @@
 """Do the compiled FP8 programs quantize as the eager op does? One transformer call of a
-tiny bf16 model on the GPU, eager and exported + fp8_linear.decompose + torch.compile (as the
+tiny bf16 model on the GPU, eager and exported + plugins.decompose + torch.compile (as the
 engines compile it), with and without FP8 Linear layers: relative L2 distances between them.
 If the compiled FP8 call sits as far from eager FP8 as FP8 sits from bf16, and close to bf16,
 it does not quantize.
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from astraea import config, loader, quantize  # noqa: E402
+from astraea import config, loader, plugins, quantize  # noqa: E402
 from astraea.plugins import fp8_linear  # noqa: E402
 from astraea.sampling import first_step_kwargs  # noqa: E402
 
@@ -27,7 +27,7 @@ def rel(a, b) -> float:
 
 
 def compiled(module, kwargs):
-    ep = fp8_linear.decompose(torch.export.export(module, (), kwargs, strict=False))
+    ep = plugins.decompose(torch.export.export(module, (), kwargs, strict=False))
     return torch.compile(ep.module(), dynamic=False)
 
 
