@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from astraea import config, loader  # noqa: E402
 from astraea.families.base import decode_frames  # noqa: E402
+from astraea.metrics import psnr  # noqa: E402
 from astraea.peers import make, parse_setting  # noqa: E402
 from astraea.plots import pyplot, save_png  # noqa: E402
 from astraea.sampling import denoise, prompt_inputs  # noqa: E402
@@ -33,8 +34,8 @@ PROMPTS = ["a red circle moving left over a striped background", "a green ring g
 
 
 def pixel_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    """Frames in [0, 1]: metrics.psnr over a peak of 1."""
+    return psnr(float(((a - b) ** 2).mean()), 1.0)
 
 
 def main() -> None:
