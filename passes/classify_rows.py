@@ -6,8 +6,8 @@ the block by a whitelist of rules keyed by op (`TOKEN_RULES`); a node that touch
 token-carrying tensor and has no rule stops the pass with an error naming the op, never a
 guess; sizes are only asserted. Then:
   full    token nodes that are ancestors of a self-attention's K or V (they need all rows),
-          or of a factored attention's outputs (`astraea::factored_attention`, STDiT3's
-          attention within a frame or a position: computed on every row, gathered after)
+          a factored attention's too (`astraea::factored_attention`, STDiT3's attention
+          within a frame or a position: its queries are the selected rows, like SDPA's)
   subset  every other token node of the block (they will run on the selected rows only)
   gather  each edge from a full node into a subset node (e.g. the normed input into the Q
           projection, the rotary table into the Q-side rotation, the block input into the
@@ -165,7 +165,7 @@ TOKEN_RULES = {
     aten.permute.default: _permute, aten.transpose.int: _transpose, aten.unsqueeze.default: _unsqueeze,
     # an FP8 Linear with a static input scale: row-local like the Linear it replaces
     torch.ops.astraea.fp8_linear.default: _keep,
-    # (out, lse), both on q's token axis; computed on every row (see the full anchors below)
+    # (out, lse), both on q's token axis: the selected rows once rewritten (astraea::group_attention)
     FACTORED: lambda node, ax, src: [ax, ax],
 }
 # rules that need N (ranges along the token axis), or see every input (cat, slice_scatter)
@@ -196,6 +196,12 @@ def _slice_scatter(node, token, n):
     if token[src][0] != dim:
         raise UnsupportedOp(f"{node.name}: slice_scatter of tokens across another dim")
     return (dim, (node.args[3] or 0) + token[src][1])
+
+
+def _self_attention(node) -> bool:
+    """An attention whose queries may be the selected rows and whose keys and values are every row:
+    a self-attention SDPA, or a factored attention (within a frame or a position)."""
+    return node.target in (SDPA, FACTORED) and node.meta.get("astraea_attention") == "self"
 
 
 def classify_rows(gm: fx.GraphModule, ctx) -> dict[str, int]:
@@ -236,10 +242,7 @@ def classify_rows(gm: fx.GraphModule, ctx) -> dict[str, int]:
                 raise UnsupportedOp(f"{node.name}: token rows [{ax[1]}, {ax[1] + n_tokens}) exceed {tuple(val.shape)}")
         # full: ancestors (inside the block, token-carrying) of self-attention K and V
         full: set[fx.Node] = set()
-        stack = [a for n in order if n.target is SDPA and n.meta.get("astraea_attention") == "self" for a in n.args[1:3]]
-        # factored attention (within a frame or a position) runs on every row, queries included: its
-        # outputs anchor the full side, and the rows are gathered after it (the groups never split)
-        stack += [u for n in order if n.target is FACTORED for u in n.users]
+        stack = [a for n in order if _self_attention(n) for a in n.args[1:3]]
         while stack:
             n = stack.pop()
             if n in token and n not in full and n is not mark and not isinstance(token[n], list):
@@ -271,7 +274,7 @@ def classify_rows(gm: fx.GraphModule, ctx) -> dict[str, int]:
             if node.meta.get("astraea_rows") != "subset":
                 continue
             skip = METADATA_ONLY.get(node.target, set())
-            if node.target is SDPA and node.meta.get("astraea_attention") == "self":
+            if _self_attention(node):
                 skip = {1, 2}  # keys and values stay on all rows: the query-only attention takes them whole
             gathers = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in full and i not in skip]
             if gathers:

@@ -4,8 +4,10 @@
 against all N keys and values (a boolean key mask (B, 1, 1, S) becomes the op's key mask);
 its row LSE, averaged over heads, is kept for the block's state (the next step's score). Cross-attention keeps its SDPA: its queries are
 already the selected rows and its keys are the text. A factored attention
-(`astraea::factored_attention`: within a frame or a position) stays, computed on every row;
-its selected rows' LSE (gathered by the selection) is kept likewise.
+(`astraea::factored_attention`: within a frame or a position) becomes its query-only form,
+`astraea::group_attention(q_sel, k, v, idx, frames, temporal)`: the selected queries against
+their own group's keys, the groups given by the selection's indices; at the dense budget it
+stays as it is (every row in order).
 """
 
 from __future__ import annotations
@@ -22,26 +24,34 @@ SDPA = aten.scaled_dot_product_attention.default
 FACTORED = torch.ops.astraea.factored_attention.default
 
 
-def _factored_lse(gm: fx.GraphModule, node: fx.Node, ctx) -> fx.Node:
-    """The selected rows' LSE (B, k), head mean, of a factored attention computed on every row."""
+def _factored(gm: fx.GraphModule, node: fx.Node, ctx) -> fx.Node:
+    """A factored attention's query-only form (below the dense budget); its row LSE (B, k), head mean."""
+    block = node.meta["astraea_block"]
+    if ctx.budget < ctx.layout.video_tokens:
+        q, k, v, frames, temporal = node.args
+        with gm.graph.inserting_after(node):
+            group = gm.graph.call_function(torch.ops.astraea.group_attention.default,
+                                           (q, k, v, ctx.blocks[block]["idx"], frames, temporal))
+        group.meta["astraea_block"] = block
+        node.replace_all_uses_with(group)
+        gm.graph.erase_node(node)
+        node = group
     lse = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 1), None)
     with gm.graph.inserting_after(node):
         if lse is None:
             lse = gm.graph.call_function(operator.getitem, (node, 1))
     with gm.graph.inserting_after(lse):
         mean = gm.graph.call_function(aten.mean.dim, (lse, [1]))
-    with gm.graph.inserting_after(mean):
-        rows = gm.graph.call_function(aten.gather.default, (mean, 1, ctx.blocks[node.meta["astraea_block"]]["idx"]))
-    for n in (lse, mean, rows):
-        n.meta["astraea_block"] = node.meta["astraea_block"]
-    return rows
+    for n in (lse, mean):
+        n.meta["astraea_block"] = block
+    return mean
 
 
 def replace_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
     replaced = factored = 0
     for node in list(gm.graph.nodes):
         if node.target is FACTORED and node.meta.get("astraea_attention") == "self":
-            ctx.blocks[node.meta["astraea_block"]]["row_lse"] = _factored_lse(gm, node, ctx)
+            ctx.blocks[node.meta["astraea_block"]]["row_lse"] = _factored(gm, node, ctx)
             factored += 1
             continue
         if node.target is not SDPA or node.meta.get("astraea_attention") != "self":

@@ -3,6 +3,7 @@
 - `token_select`     score = LSE x ||x - x_ref|| + w_beta exp(skips); top-k per batch row
 - `sparse_attention` query-only attention over all keys, with the row LSE (Triton on CUDA)
 - `factored_attention` attention within a token's frame or position (STDiT3), with the row LSE
+- `group_attention`  its query-only form: the selected queries against their own group's keys
 - `cache_update`     fresh rows, LSE, reference input and skip counters, in place
 - `fp8_linear`       a Linear layer in FP8 e4m3 with static scales (torch._scaled_mm on FP8 tensor cores)
 - `token_mark`, `token_table`  identities that mark a block's token stream and its token-indexed
@@ -13,14 +14,16 @@ works in eager mode, under torch.compile and through torch.export. Kernels live 
 `kernels/`, free of registration side effects. Importing this package registers the ops.
 """
 
-from . import cache_update, factored_attention, fp8_linear, sparse_attention, token_mark, token_select  # noqa: F401
+from . import cache_update, factored_attention, fp8_linear, group_attention, sparse_attention, token_mark, token_select  # noqa: F401,E501
 
-__all__ = ["cache_update", "factored_attention", "fp8_linear", "sparse_attention", "token_mark", "token_select"]  # the op modules; call torch.ops.astraea.*
+__all__ = ["cache_update", "factored_attention", "fp8_linear", "group_attention", "sparse_attention", "token_mark",
+           "token_select"]  # the op modules; call torch.ops.astraea.*
 
 
 def decompose(ep):
     """ep (a torch.export ExportedProgram) with every astraea op a compiler should see through
-    written out: FP8 Linear layers in ATen ops (fp8_linear.decompose), factored attention as its
-    grouping around astraea::sparse_attention (factored_attention.decompose). What Inductor and
-    AOTInductor compile; a program without those ops comes back unchanged."""
-    return factored_attention.decompose(fp8_linear.decompose(ep))
+    written out: FP8 Linear layers in ATen ops (fp8_linear.decompose), query-only factored
+    attention as its implementation for the device (group_attention.decompose), factored
+    attention as its grouping around astraea::sparse_attention (factored_attention.decompose).
+    What Inductor and AOTInductor compile; a program without those ops comes back unchanged."""
+    return factored_attention.decompose(group_attention.decompose(fp8_linear.decompose(ep)))

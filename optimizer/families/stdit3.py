@@ -100,10 +100,12 @@ class CaptionEmbedder(nn.Module):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding with interleaved pairs (rotary-embedding-torch's), angles given."""
+    """Rotary embedding with interleaved pairs (rotary-embedding-torch's), angles given: x (B, H, N, D),
+    cos and sin (N, D) a token, broadcast as (1, 1, N, D) (a batched token axis: a rewrite can
+    gather the Q side's rows from it)."""
     pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos.to(x.dtype)[None, None] + rotated * sin.to(x.dtype)[None, None]
 
 
 class Rope(nn.Module):
@@ -139,7 +141,12 @@ class Attention(nn.Module):
     def forward(self, x, frames: int, rotary: tuple[torch.Tensor, torch.Tensor] | None = None):
         """x (B, T S, C); rotary: cos, sin (T S, D) a token (the temporal blocks')."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if type(self.qkv) is nn.Linear:  # Q apart from K and V (the same weights): a rewrite computes Q on fewer rows
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:c], bias[:c]).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+            k, v = F.linear(x, w[c:], bias[c:]).view(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # a quantized layer replaced it: one call
+            q, k, v = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotate(q, *rotary), rotate(k, *rotary)

@@ -59,6 +59,60 @@ def test_query_only_attention_is_the_dense_rows(n, k):
     torch.testing.assert_close(out, torch.gather(dense, 2, idx[:, None, :, None].expand(b, h, k, d)), atol=1e-5, rtol=1e-5)
 
 
+def _factored64(q, k, v, frames, temporal):
+    """Attention within each frame (or across the frames at each position) in float64, every row:
+    by a mask over the whole token axis, independent of the ops' grouping by views."""
+    n = q.shape[2]
+    s_ = n // frames
+    t = torch.arange(n)
+    allowed = (t[:, None] % s_ == t[None] % s_) if temporal else (t[:, None] // s_ == t[None] // s_)
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ v.double(), torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+@pytest.mark.parametrize("backend", ["scatter", "reference"])
+@pytest.mark.parametrize("frames,s,k", [(1, 9, 4), (3, 8, 1), (4, 10, 17), (5, 6, 30)])
+def test_group_attention_is_the_factored_rows(frames, s, k, temporal, backend, monkeypatch):
+    """The query-only factored attention: the selected queries against their own group's keys
+    equal those rows of factored attention over every row (float64, by a token mask)."""
+    monkeypatch.setenv("ASTRAEA_GROUP_ATTENTION", backend)
+    b, h, d, n = 2, 3, 16, frames * s
+    q, kk, v = torch.randn(b, h, n, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    idx = torch.sort(torch.stack([torch.randperm(n)[:k] for _ in range(b)]), dim=-1).values
+    at = idx[:, None, :, None].expand(b, h, k, d)
+    out, lse = ops.group_attention(q.gather(2, at), kk, v, idx, frames, temporal)
+    ref, ref_lse = _factored64(q, kk, v, frames, temporal)
+    assert out.shape == (b, h, k, d) and lse.shape == (b, h, k) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref.gather(2, at), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.gather(2, idx[:, None].expand(b, h, k)), atol=2e-6, rtol=1e-6)
+    full, full_lse = ops.factored_attention(q, kk, v, frames, temporal)  # the op it is the query-only form of
+    torch.testing.assert_close(full.double(), ref, atol=2e-6, rtol=1e-5)
+
+
+def test_group_attention_decomposes_for_compilers_and_names_bad_input():
+    from astraea.plugins import group_attention as ga
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v, idx):
+            return ops.group_attention(q, k, v, idx, 4, False)[0] * 2
+
+    b, h, n, d, k = 1, 2, 24, 16, 7
+    args = (torch.randn(b, h, k, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d),
+            torch.sort(torch.randperm(n)[:k]).values[None])
+    ep = torch.export.export(Block(), args)
+    flat = astraea.plugins.decompose(ep)
+    left = {str(node.target) for node in flat.graph.nodes if str(node.target).startswith("astraea.")}
+    assert left == {"astraea.sparse_attention.default"}  # the scatter form, down to the attention kernel
+    torch.testing.assert_close(flat.module()(*args), Block()(*args), atol=1e-6, rtol=1e-6)
+    assert ga.backend(args[0], n, False) == "scatter"  # varlen is CUDA-only
+    with pytest.raises(ValueError, match="index"):
+        ops.group_attention(args[0], args[1], args[2], args[3][:, :3], 4, False)
+    with pytest.raises(ValueError, match="frames"):
+        ops.group_attention(args[0], args[1], args[2], args[3], 5, False)
+
+
 @pytest.mark.skipif(sa._kernels is None, reason="triton is not installed")
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
