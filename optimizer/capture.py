@@ -1,5 +1,8 @@
 """Capture a family's transformer as a functional graph at static shapes (torch.export).
 
+Under `parallel.ulysses: P` (one process a rank) the capture is this rank's program: the
+rows split and gathered by diffusers' context-parallel hooks, its layout N / P rows.
+
 `torch.export` at the config's shapes (batch 2 under CFG), then `run_decompositions({})`:
 functionalisation with an empty decomposition table, so SDPA stays one node while in-place
 writes (Wan's rotary `empty_like` + indexed stores) become functional `slice_scatter`s. A
@@ -35,13 +38,9 @@ class Captured:
     layout: TokenLayout
 
 
-@contextmanager
-def marked_token_streams(model: LoadedModel) -> Iterator[int]:
-    """While active, every block's `hidden_states` (the adapter's token stream) passes through
-    astraea::token_mark(x, block index) and each of its token-indexed tables (the adapter's
-    `token_tables`, e.g. rotary cos/sin) through astraea::token_table(t, dim); yields the
-    number of blocks. The passes find token sources by these ops, never by sizes."""
-    blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
+def _marker(model: LoadedModel):
+    """mark(bound, i): block i's bound arguments with `hidden_states` through astraea::token_mark
+    and each token-indexed table (the adapter's `token_tables`) through astraea::token_table."""
     tables = model.family.token_tables
 
     def table(value, dim):
@@ -49,16 +48,39 @@ def marked_token_streams(model: LoadedModel) -> Iterator[int]:
             return torch.ops.astraea.token_table(value, dim)
         return type(value)(table(v, dim) for v in value) if isinstance(value, (tuple, list)) else value
 
+    def mark(bound, index):
+        bound.arguments["hidden_states"] = torch.ops.astraea.token_mark(bound.arguments["hidden_states"], index)
+        for name, dim in tables.items():
+            if bound.arguments.get(name) is not None:
+                bound.arguments[name] = table(bound.arguments[name], dim)
+
+    return mark
+
+
+@contextmanager
+def marked_token_streams(model: LoadedModel, ulysses: int = 1) -> Iterator[int]:
+    """While active, every block's `hidden_states` (the adapter's token stream) passes through
+    astraea::token_mark(x, block index) and each of its token-indexed tables (the adapter's
+    `token_tables`, e.g. rotary cos/sin) through astraea::token_table(t, dim); yields the
+    number of blocks. The passes find token sources by these ops, never by sizes. With
+    `ulysses` > 1 the transformer runs one rank's shard of the rows under diffusers' context
+    parallelism (astraea.parallel.sharded), marked after the split."""
+    blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
+    mark = _marker(model)
+    if ulysses > 1:
+        from .parallel import sharded
+
+        with sharded(model.transformer, ulysses, blocks, mark):
+            yield len(blocks)
+        return
+
     def hook(index):
-        def mark(module, args, kwargs):
+        def pre(module, args, kwargs):
             bound = inspect.signature(module.forward).bind(*args, **kwargs)
-            bound.arguments["hidden_states"] = torch.ops.astraea.token_mark(bound.arguments["hidden_states"], index)
-            for name, dim in tables.items():
-                if bound.arguments.get(name) is not None:
-                    bound.arguments[name] = table(bound.arguments[name], dim)
+            mark(bound, index)
             return bound.args, bound.kwargs
 
-        return mark
+        return pre
 
     handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
@@ -73,9 +95,12 @@ def capture(model: LoadedModel, cfg: RunConfig, example: dict | None = None) -> 
     at the first step's inputs (or at `example`, e.g. one CFG branch)."""
     model.family.prepare_capture(model, cfg.video)
     example = example or first_step_kwargs(model, cfg.video, cfg.sampling)
+    ulysses = cfg.parallel.ulysses
     try:
-        with torch.no_grad(), marked_token_streams(model):
+        with torch.no_grad(), marked_token_streams(model, ulysses):
             program = torch.export.export(model.transformer, (), example, strict=False).run_decompositions({})
+    except AstraeaError:
+        raise
     except Exception as e:  # export failures are long; the first line names the construct
         raise CaptureError(f"torch.export of the {cfg.model.family} transformer failed: {str(e).splitlines()[0]}") from e
     for node in program.graph.nodes:
@@ -83,4 +108,9 @@ def capture(model: LoadedModel, cfg: RunConfig, example: dict | None = None) -> 
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
             raise CaptureError(f"the captured graph still mutates in place ({target} at {node.name}); "
                                "the token rewrite needs a functional graph")
-    return Captured(program, example, model.layout(cfg.video))
+    layout = model.layout(cfg.video)
+    if ulysses > 1:
+        from .parallel import local_layout
+
+        layout = local_layout(layout, ulysses)
+    return Captured(program, example, layout)

@@ -18,10 +18,18 @@ selected rows, so the exchanges are even.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
+from torch.distributed import _functional_collectives as funcol
 
 import astraea.plugins  # noqa: F401  (registers the astraea ops)
+
+from .errors import AstraeaError
 
 
 def world(group=None) -> tuple[int, int]:
@@ -31,13 +39,15 @@ def world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _group(group):
+    return dist.group.WORLD if group is None else group
+
+
 def _exchange(t: torch.Tensor, group) -> torch.Tensor:
     """all_to_all over dim 0 (P equal chunks): chunk j goes to rank j, chunk j of the result
-    came from rank j."""
-    t = t.contiguous()  # first: empty_like keeps a view's strides, and the chunks must be dim 0's
-    out = torch.empty_like(t)
-    dist.all_to_all_single(out, t, group=group)
-    return out
+    came from rank j. Functional collectives: a captured program keeps them as graph ops
+    (Inductor and AOTInductor compile them; eager runs them on the process group)."""
+    return funcol.wait_tensor(funcol.all_to_all_single(t.contiguous(), None, None, _group(group)))
 
 
 def heads_to_rows(t: torch.Tensor, size: int, group) -> torch.Tensor:
@@ -72,8 +82,98 @@ def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     qh, kh, vh = (heads_to_rows(t, size, group) for t in (q, k, v))
     mask = None
     if key_mask is not None:
-        parts = [torch.empty_like(key_mask) for _ in range(size)]
-        dist.all_gather(parts, key_mask.contiguous(), group=group)
-        mask = torch.cat(parts, dim=1)
+        parts = funcol.wait_tensor(funcol.all_gather_tensor(key_mask.contiguous(), 0, _group(group)))
+        mask = torch.cat(parts.chunk(size, dim=0), dim=1)  # (P B, n) in rank order -> (B, P n)
     out, lse = torch.ops.astraea.sparse_attention(qh, kh, vh, mask, scale)
-    return rows_to_heads(out, size, group), rows_to_heads(lse, size, group)
+    out = rows_to_heads(out, size, group)
+    if out.stride() != q.stride():  # the op's contract: laid out like q (a graph views the permuted output)
+        out = torch.empty_like(q).copy_(out)
+    return out, rows_to_heads(lse, size, group)
+
+
+# --- Sequence-parallel programs: diffusers' context parallelism splits and gathers the rows ---
+
+_MESHES: dict = {}
+
+
+def cp_config(ulysses: int):
+    """diffusers' ContextParallelConfig for `ulysses` ranks over this process group's world,
+    set up once a process (its mesh's process groups are created in the same order on every
+    rank and in every process that runs the programs)."""
+    from diffusers import ContextParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, size = world()
+    if size != ulysses:
+        raise AstraeaError(f"parallel.ulysses is {ulysses} but this run has {size} process(es): start it with "
+                           f"`torchrun --nproc-per-node {ulysses} ...`")
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    key = (device_type, ulysses)
+    if key not in _MESHES:
+        config = ContextParallelConfig(ulysses_degree=ulysses)
+        mesh = init_device_mesh(device_type, (1, ulysses), mesh_dim_names=("ring", "ulysses"))
+        device = torch.device(device_type, rank % max(1, torch.cuda.device_count())) if device_type == "cuda" \
+            else torch.device("cpu")
+        config.setup(rank, size, device, mesh)
+        _MESHES[key] = config
+    return _MESHES[key]
+
+
+def cp_plan(transformer: torch.nn.Module) -> dict:
+    """The model's context-parallel plan (diffusers' `_cp_plan`: where the rows are split and
+    gathered); a one-line error for a model without one."""
+    plan = getattr(transformer, "_cp_plan", None)
+    if not plan:
+        raise AstraeaError(f"parallel.ulysses: {type(transformer).__name__} has no context-parallel plan in diffusers "
+                           "(`_cp_plan`); sequence parallelism runs on models that have one (Wan): set parallel.ulysses: 1")
+    return plan
+
+
+def _mark_hook(fn):
+    """A diffusers ModelHook calling fn(bound arguments) before the block's forward: registered
+    before the context-parallel hooks, it runs inside them, so under context parallelism the
+    block's rows are already this rank's when capture marks them."""
+    from diffusers.hooks import ModelHook
+
+    class Mark(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+            fn(bound)
+            return bound.args[1:], bound.kwargs
+
+    return Mark()
+
+
+@contextmanager
+def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark) -> Iterator[None]:
+    """While active, `transformer` runs one rank's shard of the video rows: diffusers' context
+    parallelism splits them where the model's plan says (before the first block, its rotary
+    tables) and gathers them where it says (before the output projection); `mark(bound, i)`
+    marks block i's bound arguments inside the split. Attention stays the model's own
+    per-rank op: the rewrite's `shard_attention` pass makes it Ulysses' (our query-only op
+    between two all-to-alls), which diffusers' dense attention backends cannot be."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
+
+    plan = cp_plan(transformer)
+    config = cp_config(ulysses)
+    registries = []
+    for i, block in enumerate(blocks):
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        registry.register_hook(_mark_hook(lambda bound, i=i: mark(bound, i)), "astraea_token_mark")
+        registries.append(registry)
+    apply_context_parallel(transformer, config, plan)
+    try:
+        yield
+    finally:
+        remove_context_parallel(transformer, plan)
+        for registry in registries:
+            registry.remove_hook("astraea_token_mark")
+
+
+def local_layout(layout, ulysses: int):
+    """This rank's TokenLayout: N / P video rows (the split is along the token axis)."""
+    if layout.video_tokens % ulysses:
+        raise AstraeaError(f"parallel.ulysses: {layout.video_tokens} video tokens do not split into {ulysses} equal "
+                           "shards: choose a degree that divides them")
+    return dataclasses.replace(layout, video_tokens=layout.video_tokens // ulysses)

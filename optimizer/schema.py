@@ -193,6 +193,16 @@ class BenchSpec:
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    ulysses: int = spec(1, lo=1, hi=64, doc="sequence parallelism over this many processes (torchrun): the video rows "
+                        "in as many shards, one a rank, split and gathered by diffusers' context parallelism, "
+                        "attention by Ulysses' all-to-all around the query-only op")
+    ring: int = spec(1, lo=1, hi=64, doc="ring-attention degree; 1 (ring attention around the query-only op is not "
+                     "built: use ulysses)")
+    cfg: bool = spec(False, doc="CFG parallelism (the guidance branches on two rank groups); not built yet: false")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSpec
     video: VideoSpec
@@ -202,6 +212,7 @@ class RunConfig:
     build: BuildSpec
     bench: BenchSpec
     selection: SelectionSpec = field(default_factory=SelectionSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
     name: str = "run"  # the config file's stem
     source: str = ""  # the config file's path
 
@@ -217,6 +228,7 @@ SECTIONS: dict[str, type] = {
     "target": TargetSpec,
     "search": SearchSpec,
     "selection": SelectionSpec,
+    "parallel": ParallelSpec,
     "build": BuildSpec,
     "bench": BenchSpec,
 }
@@ -330,11 +342,26 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         if not cf.is_file():
             raise ConfigError("search.cost_from", f"{cf} does not exist (give an astraea-bench bench.json)")
         se = dataclasses.replace(se, cost_from=str(cf.resolve()))
+    pa, sel = cfg.parallel, cfg.selection
+    if pa.ring > 1:
+        raise ConfigError("parallel.ring", "ring attention around the query-only op is not built: set 1 and use "
+                          "parallel.ulysses")
+    if pa.cfg:
+        raise ConfigError("parallel.cfg", "CFG parallelism is not built yet: set false (parallel.ulysses shards "
+                          "both branches' rows)")
+    if pa.ulysses > 1:
+        if sel.shards not in (1, pa.ulysses):
+            raise ConfigError("selection.shards", f"with parallel.ulysses {pa.ulysses} the rows are in "
+                              f"{pa.ulysses} shards: leave it 1 or set {pa.ulysses}")
+        if b.backend == "tensorrt":
+            raise ConfigError("build.backend", "the TensorRT engines have no collective ops: use aoti, inductor or "
+                              "eager with parallel.ulysses")
+        sel = dataclasses.replace(sel, shards=pa.ulysses)  # the one-process programs (the search's) select as the ranks do
     if se.proxy_video:
         if len(se.proxy_video) != 3:
             raise ConfigError("search.proxy_video", f"give [frames, height, width] (or []), got {list(se.proxy_video)}")
         _build(VideoSpec, dict(zip(("frames", "height", "width"), se.proxy_video)), "search.proxy_video")
-    return dataclasses.replace(cfg, model=m, sampling=s, search=se)
+    return dataclasses.replace(cfg, model=m, sampling=s, search=se, selection=sel)
 
 
 def parse(raw: Any, *, name: str = "run", source: str = "", base: Path | None = None) -> RunConfig:

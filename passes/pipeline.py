@@ -28,6 +28,7 @@ from .cleanup import cleanup
 from .gather_subset import gather_subset
 from .insert_selection import insert_selection
 from .replace_attention import replace_attention
+from .shard_attention import shard_attention
 from .write_cache import write_cache
 
 log = logging.getLogger("astraea.passes")
@@ -44,6 +45,7 @@ class PassContext:
     sketch_dim: int = 0  # Delta from a sketch of the block input with this many dims (0: the full input)
     cache_dtype: torch.dtype | None = None  # the cached block outputs' dtype (None: the stream's); float8 adds a scale a row
     shards: int = 1  # the video rows in this many contiguous shards, each selecting its share (sequence parallelism)
+    ulysses: int = 1  # sequence-parallel ranks: the program is one rank's (layout and budget its share)
     blocks: dict[str, dict] = field(default_factory=dict)  # per block: its mark, index and state nodes
 
 
@@ -55,6 +57,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("insert_selection", insert_selection),
     ("gather_subset", gather_subset),
     ("replace_attention", replace_attention),
+    ("shard_attention", shard_attention),  # sequence parallelism: attention over every rank's rows
     ("write_cache", write_cache),
     ("cleanup", cleanup),
 ]

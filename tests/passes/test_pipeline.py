@@ -52,4 +52,5 @@ def test_a_failing_pass_is_named_with_those_before_it():
 
 def test_pipeline_table_of_contents():
     assert [name for name, _ in pipeline.PIPELINE] == [
-        "annotate_blocks", "classify_rows", "insert_selection", "gather_subset", "replace_attention", "write_cache", "cleanup"]
+        "annotate_blocks", "classify_rows", "insert_selection", "gather_subset", "replace_attention", "shard_attention",
+        "write_cache", "cleanup"]

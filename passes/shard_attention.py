@@ -1,0 +1,40 @@
+"""shard_attention: under sequence parallelism, each query-only attention spans every rank's rows.
+
+In a rank's program (captured on its shard of the rows: `parallel.ulysses` P > 1) each
+`astraea::sparse_attention(q_sel, k, v, mask, scale)` that replace_attention wrote sees only
+this rank's keys. It becomes `astraea.parallel.ulysses_sparse_attention`: an all-to-all
+gives each rank H / P heads of every rank's selected queries and keys, the op runs, and a
+second all-to-all returns this rank's rows over all heads (functional collectives, so the
+compilers keep them). Factored attention (within a frame or a position) has no sharded form
+yet and is refused in one line.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from astraea.errors import AstraeaError
+
+SPARSE = torch.ops.astraea.sparse_attention.default
+GROUPED = (torch.ops.astraea.group_attention.default, torch.ops.astraea.factored_attention.default)
+
+
+def shard_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
+    if ctx.ulysses == 1:
+        return {}
+    from astraea.parallel import ulysses_sparse_attention
+
+    if any(n.target in GROUPED for n in gm.graph.nodes):
+        raise AstraeaError("parallel.ulysses: factored attention (within a frame or a position, STDiT3) has no "
+                           "sequence-parallel form yet: set parallel.ulysses: 1")
+    count = 0
+    for node in gm.graph.nodes:
+        if node.target is SPARSE:
+            heads = node.args[0].meta["val"].shape[1]
+            if heads % ctx.ulysses:
+                raise AstraeaError(f"parallel.ulysses: {heads} heads do not split over {ctx.ulysses} ranks "
+                                   "(Ulysses gives each rank H / P heads): choose a degree that divides them")
+            node.target = ulysses_sparse_attention
+            count += 1
+    return {"ulysses_attention": count}
