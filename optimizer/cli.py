@@ -9,6 +9,7 @@ run folder's log (`<run>/build.log`, `<run>/bench.log`). Bad input is one line a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import AstraeaError
+from .schema import ParallelSpec
 
 log = logging.getLogger("astraea")
 
@@ -112,9 +114,55 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _distributed() -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) the process group, NCCL on GPUs and
+    gloo on CPUs, each rank on its local GPU; returns this rank (0 without torchrun)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        import atexit
+
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+@contextmanager
+def main_rank_first():
+    """Rank 0 runs the block first, the other ranks after it (they find its files: the dense
+    reference is computed once); a plain block without torch.distributed."""
+    import torch.distributed as dist
+
+    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if ranks and dist.get_rank() > 0:
+        dist.barrier()
+    yield
+    if ranks and dist.get_rank() == 0:
+        dist.barrier()
+
+
 def _run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, body: Callable) -> int:
     args = parser.parse_args(argv)
+    rank = _distributed()
+    if rank > 0:  # one console: rank 0's stage lines; the others' warnings and errors only
+        prog, args.quiet, args.verbose = f"{prog} [rank {rank}]", True, False
     _logging(prog, args.verbose, args.debug)
+    if rank > 0:
+        logging.getLogger().handlers[0].addFilter(lambda record: record.levelno >= logging.WARNING)
     if not args.debug:
         # torch >= 2.12 warns when a graph module's tree spec is copied (torch's own pickling,
         # not ours): noise between the stage lines
@@ -196,7 +244,7 @@ def _build(args) -> None:
         line[0] = (f"{model.identity['source']} on {model.device}/{cfg.model.dtype}: {layout.video_tokens:,} video + "
                    f"{layout.text_tokens} text tokens")
     write_json(out / "config.json", config.to_dict(cfg))
-    with stage("reference") as line:
+    with stage("reference") as line, main_rank_first():
         ref = reference.run(cfg, model, out, progress=not args.quiet)
         line[0] = (f"{len(ref.latents)} sample(s) x {cfg.sampling.steps} steps "
                    f"{'reused' if ref.reused else 'written'}: {ref.folder}")
@@ -206,23 +254,30 @@ def _build(args) -> None:
     if cfg.build.precision == "fp8":
         with stage("quantize") as line:
             model, line[0] = _quantize(cfg, model, ref, out, not args.quiet)
+    # under sequence parallelism the search runs one-process programs that select per shard as the
+    # ranks do (selection.shards = parallel.ulysses), its candidates spread over the ranks; the
+    # engines are each rank's own program
+    one = dataclasses.replace(cfg, parallel=ParallelSpec()) if cfg.parallel.ulysses > 1 else cfg
     with stage("rewrite") as line:
-        programs, line[0] = _rewrite(cfg, model, layout, out, args.dump_graphs, not args.quiet)
+        programs, line[0] = _rewrite(one, model, layout, out, args.dump_graphs, not args.quiet)
     from . import search
 
     if args.until == "rewrite":
         return
     with stage("search") as line:
-        schedule = search.plan(cfg, model, ref, out, resume=args.resume, progress=not args.quiet, programs=programs)
+        schedule = search.plan(one, model, ref, out, resume=args.resume, progress=not args.quiet, programs=programs)
         line[0] = _search_line(schedule, out)
     if args.until == "search":
         return
     with stage("engines") as line:
-        manifest = engines.build(cfg, model, programs, schedule, out, progress=not args.quiet)
+        manifest = engines.build(cfg, model, programs if one is cfg else {}, schedule, out, progress=not args.quiet)
         folder = out / "engines"
-        size = sum((folder / f).stat().st_size for f in manifest.files)
-        line[0] = (f"{len(manifest.engines)} {manifest.backend} engine(s) + weights, {size / 2**20:.1f} MiB "
+        par = manifest.build.get("parallel")
+        size = sum((folder / (f"rank{par['rank']}" if par else "") / f).stat().st_size for f in manifest.files)
+        ranks = f" on each of {par['world_size']} ranks (Ulysses)" if par else ""
+        line[0] = (f"{len(manifest.engines)} {manifest.backend} engine(s) + weights{ranks}, {size / 2**20:.1f} MiB "
                    f"({len(manifest.build['rebuilt'])} built): {folder}")
+    _barrier()  # every rank's engines are in place before any rank loads the folder
     if args.until == "engines":
         return
     with stage("check") as line:
@@ -324,13 +379,16 @@ def _check(cfg, model, schedule, ref, out: Path) -> str:
     dense = ref.latents[name]
     mse = float(((latents - dense) ** 2).mean())
     manifest = transformer.manifest
+    folder = transformer.folder  # this rank's, under sequence parallelism
     check = {"load_s": load_s, "first_sample_s": first_s, "sample_s": sample_s, "dense_sample_s": dense_s,
              "speedup": dense_s / sample_s, "peak_bytes": peak, "mse": mse,
              "psnr": psnr(mse, float(dense.max() - dense.min())),
              "engine_bytes": sum((folder / f).stat().st_size for f in manifest.files),
              "weights_bytes": (folder / manifest.weights_file).stat().st_size,
-             "backend": cfg.build.backend, "device": str(model.device)}
-    write_json(out / "engines-check.json", check)
+             "backend": cfg.build.backend, "device": str(model.device),
+             "parallel": manifest.build.get("parallel")}
+    if manifest.build.get("parallel", {}).get("rank", 0) == 0:
+        write_json(out / "engines-check.json", check)
     searched = schedule.quality.per_sample.get(name, {}).get("psnr", float("nan")) if schedule.quality else float("nan")
     return (f"runtime sample {sample_s:.1f} s (first {first_s:.1f} s) against dense eager {dense_s:.1f} s: "
             f"{check['speedup']:.2f}x; PSNR {check['psnr']:.2f} dB against dense (the search measured {searched:.2f})")

@@ -276,7 +276,8 @@ def _weights_file(folder: Path, weights: dict[str, torch.Tensor], identity: dict
 def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule: Schedule, out: Path,
           backend: str | None = None, progress: bool = True, prune: bool = True) -> Manifest:
     """Engines for every distinct non-zero budget of `schedule` under <out>/engines, then the
-    manifest. prune=False keeps the engine files of earlier builds that this schedule does
+    manifest (under parallel.ulysses P: this rank's, in <out>/engines/rank<r>, the manifest's
+    build.parallel recording the world size and mesh; the programs are the rank's). prune=False keeps the engine files of earlier builds that this schedule does
     not use (a benchmark's folder, built a schedule at a time: a later schedule finds them
     by key instead of rebuilding)."""
     backend = backend or cfg.build.backend
@@ -285,6 +286,14 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         raise EngineError(why)
     builder = BUILDERS[backend](cfg, progress)
     folder = out / "engines"
+    parallel = {}
+    if cfg.parallel.ulysses > 1:  # this rank's engines (its programs: parallel.sharded) in engines/rank<r>
+        from .parallel import world
+
+        rank, size = world()
+        parallel = {"ulysses": cfg.parallel.ulysses, "rank": rank, "world_size": size,
+                    "mesh": {"ring": cfg.parallel.ring, "ulysses": cfg.parallel.ulysses}}
+        folder = folder / f"rank{rank}"
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
     per_branch = cfg.sampling.guidance > 1 and (
@@ -347,7 +356,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         steps=tuple(Step(b, k, by_tokens.get(k) if k else None) for b, k in zip(schedule.budgets, schedule.tokens)),
         engines=engines, files={f: sha256(folder / f) for f in files}, toolchain=tc | {"source": source_hash()},
         build={"backend": backend, "precision": cfg.build.precision, "dtype": cfg.model.dtype, "cfg": cfg.build.cfg,
-               "seconds": timings, "rebuilt": built},
+               "seconds": timings, "rebuilt": built} | ({"parallel": parallel} if parallel else {}),
         constants=sig.constants, state_update=builder.state_update, per_branch=per_branch,
         quality={"mse": None if quality is None else quality.mse, "psnr": None if quality is None else quality.psnr,
                  "mean_budget": schedule.mean_budget, "per_sample": {} if quality is None else quality.per_sample,

@@ -29,7 +29,7 @@ import astraea.plugins  # noqa: F401  (the astraea:: ops the engines call: runti
 from astraea.plugins.fp8_linear import fp8_tensor_cores
 
 from .errors import EngineError
-from .manifest import Manifest, Step, TensorSpec, check_toolchain
+from .manifest import FILE, Manifest, Step, TensorSpec, check_toolchain
 
 BACKENDS = ("eager", "inductor", "aoti", "tensorrt")
 
@@ -301,14 +301,46 @@ def check_precision(manifest: Manifest, device: torch.device) -> None:
                           "FP8 tensor cores (8.9 and up: Ada, Hopper): rebuild with build.precision: model")
 
 
+def rank_folder(folder: Path) -> Path:
+    """The folder to load in this process: `folder` itself, or for a sequence-parallel build
+    (rank0/, rank1/, ...: astraea-build under torchrun) this rank's; a world size that is not
+    the engines' is refused in one line."""
+    ranks = sorted(p.name for p in folder.glob("rank*") if (p / FILE).is_file()) if folder.is_dir() else []
+    if (folder / FILE).is_file() or not ranks:
+        return folder
+    from .parallel import world
+
+    rank, size = world()
+    if size != len(ranks):
+        raise EngineError(f"{folder} holds sequence-parallel engines for {len(ranks)} ranks and this process group has "
+                          f"{size}: run under `torchrun --nproc-per-node {len(ranks)}`")
+    return folder / f"rank{rank}"
+
+
+def check_parallel(manifest: Manifest, folder: Path) -> None:
+    """A rank's engines run in a process group of their world size, at their rank, over the
+    mesh they were built on (set up here: their collectives name its process groups)."""
+    par = manifest.build.get("parallel")
+    if not par:
+        return
+    from .parallel import cp_config, world
+
+    rank, size = world()
+    if (rank, size) != (par["rank"], par["world_size"]):
+        raise EngineError(f"{folder} holds rank {par['rank']} of {par['world_size']}'s engines, not rank {rank} of "
+                          f"{size}'s: load the parent folder under `torchrun --nproc-per-node {par['world_size']}`")
+    cp_config(par["ulysses"])
+
+
 def load(folder: str | Path, device: str | torch.device | None = None, warm: bool = True,
          cuda_graphs: bool = False) -> EngineTransformer:
     """Verify and load an engine folder (see the module docstring). Raises EngineError.
     warm=False ignores the build's Inductor cache artifacts (a cold compile, to compare);
     cuda_graphs=True replays the engines as CUDA graphs (CUDA, in-place engines)."""
     t0 = time.perf_counter()
-    folder = Path(folder)
+    folder = rank_folder(Path(folder))
     manifest = Manifest.read(folder)
+    check_parallel(manifest, folder)
     device = torch.device(device or manifest.toolchain["device"])
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -58,8 +58,10 @@ def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | No
     cap = captured or capture(model, cfg)
     gm = copy_graph_module(cap.program.graph_module) if captured else cap.program.graph_module
     sel, ranks = cfg.selection, cfg.parallel.ulysses
-    # under sequence parallelism a rank's program holds N / P rows and selects its ceil(k / P) among them
-    local = budget if ranks == 1 else min(cap.layout.video_tokens, -(-budget // ranks))
+    # under sequence parallelism a rank's program holds N / P rows and selects its ceil(k / P) among
+    # them; one process selecting in P shards takes as many a shard (what the ranks will run)
+    shards = ranks if ranks > 1 else sel.shards
+    local = budget if shards == 1 else min(cap.layout.video_tokens, -(-budget // shards) * (1 if ranks > 1 else shards))
     ctx = pipeline.PassContext(model.family, cap.layout, dump_dir=dump_dir, budget=local, w_beta=sel.w_beta,
                                sketch_dim=sel.sketch_dim if sel.delta == "sketch" else 0,
                                cache_dtype=torch.float8_e4m3fn if sel.cache == "float8" else None,

@@ -116,7 +116,7 @@ def test_build_rewrites_every_level_and_searches(tmp_path, capsys):
     assert record["passes"]["replace_attention"] == {"sparse_attention": 2}
     assert "torch.ops.astraea.sparse_attention.default" in (out / "graphs" / "k9.txt").read_text()
     dumps = sorted(p.name for p in (out / "graphs" / "k9-passes").iterdir())
-    assert len(dumps) == 14 and dumps[0] == "00-annotate_blocks-after.txt"
+    assert len(dumps) == 16 and dumps[0] == "00-annotate_blocks-after.txt"  # 8 passes, before and after
     (folder,) = (out / "search").iterdir()
     schedule = json.loads((folder / "schedule.json").read_text())
     assert schedule["budget_per_step"][0] == 1.0 and 0.45 <= schedule["mean_budget"] <= 0.55

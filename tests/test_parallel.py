@@ -152,3 +152,55 @@ def test_a_rank_program_needs_its_world_and_a_context_parallel_plan():
     cfg = tiny_config("cogvideox", "tiny", parallel={"ulysses": 2})
     with pytest.raises(AstraeaError, match="no context-parallel plan"):
         capture(loader.load_model(cfg), cfg)
+
+
+def _build_rank(rank: int, world: int, port: int, args: list, out: str):
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from astraea.cli import build_main
+
+    code = build_main(args)
+    with open(f"{out}/exit{rank}", "w") as fh:
+        fh.write(str(code))
+
+
+def test_astraea_build_under_two_ranks(tmp_path, capsys):
+    """astraea-build as torchrun starts it (RANK/WORLD_SIZE in the environment, gloo here):
+    one search (its candidates over the ranks), each rank's engines in engines/rank<r> with
+    the world size and mesh in its manifest, the check stage sampling through them on both
+    ranks at the search's PSNR; one process loading the folder is refused in one line."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+    import yaml
+
+    from astraea import runtime
+    from astraea.errors import EngineError
+    from conftest import tiny_raw
+
+    raw = tiny_raw(target={"budget": 0.5}, parallel={"ulysses": 2}, build={"backend": "eager"},
+                   search={"levels": 3, "population": 4, "children": 3, "generations": 2})
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_build_rank, args=(2, port, [str(path), "--out", str(out), "--quiet"], str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"exit{r}").read_text() for r in range(2)] == ["0", "0"]
+    for rank in range(2):
+        manifest = json.loads((out / "engines" / f"rank{rank}" / "manifest.json").read_text())
+        assert manifest["build"]["parallel"] == {"ulysses": 2, "rank": rank, "world_size": 2,
+                                                 "mesh": {"ring": 1, "ulysses": 2}}
+        assert manifest["state"][1]["shape"][1] == 9  # a rank's block state: half the 18 rows
+    (folder,) = (out / "search").iterdir()
+    schedule = json.loads((folder / "schedule.json").read_text())
+    check = json.loads((out / "engines-check.json").read_text())
+    assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-3)
+    with pytest.raises(EngineError, match=r"for 2 ranks .* has 1: run under `torchrun --nproc-per-node 2`"):
+        runtime.load(out / "engines", device="cpu")
+    with pytest.raises(EngineError, match="rank 1 of 2's engines, not rank 0 of 1's"):
+        runtime.load(out / "engines" / "rank1", device="cpu")
