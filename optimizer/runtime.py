@@ -14,6 +14,8 @@ per CFG branch (captured at its second call, the first having compiled and warme
 one launch a call instead of about 1,300, for engines that update their state in place.
 This module imports none of the build code (torch, safetensors and
 the standard library only), so a deployment needs the engine folder and `astraea.runtime`.
+A sequence-parallel folder (`rank<r>/` subfolders, astraea-build under torchrun) is loaded a
+rank a process, through `astraea.parallel` (torch.distributed and diffusers' mesh config).
 """
 
 from __future__ import annotations
