@@ -5,6 +5,9 @@ Methods (`bench.methods`; every one samples the config's prompts x seeds through
 denoising loop, `sampling.denoise`):
   dense             the diffusers transformer, eager: the baseline of speed and quality
   dense-compiled    the same under torch.compile (Inductor, the engines' compiler)
+  dense-cp          dense on diffusers' context parallelism (parallel.ulysses ranks, torchrun), eager
+                    and compiled; under parallel.ulysses only dense, dense-cp and astraea-compiled
+                    (each rank its engines) run, every rank in step, rank 0 writing the report
   astraea           the rewritten programs, eager, at each schedule: uniform `bench.budgets`
                     (a dense first step, then flat), the run folder's searched schedules,
                     and any given with --schedules
@@ -44,6 +47,7 @@ from tqdm.auto import tqdm
 
 from . import report
 from .families import LoadedModel
+from .fitness import is_main
 from .io import stable_hash
 from .metrics import compare, frames
 from .schedule import Schedule, call_label
@@ -235,7 +239,7 @@ class Bench:
         log.info("%-17s %-22s %8.0f ms a sample  %5.2fx  PSNR %6.2f dB  (warm-up %.0f s)%s", row["method"],
                  row["setting"], row["sample_ms"], row["speedup"], q, row["warmup_s"],
                  "" if row["peak_gib"] is None else f"  peak {row['peak_gib']:.1f} GiB", extra={"stage": True})
-        if self.setup is not None:
+        if self.setup is not None and is_main():
             report.write(report.merge(self.out / "bench" / "bench.json", self.setup, self.rows), self.out / "bench",
                          with_plots=False)
         return row
@@ -356,9 +360,31 @@ def _peers(bench: Bench, plan: Plan) -> Iterator[Method]:
                      finish=lambda t: t.close(), count_work=True)
 
 
+def _dense_cp(bench: Bench, plan: Plan) -> Iterator[Method]:
+    """Dense on diffusers' own context parallelism (Ulysses over the ranks: `enable_parallelism`),
+    eager and under torch.compile: the multi-GPU baseline. A copy of the model carries its hooks."""
+    from diffusers import ContextParallelConfig
+
+    from . import loader
+    from .parallel import cp_plan
+
+    ranks = bench.cfg.parallel.ulysses
+    model = loader.load_model(bench.cfg)
+    cp_plan(model.transformer)  # a one-line refusal for a model without diffusers' plan
+    model.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ranks))
+    yield Method("dense-cp", f"diffusers context parallelism, Ulysses {ranks}, eager", lambda: model.transformer)
+    compiled = torch.compile(model.transformer, dynamic=False)
+    yield Method("dense-cp", f"diffusers context parallelism, Ulysses {ranks}, torch.compile", lambda: compiled)
+    torch._dynamo.reset()
+
+
 METHODS: dict[str, Callable[[Bench, Plan], Iterator[Method]]] = {
     "dense-compiled": _dense_compiled, "astraea": _astraea, "astraea-compiled": _astraea_compiled, "peers": _peers,
-}  # dense is the baseline of every row: measured first, or its stored row reused (run)
+    "dense-cp": _dense_cp,
+}
+# under sequence parallelism (every rank runs each row together): the one-GPU dense baseline, dense on
+# diffusers' context parallelism, and the ranks' engines
+PARALLEL_METHODS = ("dense", "dense-cp", "astraea-compiled")  # dense is the baseline of every row: measured first, or its stored row reused (run)
 
 
 def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] | None = None,
@@ -366,6 +392,12 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
         progress: bool = True) -> dict:
     """Measure `methods` (default bench.methods) and write the report under <out>/bench."""
     methods = tuple(methods or cfg.bench.methods)
+    if cfg.parallel.ulysses > 1:
+        skipped = [m for m in methods if m not in PARALLEL_METHODS]
+        if skipped:
+            log.info("parallel.ulysses %d: %s not measured (one-GPU rows: run them without parallel)",
+                     cfg.parallel.ulysses, ", ".join(skipped))
+        methods = tuple(m for m in methods if m in PARALLEL_METHODS)
     bench = Bench(cfg, model, out, progress)
     plan = _plan(cfg, model, out, extra_schedules, engine_folder)
     todo = list(dict.fromkeys(("dense", *methods)))
@@ -375,7 +407,8 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
     if "dense" in methods or stored is None:
         source = "diffusers" if model.family.name not in NOT_DIFFUSERS else type(model.transformer).__name__
         bench.add(Method("dense", f"{source}, eager", lambda: model.transformer, count_work=True))
-        report.store_dense(out / "bench", setup["key"], bench.rows[0], bench.dense)
+        if is_main():
+            report.store_dense(out / "bench", setup["key"], bench.rows[0], bench.dense)
     else:  # this setup's dense row and samples from an earlier invocation (the same card: see setup)
         log.info("dense: reusing the row and samples of %s (add dense to --methods to measure it again)",
                  out / "bench" / "bench.json")
@@ -388,7 +421,8 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
         bar.update()
     bar.close()
     result = report.merge(out / "bench" / "bench.json", setup, bench.rows)
-    report.write(result, out / "bench")
+    if is_main():  # under torchrun every rank measured in step; rank 0 writes
+        report.write(result, out / "bench")
     return result
 
 
@@ -427,7 +461,11 @@ def build_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dict
                            "(sampling.steps - 1): time them in several invocations")
     tokens = [n] + [ks[i % len(ks)] for i in range(steps - 1)]
     schedule = Schedule.from_tokens(tokens, n, timesteps=tuple(timesteps(model, steps)), key="astraea-bench")
-    return engines.build(cfg, model, {}, schedule, out / "bench", progress=progress, prune=False)
+    manifest = engines.build(cfg, model, {}, schedule, out / "bench", progress=progress, prune=False)
+    from .parallel import barrier
+
+    barrier()  # under sequence parallelism: every rank's engines in place before any loads the folder
+    return manifest
 
 
 def _setup(cfg: RunConfig, model: LoadedModel, bench: Bench) -> dict:

@@ -134,13 +134,6 @@ def _distributed() -> int:
     return dist.get_rank()
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 @contextmanager
 def main_rank_first():
     """Rank 0 runs the block first, the other ranks after it (they find its files: the dense
@@ -277,7 +270,9 @@ def _build(args) -> None:
         ranks = f" on each of {par['world_size']} ranks (Ulysses)" if par else ""
         line[0] = (f"{len(manifest.engines)} {manifest.backend} engine(s) + weights{ranks}, {size / 2**20:.1f} MiB "
                    f"({len(manifest.build['rebuilt'])} built): {folder}")
-    _barrier()  # every rank's engines are in place before any rank loads the folder
+    from .parallel import barrier
+
+    barrier()  # every rank's engines are in place before any rank loads the folder
     if args.until == "engines":
         return
     with stage("check") as line:

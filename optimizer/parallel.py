@@ -39,6 +39,12 @@ def world(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def barrier() -> None:
+    """Every rank waits for the others (nothing without torch.distributed or with one rank)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
 def _group(group):
     return dist.group.WORLD if group is None else group
 

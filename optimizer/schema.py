@@ -174,7 +174,8 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, knobs
 
 
-BENCH_METHODS = ("dense", "dense-compiled", "astraea", "astraea-compiled", "peers")
+BENCH_METHODS = ("dense", "dense-compiled", "astraea", "astraea-compiled", "peers", "dense-cp")
+DEFAULT_METHODS = BENCH_METHODS[:5]  # dense-cp: with parallel.ulysses under torchrun
 DEFAULT_PEERS = ("pab skip=2", "pab skip=2 cross=6", "pab skip=4 cross=8", "first_block_cache threshold=0.1",
                  "first_block_cache threshold=0.2", "first_block_cache threshold=0.3", "taylorseer interval=2",
                  "taylorseer interval=3", "faster_cache skip=2", "faster_cache skip=3", "mag_cache threshold=0.06",
@@ -185,7 +186,8 @@ DEFAULT_PEERS = ("pab skip=2", "pab skip=2 cross=6", "pab skip=4 cross=8", "firs
 class BenchSpec:
     warmup: int = spec(2, lo=0, hi=1000, doc="warm-up calls of every engine or budget before timing")
     repeats: int = spec(5, lo=1, hi=10000, doc="timed generations (or dense steps) a method; the median is reported")
-    methods: tuple[str, ...] = spec(BENCH_METHODS, choices=BENCH_METHODS, doc="what astraea-bench measures")
+    methods: tuple[str, ...] = spec(DEFAULT_METHODS, choices=BENCH_METHODS, doc="what astraea-bench measures "
+                                    "(dense-cp: dense on diffusers' context parallelism, with parallel.ulysses)")
     budgets: tuple[float, ...] = spec((0.4, 0.5, 0.7), lo=0.0, hi=1.0,
                                       doc="Astraea's uniform schedules: a dense first step, then this budget")
     peers: tuple[str, ...] = spec(DEFAULT_PEERS, doc="peer settings: 'name knob=value ...' (README: astraea-bench)")
@@ -349,6 +351,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
     if pa.cfg:
         raise ConfigError("parallel.cfg", "CFG parallelism is not built yet: set false (parallel.ulysses shards "
                           "both branches' rows)")
+    if "dense-cp" in cfg.bench.methods and pa.ulysses == 1:
+        raise ConfigError("bench.methods", "dense-cp is dense on diffusers' context parallelism: set parallel.ulysses "
+                          "to the ranks and run under torchrun")
     if pa.ulysses > 1:
         if sel.shards not in (1, pa.ulysses):
             raise ConfigError("selection.shards", f"with parallel.ulysses {pa.ulysses} the rows are in "
