@@ -12,6 +12,7 @@ in-place K-side write landed in a gathered copy and gave silently wrong numbers)
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,12 +65,10 @@ def marked_token_streams(model: LoadedModel, ulysses: int = 1) -> Iterator[int]:
     `token_tables`, e.g. rotary cos/sin) through astraea::token_table(t, dim); yields the
     number of blocks. The passes find token sources by these ops, never by sizes. With
     `ulysses` > 1 the transformer runs one rank's shard of the rows under diffusers' context
-    parallelism (astraea.parallel.sharded), marked after the split."""
+    parallelism (`sharded`), marked after the split."""
     blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
     mark = _marker(model)
     if ulysses > 1:
-        from .parallel import sharded
-
         with sharded(model.transformer, ulysses, blocks, mark):
             yield len(blocks)
         return
@@ -88,6 +87,58 @@ def marked_token_streams(model: LoadedModel, ulysses: int = 1) -> Iterator[int]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _mark_hook(fn):
+    """A diffusers ModelHook calling fn(bound arguments) before the block's forward: registered
+    before the context-parallel hooks, it runs inside them, so under context parallelism the
+    block's rows are already this rank's when capture marks them."""
+    from diffusers.hooks import ModelHook
+
+    class Mark(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+            fn(bound)
+            return bound.args[1:], bound.kwargs
+
+    return Mark()
+
+
+@contextmanager
+def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark) -> Iterator[None]:
+    """While active, `transformer` runs one rank's shard of the video rows: diffusers' context
+    parallelism splits them where the model's plan says (before the first block, its rotary
+    tables) and gathers them where it says (before the output projection); `mark(bound, i)`
+    marks block i's bound arguments inside the split. Attention stays the model's own
+    per-rank op: the rewrite's `shard_attention` pass makes it Ulysses' (our query-only op
+    between two all-to-alls), which diffusers' dense attention backends cannot be."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
+
+    from .parallel import cp_config, cp_plan
+
+    plan = cp_plan(transformer)
+    config = cp_config(ulysses)
+    registries = []
+    for i, block in enumerate(blocks):
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        registry.register_hook(_mark_hook(lambda bound, i=i: mark(bound, i)), "astraea_token_mark")
+        registries.append(registry)
+    apply_context_parallel(transformer, config, plan)
+    try:
+        yield
+    finally:
+        remove_context_parallel(transformer, plan)
+        for registry in registries:
+            registry.remove_hook("astraea_token_mark")
+
+
+def local_layout(layout, ulysses: int):
+    """This rank's TokenLayout: N / P video rows (the split is along the token axis)."""
+    if layout.video_tokens % ulysses:
+        raise AstraeaError(f"parallel.ulysses: {layout.video_tokens} video tokens do not split into {ulysses} equal "
+                           "shards: choose a degree that divides them")
+    return dataclasses.replace(layout, video_tokens=layout.video_tokens // ulysses)
 
 
 def capture(model: LoadedModel, cfg: RunConfig, example: dict | None = None) -> Captured:
@@ -110,7 +161,5 @@ def capture(model: LoadedModel, cfg: RunConfig, example: dict | None = None) -> 
                                "the token rewrite needs a functional graph")
     layout = model.layout(cfg.video)
     if ulysses > 1:
-        from .parallel import local_layout
-
         layout = local_layout(layout, ulysses)
     return Captured(program, example, layout)

@@ -114,43 +114,11 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _distributed() -> int:
-    """Under torchrun (WORLD_SIZE > 1 in the environment) the process group, NCCL on GPUs and
-    gloo on CPUs, each rank on its local GPU; returns this rank (0 without torchrun)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        import atexit
-
-        atexit.register(dist.destroy_process_group)
-    return dist.get_rank()
-
-
-@contextmanager
-def main_rank_first():
-    """Rank 0 runs the block first, the other ranks after it (they find its files: the dense
-    reference is computed once); a plain block without torch.distributed."""
-    import torch.distributed as dist
-
-    ranks = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if ranks and dist.get_rank() > 0:
-        dist.barrier()
-    yield
-    if ranks and dist.get_rank() == 0:
-        dist.barrier()
-
-
 def _run(prog: str, argv: list[str] | None, parser: argparse.ArgumentParser, body: Callable) -> int:
     args = parser.parse_args(argv)
-    rank = _distributed()
+    from .parallel import init_from_env
+
+    rank = init_from_env()
     if rank > 0:  # one console: rank 0's stage lines; the others' warnings and errors only
         prog, args.quiet, args.verbose = f"{prog} [rank {rank}]", True, False
     _logging(prog, args.verbose, args.debug)
@@ -237,6 +205,8 @@ def _build(args) -> None:
         line[0] = (f"{model.identity['source']} on {model.device}/{cfg.model.dtype}: {layout.video_tokens:,} video + "
                    f"{layout.text_tokens} text tokens")
     write_json(out / "config.json", config.to_dict(cfg))
+    from .parallel import main_rank_first
+
     with stage("reference") as line, main_rank_first():
         ref = reference.run(cfg, model, out, progress=not args.quiet)
         line[0] = (f"{len(ref.latents)} sample(s) x {cfg.sampling.steps} steps "

@@ -287,7 +287,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     builder = BUILDERS[backend](cfg, progress)
     folder = out / "engines"
     parallel = {}
-    if cfg.parallel.ulysses > 1:  # this rank's engines (its programs: parallel.sharded) in engines/rank<r>
+    if cfg.parallel.ulysses > 1:  # this rank's engines (its programs: capture.sharded) in engines/rank<r>
         from .parallel import world
 
         rank, size = world()

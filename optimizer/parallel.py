@@ -14,12 +14,15 @@ selected rows, so the exchanges are even.
 
     out, lse = ulysses_sparse_attention(q, k, v)    # q (B, H, m, D) this rank's selected rows;
                                                     # k, v (B, H, n, D) this rank's shard
+
+Also the process group from torchrun's environment (`init_from_env`), the context-parallel
+mesh diffusers' hooks and the engines' collectives use (`cp_config`), and the model's plan
+(`cp_plan`). Runtime code: the engines call it; the capture of a rank's program is
+`capture.sharded`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -135,51 +138,29 @@ def cp_plan(transformer: torch.nn.Module) -> dict:
     return plan
 
 
-def _mark_hook(fn):
-    """A diffusers ModelHook calling fn(bound arguments) before the block's forward: registered
-    before the context-parallel hooks, it runs inside them, so under context parallelism the
-    block's rows are already this rank's when capture marks them."""
-    from diffusers.hooks import ModelHook
+def init_from_env() -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) the process group, NCCL on GPUs and
+    gloo on CPUs, each rank on its local GPU; returns this rank (0 without torchrun)."""
+    import atexit
+    import os
 
-    class Mark(ModelHook):
-        def pre_forward(self, module, *args, **kwargs):
-            bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
-            fn(bound)
-            return bound.args[1:], bound.kwargs
-
-    return Mark()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank()
 
 
 @contextmanager
-def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark) -> Iterator[None]:
-    """While active, `transformer` runs one rank's shard of the video rows: diffusers' context
-    parallelism splits them where the model's plan says (before the first block, its rotary
-    tables) and gathers them where it says (before the output projection); `mark(bound, i)`
-    marks block i's bound arguments inside the split. Attention stays the model's own
-    per-rank op: the rewrite's `shard_attention` pass makes it Ulysses' (our query-only op
-    between two all-to-alls), which diffusers' dense attention backends cannot be."""
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.context_parallel import apply_context_parallel, remove_context_parallel
-
-    plan = cp_plan(transformer)
-    config = cp_config(ulysses)
-    registries = []
-    for i, block in enumerate(blocks):
-        registry = HookRegistry.check_if_exists_or_initialize(block)
-        registry.register_hook(_mark_hook(lambda bound, i=i: mark(bound, i)), "astraea_token_mark")
-        registries.append(registry)
-    apply_context_parallel(transformer, config, plan)
-    try:
-        yield
-    finally:
-        remove_context_parallel(transformer, plan)
-        for registry in registries:
-            registry.remove_hook("astraea_token_mark")
-
-
-def local_layout(layout, ulysses: int):
-    """This rank's TokenLayout: N / P video rows (the split is along the token axis)."""
-    if layout.video_tokens % ulysses:
-        raise AstraeaError(f"parallel.ulysses: {layout.video_tokens} video tokens do not split into {ulysses} equal "
-                           "shards: choose a degree that divides them")
-    return dataclasses.replace(layout, video_tokens=layout.video_tokens // ulysses)
+def main_rank_first() -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it (they find its files: the dense
+    reference is computed once); a plain block without torch.distributed."""
+    rank, size = world()
+    if size > 1 and rank > 0:
+        barrier()
+    yield
+    if size > 1 and rank == 0:
+        barrier()
