@@ -57,11 +57,20 @@ def load_model(cfg: RunConfig) -> LoadedModel:
             from . import bundled
 
             shell = family.build_random(preset, torch.device("cpu"), dtype, 0)  # the shipped weights go in next
-            transformer, text_encoder, digest = bundled.load_model(shell, device, dtype)
-            return LoadedModel(
-                family, transformer, scheduler, identity | {"weights": digest}, text_length, preset.geometry,
-                encoder=lambda prompts: Conditioning(text_encoder(prompts)), decoder=bundled.codec.decode,
-            )
+            transformer, text_encoder, digest = bundled.load_model(shell, device, dtype, Path(preset.weights))
+            # a family whose transformer takes a caption mask (Open-Sora) gets the padding mask, its first row kept
+            masked = family.pseudo_condition("a", preset.config, text_length).mask is not None
+
+            def encode(prompts):
+                embeds = text_encoder(prompts)
+                if not masked:
+                    return Conditioning(embeds)
+                mask = text_encoder.tokenize(prompts).to(embeds.device) != 0
+                mask[:, 0] = True
+                return Conditioning(embeds, mask)
+
+            return LoadedModel(family, transformer, scheduler, identity | {"weights": digest}, text_length,
+                               preset.geometry, encoder=encode, decoder=bundled.codec.decode)
         transformer = family.build_random(preset, device, dtype, cfg.model.weights_seed)
         identity["weights"] = f"random:{SCHEME}:{cfg.model.weights_seed}"
         return LoadedModel(family, transformer, scheduler, identity, text_length, preset.geometry)

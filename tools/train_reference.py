@@ -222,7 +222,9 @@ def train(args: argparse.Namespace) -> None:
         bar.update()
     bar.close()
     save()
-    export(ema, args.out / objective.weights)
+    # the EMA parameters, and the model's persistent buffers (STDiT3's rotary frequencies: its checkpoint holds them)
+    buffers = {f"transformer.{k}": v for k, v in model.state_dict().items() if f"transformer.{k}" not in params}
+    export(ema | buffers, args.out / objective.weights)
     if log.is_file():
         plot_loss(log, args.out / "loss.png")
     print(json.dumps({"step": step, "minutes": (time.time() - start) / 60, "out": str(args.out)}))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import bundled
 from ..errors import ConfigError
 from .base import FAMILIES, Conditioning, Family, Geometry, Preset, pseudo_embedding
 from .stdit3 import STDiT3
@@ -76,6 +77,13 @@ _XL = dict(depth=28, hidden_size=1152, num_heads=16, in_channels=4, patch_size=(
            model_max_length=300)
 
 
+# the second bundled reference model (tools/train_reference.py --family opensora): offered once its
+# weights ship in the package
+BUNDLED = Preset("bundled", bundled.STDIT3_CONFIG, bundled.TEXT_LENGTH, bundled.VIDEO,
+                 "the STDiT3 reference model trained here (docs/reference-model.md): pixel-patchify codec",
+                 geometry=Geometry(bundled.codec.SPATIAL, bundled.codec.TEMPORAL), weights=str(bundled.STDIT3_WEIGHTS))
+
+
 @FAMILIES.register("opensora")
 class OpenSora(Family):
     name = "opensora"
@@ -94,6 +102,7 @@ class OpenSora(Family):
         "tiny": Preset("tiny", dict(_XL, depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16),
                        16, (17, 64, 64), "2 spatial + 2 temporal blocks, 4 heads x 16, random weights: tests",
                        geometry=MicroFrameGeometry()),
+        **({"bundled": BUNDLED} if bundled.STDIT3_WEIGHTS.is_file() else {}),
     }
 
     @staticmethod

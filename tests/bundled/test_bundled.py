@@ -124,3 +124,33 @@ def test_missing_or_corrupt_bundled_weights_are_one_line(tmp_path):
     with pytest.raises(AstraeaError, match="is not a valid safetensors file") as e:
         bundled.load_model(shell, torch.device("cpu"), torch.float32, bad)
     assert "\n" not in str(e.value)
+
+
+def test_a_trained_stdit3_loads_as_the_opensora_bundled_preset(tmp_path, monkeypatch):
+    """The trainer's STDiT3 file (one CPU step here) loads through the opensora family's
+    `bundled` preset (offered once astraea-tiny-stdit3.safetensors ships): the pixel codec's
+    geometry, the caption mask from the fixed vocabulary, and the rectified-flow sampler."""
+    import dataclasses
+    import importlib.util
+
+    from astraea.families import get_family
+    from astraea.families.opensora import BUNDLED
+
+    spec = importlib.util.spec_from_file_location("train_reference", ROOT / "tools" / "train_reference.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    train.main(["--device", "cpu", "--batch", "1", "--pool", "2", "--steps", "1", "--family", "opensora",
+                "--out", str(tmp_path)])
+    family = get_family("opensora")
+    monkeypatch.setitem(family.presets, "bundled", dataclasses.replace(
+        BUNDLED, weights=str(tmp_path / bundled.STDIT3_WEIGHTS.name)))
+    frames, height, width = bundled.VIDEO
+    cfg = config.from_dict({"model": {"family": "opensora", "preset": "bundled", "dtype": "fp32", "device": "cpu"},
+                            "video": {"frames": frames, "height": height, "width": width},
+                            "sampling": {"steps": 3, "prompts": [PROMPT, "a blue square"]}})
+    model = loader.load_model(cfg)
+    assert model.layout(cfg.video).video_tokens == 2304 and model.identity["weights"] != "random"
+    cond = model.encoder([PROMPT, "a blue square"])
+    assert cond.mask.shape == (2, bundled.TEXT_LENGTH) and cond.mask.sum(1).tolist() == [len(PROMPT.split()), 3]
+    out = _sample(cfg, model)
+    assert out.shape == (1, bundled.codec.CHANNELS, 9, 32, 32) and torch.isfinite(out).all()
