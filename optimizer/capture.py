@@ -59,7 +59,7 @@ def _marker(model: LoadedModel):
 
 
 @contextmanager
-def marked_token_streams(model: LoadedModel, ulysses: int = 1) -> Iterator[int]:
+def marked_token_streams(model: LoadedModel, ulysses: int = 1, cfg: bool = False) -> Iterator[int]:
     """While active, every block's `hidden_states` (the adapter's token stream) passes through
     astraea::token_mark(x, block index) and each of its token-indexed tables (the adapter's
     `token_tables`, e.g. rotary cos/sin) through astraea::token_table(t, dim); yields the
@@ -69,7 +69,7 @@ def marked_token_streams(model: LoadedModel, ulysses: int = 1) -> Iterator[int]:
     blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
     mark = _marker(model)
     if ulysses > 1:
-        with sharded(model.transformer, ulysses, blocks, mark):
+        with sharded(model.transformer, ulysses, blocks, mark, cfg):
             yield len(blocks)
         return
 
@@ -105,7 +105,7 @@ def _mark_hook(fn):
 
 
 @contextmanager
-def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark) -> Iterator[None]:
+def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark, cfg: bool = False) -> Iterator[None]:
     """While active, `transformer` runs one rank's shard of the video rows: diffusers' context
     parallelism splits them where the model's plan says (before the first block, its rotary
     tables) and gathers them where it says (before the output projection); `mark(bound, i)`
@@ -118,7 +118,7 @@ def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark) -> I
     from .parallel import cp_config, cp_plan
 
     plan = cp_plan(transformer)
-    config = cp_config(ulysses)
+    config = cp_config(ulysses, cfg)  # with cfg: this rank's CFG branch's group of ranks
     registries = []
     for i, block in enumerate(blocks):
         registry = HookRegistry.check_if_exists_or_initialize(block)
@@ -148,7 +148,7 @@ def capture(model: LoadedModel, cfg: RunConfig, example: dict | None = None) -> 
     example = example or first_step_kwargs(model, cfg.video, cfg.sampling)
     ulysses = cfg.parallel.ulysses
     try:
-        with torch.no_grad(), marked_token_streams(model, ulysses):
+        with torch.no_grad(), marked_token_streams(model, ulysses, cfg.parallel.cfg):
             program = torch.export.export(model.transformer, (), example, strict=False).run_decompositions({})
     except AstraeaError:
         raise

@@ -287,17 +287,18 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     builder = BUILDERS[backend](cfg, progress)
     folder = out / "engines"
     parallel = {}
-    if cfg.parallel.ulysses > 1:  # this rank's engines (its programs: capture.sharded) in engines/rank<r>
+    pa = cfg.parallel
+    if pa.ulysses > 1 or pa.cfg:  # this rank's engines (its programs: capture.sharded) in engines/rank<r>
         from .parallel import world
 
         rank, size = world()
-        parallel = {"ulysses": cfg.parallel.ulysses, "rank": rank, "world_size": size,
-                    "mesh": {"ring": cfg.parallel.ring, "ulysses": cfg.parallel.ulysses}}
+        parallel = {"ulysses": pa.ulysses, "cfg": pa.cfg, "rank": rank, "world_size": size,
+                    "mesh": {**({"cfg": 2} if pa.cfg else {}), "ring": pa.ring, "ulysses": pa.ulysses}}
         folder = folder / f"rank{rank}"
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
-    per_branch = cfg.sampling.guidance > 1 and (
-        cfg.build.cfg == "per_branch" or (cfg.build.cfg == "auto" and model.family.pipeline_cfg_per_branch))
+    per_branch = cfg.sampling.guidance > 1 and (cfg.build.cfg == "per_branch" or cfg.parallel.cfg or (
+        cfg.build.cfg == "auto" and model.family.pipeline_cfg_per_branch))  # CFG parallelism: a branch a rank group
     if per_branch:
         kwargs = one_branch(kwargs)
     wanted = schedule.row_counts

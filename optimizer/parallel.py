@@ -49,7 +49,14 @@ def barrier() -> None:
 
 
 def _group(group):
-    return dist.group.WORLD if group is None else group
+    """A process group from None (the world), a group or a group's name (what a graph stores)."""
+    if group is None:
+        return dist.group.WORLD
+    if isinstance(group, str):
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return _resolve_process_group(group)
+    return group
 
 
 def _exchange(t: torch.Tensor, group) -> torch.Tensor:
@@ -83,6 +90,7 @@ def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     selected query rows (m equal on every rank), k, v (B, H, n, D) and key_mask (B, n) this
     rank's shard (n equal on every rank). Returns this rank's out (B, H, m, D) and lse
     (B, H, m), as one process holding every rank's rows would compute them."""
+    group = None if group is None else _group(group)
     _, size = world(group)
     if size == 1:
         return torch.ops.astraea.sparse_attention(q, k, v, key_mask, scale)
@@ -105,27 +113,46 @@ def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 _MESHES: dict = {}
 
 
-def cp_config(ulysses: int):
-    """diffusers' ContextParallelConfig for `ulysses` ranks over this process group's world,
-    set up once a process (its mesh's process groups are created in the same order on every
-    rank and in every process that runs the programs)."""
+def cp_config(ulysses: int, cfg: bool = False):
+    """diffusers' ContextParallelConfig for `ulysses` ranks, set up once a process (its mesh's
+    process groups are created in the same order on every rank and in every process that runs
+    the programs). With `cfg` the world is two groups of `ulysses` ranks, one a CFG branch: the
+    mesh is (cfg 2, ring 1, ulysses P) and the config this rank's branch's sub-mesh."""
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
 
     rank, size = world()
-    if size != ulysses:
-        raise AstraeaError(f"parallel.ulysses is {ulysses} but this run has {size} process(es): start it with "
-                           f"`torchrun --nproc-per-node {ulysses} ...`")
+    want = ulysses * (2 if cfg else 1)
+    if size != want:
+        what = f"parallel.ulysses {ulysses}" + (" x 2 CFG branches" if cfg else "")
+        raise AstraeaError(f"{what} needs {want} processes but this run has {size}: start it with "
+                           f"`torchrun --nproc-per-node {want} ...`")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    key = (device_type, ulysses)
+    key = (device_type, ulysses, cfg)
     if key not in _MESHES:
-        config = ContextParallelConfig(ulysses_degree=ulysses)
-        mesh = init_device_mesh(device_type, (1, ulysses), mesh_dim_names=("ring", "ulysses"))
+        shape, names = ((2, 1, ulysses), ("cfg", "ring", "ulysses")) if cfg else ((1, ulysses), ("ring", "ulysses"))
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
         device = torch.device(device_type, rank % max(1, torch.cuda.device_count())) if device_type == "cuda" \
             else torch.device("cpu")
-        config.setup(rank, size, device, mesh)
-        _MESHES[key] = config
-    return _MESHES[key]
+        config = None
+        if ulysses > 1:
+            config = ContextParallelConfig(ulysses_degree=ulysses, mesh=mesh["ring", "ulysses"] if cfg else mesh)
+            config.setup(rank % ulysses, ulysses, device, config.mesh)
+        _MESHES[key] = (config, mesh)
+    return _MESHES[key][0]
+
+
+def ulysses_group(ulysses: int, cfg: bool = False) -> str | None:
+    """The name of this rank's Ulysses process group (what a rank's program's collectives name)."""
+    config = cp_config(ulysses, cfg)
+    return None if config is None else config._flattened_mesh.get_group().group_name
+
+
+def cfg_branch(ulysses: int) -> tuple[int, object]:
+    """(this rank's CFG branch, the process group of the two ranks that hold the branches of its rows)."""
+    cp_config(ulysses, True)
+    mesh = _MESHES[("cuda" if torch.cuda.is_available() else "cpu", ulysses, True)][1]
+    return mesh.get_local_rank("cfg"), mesh["cfg"].get_group()
 
 
 def cp_plan(transformer: torch.nn.Module) -> dict:

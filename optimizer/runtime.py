@@ -156,6 +156,12 @@ class EngineTransformer(torch.nn.Module):
         self.load_seconds = {"weights": t1 - t0, "engines": time.perf_counter() - t1, "per_engine": per_engine}  # + "verify"
         self.batch = self.inputs[0].shape[0]  # the engines' batch: 1 per CFG branch, or the CFG batch
         self.branches: dict = {}  # per cache context and batch slice: {"step", "state", "last"}
+        par = manifest.build.get("parallel") or {}
+        self.cfg_parallel = None  # (this rank's CFG branch, the group of the ranks holding the two branches)
+        if par.get("cfg"):
+            from .parallel import cfg_branch
+
+            self.cfg_parallel = cfg_branch(par["ulysses"])
         self.context = None
         self.config = _Config(manifest.transformer_config)
         self.in_place = manifest.state_update == "in_place"
@@ -235,6 +241,15 @@ class EngineTransformer(torch.nn.Module):
         batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) else self.batch
         if batch == self.batch:
             out = self._run((self.context, 0), step, kwargs)
+        elif self.cfg_parallel is not None and batch == 2 * self.batch:  # CFG parallelism: this rank's branch
+            from torch.distributed import _functional_collectives as funcol
+
+            j, group = self.cfg_parallel
+            rows = slice(j * self.batch, (j + 1) * self.batch)
+            part = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+                    for k, v in kwargs.items()}
+            mine = self._run((self.context, j), step, part).contiguous()
+            out = funcol.wait_tensor(funcol.all_gather_tensor(mine, 0, group))  # the branches in order
         elif self.manifest.per_branch and batch % self.batch == 0:  # a CFG batch into per-branch engines
             parts = []
             for j in range(batch // self.batch):
@@ -331,7 +346,7 @@ def check_parallel(manifest: Manifest, folder: Path) -> None:
     if (rank, size) != (par["rank"], par["world_size"]):
         raise EngineError(f"{folder} holds rank {par['rank']} of {par['world_size']}'s engines, not rank {rank} of "
                           f"{size}'s: load the parent folder under `torchrun --nproc-per-node {par['world_size']}`")
-    cp_config(par["ulysses"])
+    cp_config(par["ulysses"], par.get("cfg", False))
 
 
 def load(folder: str | Path, device: str | torch.device | None = None, warm: bool = True,

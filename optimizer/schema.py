@@ -201,7 +201,8 @@ class ParallelSpec:
                         "attention by Ulysses' all-to-all around the query-only op")
     ring: int = spec(1, lo=1, hi=64, doc="ring-attention degree; 1 (ring attention around the query-only op is not "
                      "built: use ulysses)")
-    cfg: bool = spec(False, doc="CFG parallelism (the guidance branches on two rank groups); not built yet: false")
+    cfg: bool = spec(False, doc="CFG parallelism: the two guidance branches on two groups of parallel.ulysses ranks "
+                     "(2 x ulysses processes), their outputs exchanged every step")
 
 
 @dataclass(frozen=True)
@@ -348,9 +349,12 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
     if pa.ring > 1:
         raise ConfigError("parallel.ring", "ring attention around the query-only op is not built: set 1 and use "
                           "parallel.ulysses")
-    if pa.cfg:
-        raise ConfigError("parallel.cfg", "CFG parallelism is not built yet: set false (parallel.ulysses shards "
-                          "both branches' rows)")
+    if pa.cfg and (s.guidance <= 1 or b.cfg == "batched"):
+        raise ConfigError("parallel.cfg", "CFG parallelism runs one guidance branch a group of ranks: it needs "
+                          "sampling.guidance > 1 and engines per branch (build.cfg: auto or per_branch)")
+    if pa.cfg and b.backend == "tensorrt":
+        raise ConfigError("build.backend", "the TensorRT engines have no collective ops: use aoti, inductor or "
+                          "eager with parallel.cfg")
     if "dense-cp" in cfg.bench.methods and pa.ulysses == 1:
         raise ConfigError("bench.methods", "dense-cp is dense on diffusers' context parallelism: set parallel.ulysses "
                           "to the ranks and run under torchrun")

@@ -55,6 +55,8 @@ def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | No
     one capture at several budgets without exporting again."""
     from astraea.passes import pipeline
 
+    from .parallel import ulysses_group
+
     cap = captured or capture(model, cfg)
     gm = copy_graph_module(cap.program.graph_module) if captured else cap.program.graph_module
     sel, ranks = cfg.selection, cfg.parallel.ulysses
@@ -65,7 +67,8 @@ def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | No
     ctx = pipeline.PassContext(model.family, cap.layout, dump_dir=dump_dir, budget=local, w_beta=sel.w_beta,
                                sketch_dim=sel.sketch_dim if sel.delta == "sketch" else 0,
                                cache_dtype=torch.float8_e4m3fn if sel.cache == "float8" else None,
-                               shards=1 if ranks > 1 else sel.shards, ulysses=ranks)
+                               shards=1 if ranks > 1 else sel.shards, ulysses=ranks,
+                               ulysses_group=ulysses_group(ranks, cfg.parallel.cfg) if ranks > 1 else None)
     pipeline.run(gm, ctx)
     return TokenwiseProgram(cap.program, gm, budget, len(ctx.blocks), ctx.stats)
 

@@ -46,6 +46,7 @@ class PassContext:
     cache_dtype: torch.dtype | None = None  # the cached block outputs' dtype (None: the stream's); float8 adds a scale a row
     shards: int = 1  # the video rows in this many contiguous shards, each selecting its share (sequence parallelism)
     ulysses: int = 1  # sequence-parallel ranks: the program is one rank's (layout and budget its share)
+    ulysses_group: str | None = None  # their process group's name (None: the world)
     blocks: dict[str, dict] = field(default_factory=dict)  # per block: its mark, index and state nodes
 
 

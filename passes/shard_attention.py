@@ -36,5 +36,6 @@ def shard_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
                 raise AstraeaError(f"parallel.ulysses: {heads} heads do not split over {ctx.ulysses} ranks "
                                    "(Ulysses gives each rank H / P heads): choose a degree that divides them")
             node.target = ulysses_sparse_attention
+            node.kwargs = {**node.kwargs, "group": ctx.ulysses_group}  # its ranks (a CFG branch's, under parallel.cfg)
             count += 1
     return {"ulysses_attention": count}

@@ -130,7 +130,7 @@ def test_parallel_keys_are_validated():
 
     cfg = tiny_config("wan", "tiny", parallel={"ulysses": 2})
     assert cfg.selection.shards == 2  # the one-process programs (the search's) select as the ranks do
-    for sections, key in (({"parallel": {"ring": 2}}, "parallel.ring"), ({"parallel": {"cfg": True}}, "parallel.cfg"),
+    for sections, key in (({"parallel": {"ring": 2}}, "parallel.ring"), ({"parallel": {"cfg": True}, "sampling": {"guidance": 1.0}}, "parallel.cfg"),
                           ({"parallel": {"ulysses": 2}, "selection": {"shards": 3}}, "selection.shards"),
                           ({"parallel": {"ulysses": 2}, "build": {"backend": "tensorrt"}}, "build.backend"),
                           ({"parallel": {"ulysses": 0}}, "parallel.ulysses")):
@@ -166,11 +166,15 @@ def _build_rank(rank: int, world: int, port: int, args: list, out: str):
         fh.write(str(code))
 
 
-def test_astraea_build_under_two_ranks(tmp_path, capsys):
+@pytest.mark.parametrize("parallel,world", [({"ulysses": 2}, 2), ({"cfg": True}, 2), ({"ulysses": 2, "cfg": True}, 4)],
+                         ids=["ulysses2", "cfg", "cfg-x-ulysses2"])
+def test_astraea_build_under_ranks(parallel, world, tmp_path):
     """astraea-build as torchrun starts it (RANK/WORLD_SIZE in the environment, gloo here):
     one search (its candidates over the ranks), each rank's engines in engines/rank<r> with
-    the world size and mesh in its manifest, the check stage sampling through them on both
-    ranks at the search's PSNR; one process loading the folder is refused in one line."""
+    the world size and mesh in its manifest, the check stage sampling through them on every
+    rank at the search's PSNR (Ulysses: each rank half the rows; CFG parallelism: each group
+    of ranks one guidance branch, the outputs exchanged); one process loading the folder, or a
+    rank loading another's, is refused in one line."""
     import json
     import socket
 
@@ -181,7 +185,7 @@ def test_astraea_build_under_two_ranks(tmp_path, capsys):
     from astraea.errors import EngineError
     from conftest import tiny_raw
 
-    raw = tiny_raw(target={"budget": 0.5}, parallel={"ulysses": 2}, build={"backend": "eager"},
+    raw = tiny_raw(target={"budget": 0.5}, parallel=parallel, build={"backend": "eager"},
                    search={"levels": 3, "population": 4, "children": 3, "generations": 2})
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -189,20 +193,21 @@ def test_astraea_build_under_two_ranks(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_build_rank, args=(2, port, [str(path), "--out", str(out), "--quiet"], str(tmp_path)), nprocs=2)
-    assert [(tmp_path / f"exit{r}").read_text() for r in range(2)] == ["0", "0"]
-    for rank in range(2):
+    mp.spawn(_build_rank, args=(world, port, [str(path), "--out", str(out), "--quiet"], str(tmp_path)), nprocs=world)
+    assert [(tmp_path / f"exit{r}").read_text() for r in range(world)] == ["0"] * world
+    ulysses, cfg = parallel.get("ulysses", 1), parallel.get("cfg", False)
+    for rank in range(world):
         manifest = json.loads((out / "engines" / f"rank{rank}" / "manifest.json").read_text())
-        assert manifest["build"]["parallel"] == {"ulysses": 2, "rank": rank, "world_size": 2,
-                                                 "mesh": {"ring": 1, "ulysses": 2}}
-        assert manifest["state"][1]["shape"][1] == 9  # a rank's block state: half the 18 rows
+        assert manifest["build"]["parallel"] == {"ulysses": ulysses, "cfg": cfg, "rank": rank, "world_size": world,
+                                                 "mesh": {**({"cfg": 2} if cfg else {}), "ring": 1, "ulysses": ulysses}}
+        assert manifest["state"][1]["shape"] == [1, 18 // ulysses]  # a branch's block state, this rank's rows
     (folder,) = (out / "search").iterdir()
     schedule = json.loads((folder / "schedule.json").read_text())
     check = json.loads((out / "engines-check.json").read_text())
     assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-3)
-    with pytest.raises(EngineError, match=r"for 2 ranks .* has 1: run under `torchrun --nproc-per-node 2`"):
+    with pytest.raises(EngineError, match=rf"for {world} ranks .* has 1: run under `torchrun --nproc-per-node {world}`"):
         runtime.load(out / "engines", device="cpu")
-    with pytest.raises(EngineError, match="rank 1 of 2's engines, not rank 0 of 1's"):
+    with pytest.raises(EngineError, match=f"rank 1 of {world}'s engines, not rank 0 of 1's"):
         runtime.load(out / "engines" / "rank1", device="cpu")
 
 
