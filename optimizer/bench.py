@@ -5,8 +5,8 @@ Methods (`bench.methods`; every one samples the config's prompts x seeds through
 denoising loop, `sampling.denoise`):
   dense             the diffusers transformer, eager: the baseline of speed and quality
   dense-compiled    the same under torch.compile (Inductor, the engines' compiler)
-  dense-cp          dense on diffusers' context parallelism (parallel.ulysses ranks, torchrun), eager
-                    and compiled; under parallel.ulysses only dense, dense-cp and astraea-compiled
+  dense-cp          dense on diffusers' context parallelism (Ulysses over every rank, torchrun), eager
+                    and compiled; under parallel: only dense, dense-cp and astraea-compiled
                     (each rank its engines) run, every rank in step, rank 0 writing the report
   astraea           the rewritten programs, eager, at each schedule: uniform `bench.budgets`
                     (a dense first step, then flat), the run folder's searched schedules,
@@ -366,12 +366,14 @@ def _dense_cp(bench: Bench, plan: Plan) -> Iterator[Method]:
     from diffusers import ContextParallelConfig
 
     from . import loader
-    from .parallel import cp_plan
+    from .parallel import cp_plan, world
 
-    ranks = bench.cfg.parallel.ulysses
+    ranks = world()[1]  # every rank (under parallel.cfg too: diffusers has no CFG axis)
     model = loader.load_model(bench.cfg)
     cp_plan(model.transformer)  # a one-line refusal for a model without diffusers' plan
-    model.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ranks))
+    heads = dict(model.transformer.config).get("num_attention_heads", ranks)
+    model.transformer.enable_parallelism(config=ContextParallelConfig(
+        ulysses_degree=ranks, ulysses_anything=heads % ranks != 0))  # e.g. 12 heads on 8 ranks
     yield Method("dense-cp", f"diffusers context parallelism, Ulysses {ranks}, eager", lambda: model.transformer)
     compiled = torch.compile(model.transformer, dynamic=False)
     yield Method("dense-cp", f"diffusers context parallelism, Ulysses {ranks}, torch.compile", lambda: compiled)
@@ -392,11 +394,10 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
         progress: bool = True) -> dict:
     """Measure `methods` (default bench.methods) and write the report under <out>/bench."""
     methods = tuple(methods or cfg.bench.methods)
-    if cfg.parallel.ulysses > 1:
+    if cfg.parallel.ulysses > 1 or cfg.parallel.cfg:
         skipped = [m for m in methods if m not in PARALLEL_METHODS]
         if skipped:
-            log.info("parallel.ulysses %d: %s not measured (one-GPU rows: run them without parallel)",
-                     cfg.parallel.ulysses, ", ".join(skipped))
+            log.info("parallel: %s not measured (one-GPU rows: run them without parallel)", ", ".join(skipped))
         methods = tuple(m for m in methods if m in PARALLEL_METHODS)
     bench = Bench(cfg, model, out, progress)
     plan = _plan(cfg, model, out, extra_schedules, engine_folder)

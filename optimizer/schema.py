@@ -355,9 +355,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
     if pa.cfg and b.backend == "tensorrt":
         raise ConfigError("build.backend", "the TensorRT engines have no collective ops: use aoti, inductor or "
                           "eager with parallel.cfg")
-    if "dense-cp" in cfg.bench.methods and pa.ulysses == 1:
-        raise ConfigError("bench.methods", "dense-cp is dense on diffusers' context parallelism: set parallel.ulysses "
-                          "to the ranks and run under torchrun")
+    if "dense-cp" in cfg.bench.methods and pa.ulysses == 1 and not pa.cfg:
+        raise ConfigError("bench.methods", "dense-cp is dense on diffusers' context parallelism: set parallel "
+                          "(ulysses, cfg) and run under torchrun")
     if pa.ulysses > 1:
         if sel.shards not in (1, pa.ulysses):
             raise ConfigError("selection.shards", f"with parallel.ulysses {pa.ulysses} the rows are in "
