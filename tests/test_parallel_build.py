@@ -5,7 +5,6 @@ diffusers' context parallelism. (The ops and the rank programs: test_parallel.py
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 def _build_rank(rank: int, world: int, port: int, runs: list, out: str):
@@ -24,8 +23,8 @@ def _build_rank(rank: int, world: int, port: int, runs: list, out: str):
 
 
 RANK_BUILDS = {  # world size: the (family, parallel) builds its ranks run
-    2: [("wan", {"ulysses": 2}), ("wan", {"cfg": True}), ("cogvideox", {"cfg": True}), ("hunyuan_video", {"cfg": True}),
-        ("opensora", {"cfg": True})],
+    2: [("wan", {"ulysses": 2}), ("cogvideox", {"cfg": True}), ("hunyuan_video", {"cfg": True}),
+        ("opensora", {"cfg": True})],  # Wan's CFG axis: with Ulysses on 4 ranks
     4: [("wan", {"ulysses": 2, "cfg": True})],
 }
 
@@ -82,37 +81,3 @@ def test_astraea_build_under_ranks(world, tmp_path):
         runtime.load(out / "engines", device="cpu")
     with pytest.raises(EngineError, match=f"rank 1 of {world}'s engines, not rank 0 of 1's"):
         runtime.load(out / "engines" / "rank1", device="cpu")
-
-
-def _bench_rank(rank: int, world: int, init: str, out: str):
-    import torch.distributed as dist
-
-    from astraea import bench, loader
-    from conftest import tiny_config
-
-    # diffusers' enable_parallelism places rank r on accelerator r % device_count(): 0 on a CPU
-    torch.accelerator.device_count = lambda: 1
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        cfg = tiny_config("wan", "tiny", parallel={"ulysses": world}, bench={"warmup": 0, "repeats": 1},
-                          build={"backend": "eager"})
-        result = bench.run(cfg, loader.load_model(cfg), __import__("pathlib").Path(out),
-                           methods=("dense", "dense-cp", "astraea", "peers"), progress=False)
-        torch.save([(r["method"], r["setting"], r["psnr_latent"]) for r in result["rows"]], f"{out}/rows{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_bench_under_two_ranks_measures_dense_on_diffusers_context_parallelism(tmp_path):
-    """astraea-bench on two gloo ranks: dense (one process each), then dense on diffusers' own
-    context parallelism (enable_parallelism, Ulysses over the ranks), eager and compiled, equal
-    to dense; one-GPU rows (astraea eager, peers) are left out; rank 0 writes the report."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_bench_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
-    rows = torch.load(tmp_path / "rows0.pt")
-    assert [(m, s) for m, s, _ in rows] == [
-        ("dense", "diffusers, eager"), ("dense-cp", "diffusers context parallelism, Ulysses 2, eager"),
-        ("dense-cp", "diffusers context parallelism, Ulysses 2, torch.compile")]
-    assert all(p > 80 for _, _, p in rows[1:]), rows  # the same computation, split over the ranks
-    assert (tmp_path / "bench" / "bench.json").is_file()
