@@ -68,62 +68,6 @@ def test_one_process_is_the_op_and_odd_heads_are_refused(monkeypatch):
         par.ulysses_sparse_attention(q, k, v)
 
 
-def _rank_programs(rank: int, world: int, init: str, out: str):
-    """One rank: its programs captured under diffusers' context parallelism (parallel.ulysses),
-    sampled dense and at half the rows; the gathered latents saved."""
-    import torch.distributed as dist
-
-    from astraea import loader
-    from astraea.sampling import denoise, prompt_inputs
-    from astraea.tokenwise import TokenwiseTransformer, build_programs
-    from conftest import tiny_config
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        cfg = tiny_config("wan", "tiny", parallel={"ulysses": world}, sampling={"steps": 4})
-        model = loader.load_model(cfg)
-        n = model.layout(cfg.video).video_tokens
-        k = world * (n // (2 * world))  # about half, a multiple of the ranks: each selects k / P of its rows
-        programs = build_programs(model, cfg, [n, k], progress=False)
-        inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
-        got = {name: denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, sched))
-               for name, sched in (("dense", [n] * 4), ("half", [n] + [k] * 3))}
-        got["stats"] = programs[k].stats
-        torch.save(got, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_rank_programs_are_the_one_process_sharded_selection(tmp_path):
-    """Two gloo ranks, each running its own captured program on half the video rows (split and
-    gathered by diffusers' context-parallel hooks, attention by Ulysses' all-to-all around the
-    query-only op): at every row they equal dense sampling, and at half the rows they equal one
-    process selecting per shard (selection.shards 2), the oracle where the selections agree."""
-    import torch.multiprocessing as mp
-
-    from astraea import loader
-    from astraea.sampling import denoise, prompt_inputs
-    from astraea.tokenwise import TokenwiseTransformer, build_programs
-    from conftest import tiny_config
-
-    world = 2
-    mp.spawn(_rank_programs, args=(world, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=world)
-    cfg = tiny_config("wan", "tiny", selection={"shards": world}, sampling={"steps": 4})
-    model = loader.load_model(cfg)
-    n = model.layout(cfg.video).video_tokens
-    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
-    dense = denoise(model, cfg.video, cfg.sampling, inputs)
-    k = world * (n // (2 * world))
-    programs = build_programs(model, cfg, [n, k], progress=False)
-    half = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, [n] + [k] * 3))
-    for rank in range(world):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got["stats"]["shard_attention"]["ulysses_attention"] == 2  # both blocks' self-attention
-        torch.testing.assert_close(got["dense"], dense, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got["half"], half, atol=1e-5, rtol=1e-5)
-    assert (half - dense).abs().max() > 1e-4  # half the rows is not dense: the comparison can fail
-
-
 def test_parallel_keys_are_validated():
     from astraea.errors import ConfigError
     from conftest import tiny_config
