@@ -234,6 +234,12 @@ class EngineTransformer(torch.nn.Module):
             flat.append(packed(value.to(self.device, spec.torch_dtype)))
         return flat
 
+    def _branch(self, kwargs: dict, batch: int, j: int) -> dict:
+        """The inputs of the j-th engine batch of a CFG batch (tensors batched along dim 0 sliced)."""
+        rows = slice(j * self.batch, (j + 1) * self.batch)
+        return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
+                for k, v in kwargs.items()}
+
     @torch.no_grad()
     def forward(self, return_dict: bool = True, **kwargs):
         step = self._step_of(kwargs.get("timestep"))
@@ -245,18 +251,12 @@ class EngineTransformer(torch.nn.Module):
             from torch.distributed import _functional_collectives as funcol
 
             j, group = self.cfg_parallel
-            rows = slice(j * self.batch, (j + 1) * self.batch)
-            part = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
-                    for k, v in kwargs.items()}
-            mine = self._run((self.context, j), step, part).contiguous()
+            mine = self._run((self.context, j), step, self._branch(kwargs, batch, j)).contiguous()
             out = funcol.wait_tensor(funcol.all_gather_tensor(mine, 0, group))  # the branches in order
         elif self.manifest.per_branch and batch % self.batch == 0:  # a CFG batch into per-branch engines
             parts = []
             for j in range(batch // self.batch):
-                rows = slice(j * self.batch, (j + 1) * self.batch)
-                part = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch else v
-                        for k, v in kwargs.items()}
-                parts.append(self._run((self.context, j), step, part))
+                parts.append(self._run((self.context, j), step, self._branch(kwargs, batch, j)))
             out = torch.cat(parts)
         else:
             raise EngineError(f"called with batch {batch}; the engines were built for batch {self.batch} "
