@@ -108,6 +108,44 @@ def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out, rows_to_heads(lse, size, group)
 
 
+def _all_rows(q, k, v, group, size: int):
+    if q.shape[1] % size:
+        raise ValueError(f"Ulysses sequence parallelism needs the heads ({q.shape[1]}) divisible by the ranks ({size})")
+    return (heads_to_rows(t, size, group) for t in (q, k, v))
+
+
+def ulysses_factored_attention(q, k, v, frames: int, temporal: bool, group=None):
+    """astraea::factored_attention over every rank's rows (all rows queries, the dense budget):
+    q, k, v (B, H, n, D) this rank's contiguous shard; after the all-to-all each rank holds H / P
+    heads of the whole token axis, where the frames and positions are whole."""
+    group = None if group is None else _group(group)
+    _, size = world(group)
+    if size == 1:
+        return torch.ops.astraea.factored_attention(q, k, v, frames, temporal)
+    out, lse = torch.ops.astraea.factored_attention(*_all_rows(q, k, v, group, size), frames, temporal)
+    return rows_to_heads(out, size, group), rows_to_heads(lse, size, group)
+
+
+def ulysses_group_attention(q, k, v, index, frames: int, temporal: bool, group=None):
+    """astraea::group_attention over every rank's rows: q (B, H, m, D) this rank's selected rows,
+    `index` (B, m) their indices in its shard, k, v (B, H, n, D) the shard. Every rank's indices,
+    moved to the whole axis (rank r's shard starts at r n), in rank order stay ascending."""
+    group = None if group is None else _group(group)
+    _, size = world(group)
+    if size == 1:
+        return torch.ops.astraea.group_attention(q, k, v, index, frames, temporal)
+    n = k.shape[2]
+    qh, kh, vh = _all_rows(q, k, v, group, size)
+    ranks = funcol.wait_tensor(funcol.all_gather_tensor(index.contiguous(), 0, _group(group)))  # (P B, m)
+    offsets = torch.arange(size, device=index.device).repeat_interleave(index.shape[0])[:, None] * n
+    every = (ranks + offsets).view(size, *index.shape).movedim(0, 1).reshape(index.shape[0], -1)  # (B, P m)
+    out, lse = torch.ops.astraea.group_attention(qh, kh, vh, every, frames, temporal)
+    out = rows_to_heads(out, size, group)
+    if out.stride() != q.stride():
+        out = torch.empty_like(q).copy_(out)
+    return out, rows_to_heads(lse, size, group)
+
+
 # --- Sequence-parallel programs: diffusers' context parallelism splits and gathers the rows ---
 
 _MESHES: dict = {}

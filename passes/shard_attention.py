@@ -5,8 +5,10 @@ In a rank's program (captured on its shard of the rows: `parallel.ulysses` P > 1
 this rank's keys. It becomes `astraea.parallel.ulysses_sparse_attention`: an all-to-all
 gives each rank H / P heads of every rank's selected queries and keys, the op runs, and a
 second all-to-all returns this rank's rows over all heads (functional collectives, so the
-compilers keep them). Factored attention (within a frame or a position) has no sharded form
-yet and is refused in one line.
+compilers keep them). Factored attention (within a frame or a position: `group_attention`
+below the dense budget, `factored_attention` at it) gets the same exchange around it: after
+the first all-to-all the token axis is whole, so are its frames and positions; the selected
+rows' indices are gathered from every rank onto that axis.
 """
 
 from __future__ import annotations
@@ -23,19 +25,18 @@ GROUPED = (torch.ops.astraea.group_attention.default, torch.ops.astraea.factored
 def shard_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
     if ctx.ulysses == 1:
         return {}
-    from astraea.parallel import ulysses_sparse_attention
+    from astraea.parallel import ulysses_factored_attention, ulysses_group_attention, ulysses_sparse_attention
 
-    if any(n.target in GROUPED for n in gm.graph.nodes):
-        raise AstraeaError("parallel.ulysses: factored attention (within a frame or a position, STDiT3) has no "
-                           "sequence-parallel form yet: set parallel.ulysses: 1")
+    swap = {SPARSE: ulysses_sparse_attention, GROUPED[0]: ulysses_group_attention,
+            GROUPED[1]: ulysses_factored_attention}
     count = 0
     for node in gm.graph.nodes:
-        if node.target is SPARSE:
+        if node.target in swap:
             heads = node.args[0].meta["val"].shape[1]
             if heads % ctx.ulysses:
                 raise AstraeaError(f"parallel.ulysses: {heads} heads do not split over {ctx.ulysses} ranks "
                                    "(Ulysses gives each rank H / P heads): choose a degree that divides them")
-            node.target = ulysses_sparse_attention
+            node.target = swap[node.target]
             node.kwargs = {**node.kwargs, "group": ctx.ulysses_group}  # its ranks (a CFG branch's, under parallel.cfg)
             count += 1
     return {"ulysses_attention": count}

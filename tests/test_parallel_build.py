@@ -72,7 +72,8 @@ def _rank(rank: int, world: int, port: int, runs: list, out: str):
 RANK_BUILDS = {  # world size: the (family, parallel) builds its ranks run
     # Wan's CFG axis: with Ulysses on 4 ranks. HunyuanVideo samples guidance-distilled (no CFG batch) and
     # has no diffusers context-parallel plan: neither axis applies to it as shipped
-    2: [("wan", {"ulysses": 2}), ("cogvideox", {"cfg": True}), ("opensora", {"cfg": True})],
+    2: [("wan", {"ulysses": 2}), ("opensora", {"ulysses": 2}), ("cogvideox", {"cfg": True})],
+    # Open-Sora's CFG axis: the runtime's, as Wan's (with Ulysses on 4 ranks)
     4: [("wan", {"ulysses": 2, "cfg": True})],
 }
 
@@ -118,8 +119,8 @@ def _check_bench(tmp_path: Path) -> None:
 @pytest.mark.parametrize("world", sorted(RANK_BUILDS))
 def test_ranks(world, tmp_path):
     """Two ranks: the programs and the bench (above), then astraea-build as torchrun starts it
-    (RANK/WORLD_SIZE in the environment, gloo here), with CFG parallelism on CogVideoX and
-    Open-Sora, Ulysses on Wan (2 ranks) and both on Wan (4 ranks): one
+    (RANK/WORLD_SIZE in the environment, gloo here), with Ulysses on Wan and Open-Sora (its
+    factored attention) and CFG parallelism on CogVideoX (2 ranks), both on Wan (4 ranks): one
     search (its candidates over the ranks), each rank's engines in engines/rank<r> with the world
     size and mesh in its manifest, the check stage sampling through them on every rank at the
     search's PSNR (Ulysses: each rank half the rows; CFG parallelism: each group of ranks one
@@ -159,7 +160,8 @@ def test_ranks(world, tmp_path):
             assert manifest["build"]["parallel"] == {"ulysses": ulysses, "cfg": cfg, "rank": rank, "world_size": world,
                                                      "mesh": {**({"cfg": 2} if cfg else {}), "ring": 1,
                                                               "ulysses": ulysses}}, name
-            assert manifest["state"][1]["shape"][0] == 1 and manifest["per_branch"]  # a branch's block state
+            per_branch = cfg or family != "opensora"  # CFG parallelism, or the pipeline's convention (Open-Sora: batched)
+            assert manifest["per_branch"] == per_branch and manifest["state"][1]["shape"][0] == (1 if per_branch else 2)
             if family == "wan":
                 assert manifest["state"][1]["shape"][1] == 18 // ulysses  # this rank's rows
         (folder,) = (out / "search").iterdir()

@@ -119,10 +119,13 @@ class Rope(nn.Module):
         super().__init__()
         self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
 
-    def table(self, frames: int, spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, frames: int, spatial: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table (a module call: a context-parallel plan can split its output by token)."""
         frame = torch.arange(frames, device=self.freqs.device).repeat_interleave(spatial)  # token n -> n // spatial
         angles = (frame[:, None].float() * self.freqs[None]).repeat_interleave(2, dim=-1)
         return angles.cos(), angles.sin()
+
+    table = forward
 
 
 class Attention(nn.Module):
@@ -233,6 +236,17 @@ class STDiT3(nn.Module):
     `config` (a dict), `from_config`, `from_pretrained` (a folder with config.json and
     model.safetensors, e.g. hpcai-tech/OpenSora-STDiT-v3's), `dtype`."""
 
+    @property
+    def _cp_plan(self) -> dict:
+        """Where diffusers' context parallelism splits the rows (before the first spatial block,
+        the temporal rotary table) and gathers them (the final layer's output), in its format."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        table = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+        return {"spatial_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+                "rope": {0: table, 1: table},
+                "final_layer": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
     def __init__(self, cfg: STDiT3Config = STDiT3Config()):
         super().__init__()
         self.cfg = cfg
@@ -268,7 +282,7 @@ class STDiT3(nn.Module):
         t_mlp = self.t_block(t)
         y = self.y_embedder(encoder_hidden_states.to(dtype))
         mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
-        rotary = self.rope.table(t_, spatial)
+        rotary = self.rope(t_, spatial)
         for spatial_block, temporal_block in zip(self.spatial_blocks, self.temporal_blocks):
             x = spatial_block(x, y, t_mlp, mask, t_, spatial)
             x = temporal_block(x, y, t_mlp, mask, t_, spatial, rotary_emb=rotary)
