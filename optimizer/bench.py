@@ -366,8 +366,12 @@ def _dense_cp(bench: Bench, plan: Plan) -> Iterator[Method]:
     from diffusers import ContextParallelConfig
 
     from . import loader
+    from .errors import AstraeaError
     from .parallel import cp_plan, world
 
+    if torch.accelerator.device_count() == 0:
+        raise AstraeaError("dense-cp runs on GPUs: diffusers' enable_parallelism places each rank on an "
+                           "accelerator (drop dense-cp from --methods on the CPU)")
     ranks = world()[1]  # every rank (under parallel.cfg too: diffusers has no CFG axis)
     model = loader.load_model(bench.cfg)
     cp_plan(model.transformer)  # a one-line refusal for a model without diffusers' plan
