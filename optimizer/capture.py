@@ -69,7 +69,7 @@ def marked_token_streams(model: LoadedModel, ulysses: int = 1, cfg: bool = False
     blocks = [b for name in model.family.block_containers for b in getattr(model.transformer, name)]
     mark = _marker(model)
     if ulysses > 1:
-        with sharded(model.transformer, ulysses, blocks, mark, cfg):
+        with sharded(model.transformer, ulysses, blocks, mark, cfg, model.family):
             yield len(blocks)
         return
 
@@ -105,7 +105,8 @@ def _mark_hook(fn):
 
 
 @contextmanager
-def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark, cfg: bool = False) -> Iterator[None]:
+def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark, cfg: bool = False,
+            family=None) -> Iterator[None]:
     """While active, `transformer` runs one rank's shard of the video rows: diffusers' context
     parallelism splits them where the model's plan says (before the first block, its rotary
     tables) and gathers them where it says (before the output projection); `mark(bound, i)`
@@ -117,7 +118,7 @@ def sharded(transformer: torch.nn.Module, ulysses: int, blocks: list, mark, cfg:
 
     from .parallel import cp_config, cp_plan
 
-    plan = cp_plan(transformer)
+    plan = cp_plan(transformer, family)
     config = cp_config(ulysses, cfg)  # with cfg: this rank's CFG branch's group of ranks
     registries = []
     for i, block in enumerate(blocks):

@@ -40,7 +40,7 @@ import astraea.plugins as plugins
 from . import runtime
 from .errors import EngineError
 from .io import atomic_file, source_hash, stable_hash
-from .manifest import SCHEMA_VERSION, Engine, Manifest, Step, sha256, toolchain
+from .manifest import SCHEMA_VERSION, Engine, Manifest, Step, input_value, sha256, toolchain
 from .sampling import first_step_kwargs
 from .schedule import Schedule
 from .schema import RunConfig
@@ -309,7 +309,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     weights = weight_tensors(any_tp, sig.weights)
     weights_file = _weights_file(folder, weights, model.identity)
     flat_weights = [weights[n] for n in sig.weights]
-    tensor_inputs = [kwargs[s.name] for s in sig.inputs]
+    tensor_inputs = [input_value(kwargs, s.name) for s in sig.inputs]
 
     engines, built, timings = {}, [], {}
     (folder / ".partial").mkdir(exist_ok=True)

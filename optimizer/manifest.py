@@ -174,6 +174,17 @@ class Manifest:
             raise
 
 
+def input_value(kwargs: dict, name: str):
+    """The transformer argument an engine input names: `name` itself, or element i of a tuple
+    argument, which torch.export flattens into inputs named `<name>_<i>` (CogVideoX's rotary
+    cos/sin); None if there is none."""
+    if name in kwargs:
+        return kwargs[name]
+    base, _, i = name.rpartition("_")
+    value = kwargs.get(base)
+    return value[int(i)] if i.isdigit() and isinstance(value, (tuple, list)) and int(i) < len(value) else None
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -84,8 +84,35 @@ def rows_to_heads(t: torch.Tensor, size: int, group) -> torch.Tensor:
     return got.movedim(0, 1).reshape(b, size * hp, r, *rest)
 
 
+def _joint(q, k, v, scale, group, size: int, before: int, after: int):
+    """Ulysses with text rows beside the video rows (joint attention, every rank holding all of
+    them): the video rows are exchanged, the text rows of this rank's heads taken as they are;
+    the text rows' output gathered back over the heads, identical on every rank."""
+    rank = dist.get_rank(group)
+    hp = q.shape[1] // size
+    heads = slice(rank * hp, (rank + 1) * hp)
+
+    def joined(t):
+        end = t.shape[2] - after
+        return torch.cat([t[:, heads, :before], heads_to_rows(t[:, :, before:end], size, group), t[:, heads, end:]], 2)
+
+    out, lse = torch.ops.astraea.sparse_attention(joined(q), joined(k), joined(v), None, scale)
+    rows = out.shape[2] - before - after  # every rank's selected video rows
+
+    def back(t):
+        parts = [t[:, :, :before], t[:, :, before + rows:]]
+        text = [funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 1, group)) for x in parts]
+        return torch.cat([text[0], rows_to_heads(t[:, :, before:before + rows], size, group), text[1]], 2)
+
+    out = back(out)
+    if out.stride() != q.stride():
+        out = torch.empty_like(q).copy_(out)
+    return out, back(lse)
+
+
 def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
-                             scale: float | None = None, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+                             scale: float | None = None, group=None, before: int = 0,
+                             after: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """astraea::sparse_attention over the rows of every rank: q (B, H, m, D) this rank's
     selected query rows (m equal on every rank), k, v (B, H, n, D) and key_mask (B, n) this
     rank's shard (n equal on every rank). Returns this rank's out (B, H, m, D) and lse
@@ -96,6 +123,10 @@ def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return torch.ops.astraea.sparse_attention(q, k, v, key_mask, scale)
     if q.shape[1] % size:
         raise ValueError(f"Ulysses sequence parallelism needs the heads ({q.shape[1]}) divisible by the ranks ({size})")
+    if before or after:  # joint attention: text rows (the same on every rank) beside this rank's video rows
+        if key_mask is not None:
+            raise ValueError("Ulysses with text rows and a key mask is not supported")
+        return _joint(q, k, v, scale, _group(group), size, before, after)
     qh, kh, vh = (heads_to_rows(t, size, group) for t in (q, k, v))
     mask = None
     if key_mask is not None:
@@ -193,13 +224,14 @@ def cfg_branch(ulysses: int) -> tuple[int, object]:
     return mesh.get_local_rank("cfg"), mesh["cfg"].get_group()
 
 
-def cp_plan(transformer: torch.nn.Module) -> dict:
+def cp_plan(transformer: torch.nn.Module, family=None) -> dict:
     """The model's context-parallel plan (diffusers' `_cp_plan`: where the rows are split and
-    gathered); a one-line error for a model without one."""
-    plan = getattr(transformer, "_cp_plan", None)
+    gathered), else the family adapter's (`cp_plan()`, in diffusers' format); a one-line error
+    for a model with neither."""
+    plan = getattr(transformer, "_cp_plan", None) or (family.cp_plan() if family is not None else None)
     if not plan:
-        raise AstraeaError(f"parallel.ulysses: {type(transformer).__name__} has no context-parallel plan in diffusers "
-                           "(`_cp_plan`); sequence parallelism runs on models that have one (Wan): set parallel.ulysses: 1")
+        raise AstraeaError(f"parallel.ulysses: {type(transformer).__name__} has no context-parallel plan (diffusers' "
+                           "`_cp_plan` or its adapter's): set parallel.ulysses: 1")
     return plan
 
 

@@ -31,7 +31,7 @@ import astraea.plugins  # noqa: F401  (the astraea:: ops the engines call: runti
 from astraea.plugins.fp8_linear import fp8_tensor_cores
 
 from .errors import EngineError
-from .manifest import FILE, Manifest, Step, TensorSpec, check_toolchain
+from .manifest import FILE, Manifest, Step, TensorSpec, check_toolchain, input_value
 
 BACKENDS = ("eager", "inductor", "aoti", "tensorrt")
 
@@ -225,7 +225,7 @@ class EngineTransformer(torch.nn.Module):
         flat = []
         for spec in self.inputs:
             name = spec.name
-            value = kwargs.get(name)
+            value = input_value(kwargs, name)
             if not isinstance(value, torch.Tensor):
                 raise EngineError(f"input {name!r} is missing (the engines take {[s.name for s in self.inputs]})")
             if tuple(value.shape) != spec.shape:

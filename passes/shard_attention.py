@@ -36,7 +36,11 @@ def shard_attention(gm: fx.GraphModule, ctx) -> dict[str, int]:
             if heads % ctx.ulysses:
                 raise AstraeaError(f"parallel.ulysses: {heads} heads do not split over {ctx.ulysses} ranks "
                                    "(Ulysses gives each rank H / P heads): choose a degree that divides them")
+            extra = {}
+            if node.target is SPARSE:  # joint attention: the text rows before and after this rank's video rows
+                k, start = node.args[1], node.args[0].meta.get("astraea_token_start", 0)
+                extra = {"before": start, "after": k.meta["val"].shape[2] - start - ctx.layout.video_tokens}
             node.target = swap[node.target]
-            node.kwargs = {**node.kwargs, "group": ctx.ulysses_group}  # its ranks (a CFG branch's, under parallel.cfg)
+            node.kwargs = {**node.kwargs, "group": ctx.ulysses_group, **extra}  # its ranks (a CFG branch's, under cfg)
             count += 1
     return {"ulysses_attention": count}

@@ -84,7 +84,8 @@ def test_parallel_keys_are_validated():
 
 def test_a_rank_program_needs_its_world_and_a_context_parallel_plan():
     """Outside torchrun (one process) a parallel.ulysses 2 capture names the command; a model
-    without diffusers' _cp_plan (CogVideoX) is refused in one line."""
+    without a context-parallel plan (HunyuanVideo: none in diffusers, none in its adapter) is
+    refused in one line."""
     from astraea import loader
     from astraea.capture import capture
     from astraea.errors import AstraeaError
@@ -93,6 +94,6 @@ def test_a_rank_program_needs_its_world_and_a_context_parallel_plan():
     cfg = tiny_config("wan", "tiny", parallel={"ulysses": 2})
     with pytest.raises(AstraeaError, match="torchrun --nproc-per-node 2"):
         capture(loader.load_model(cfg), cfg)
-    cfg = tiny_config("cogvideox", "tiny", parallel={"ulysses": 2})
+    cfg = tiny_config("hunyuan_video", "tiny", parallel={"ulysses": 2})
     with pytest.raises(AstraeaError, match="no context-parallel plan"):
         capture(loader.load_model(cfg), cfg)

@@ -72,7 +72,7 @@ def _rank(rank: int, world: int, port: int, runs: list, out: str):
 RANK_BUILDS = {  # world size: the (family, parallel) builds its ranks run
     # Wan's CFG axis: with Ulysses on 4 ranks. HunyuanVideo samples guidance-distilled (no CFG batch) and
     # has no diffusers context-parallel plan: neither axis applies to it as shipped
-    2: [("wan", {"ulysses": 2}), ("opensora", {"ulysses": 2}), ("cogvideox", {"cfg": True})],
+    2: [("wan", {"ulysses": 2}), ("opensora", {"ulysses": 2}), ("cogvideox", {"ulysses": 2})],
     # Open-Sora's CFG axis: the runtime's, as Wan's (with Ulysses on 4 ranks)
     4: [("wan", {"ulysses": 2, "cfg": True})],
 }
@@ -139,8 +139,9 @@ def test_ranks(world, tmp_path):
     runs, expect = [], {}
     for family, parallel in RANK_BUILDS[world]:
         name = f"{family}-" + "-".join(f"{k}{v}" for k, v in parallel.items())
+        preset = "tiny-rotary" if family == "cogvideox" else "tiny"  # CogVideoX: text rows first, rotary tables split
         video = {"frames": 17, "height": 32, "width": 32} if family == "opensora" else {}  # its VAE's 17k frames
-        raw = tiny_raw(family, video=video, target={"budget": 0.5}, parallel=parallel, build={"backend": "eager"},
+        raw = tiny_raw(family, preset, video=video, target={"budget": 0.5}, parallel=parallel, build={"backend": "eager"},
                        search={"levels": 3, "population": 3, "children": 2, "generations": 1})
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
         runs.append((name, [str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name), "--quiet"]))
@@ -160,7 +161,7 @@ def test_ranks(world, tmp_path):
             assert manifest["build"]["parallel"] == {"ulysses": ulysses, "cfg": cfg, "rank": rank, "world_size": world,
                                                      "mesh": {**({"cfg": 2} if cfg else {}), "ring": 1,
                                                               "ulysses": ulysses}}, name
-            per_branch = cfg or family != "opensora"  # CFG parallelism, or the pipeline's convention (Open-Sora: batched)
+            per_branch = cfg or family == "wan"  # CFG parallelism, or the pipeline's convention (Wan: per branch)
             assert manifest["per_branch"] == per_branch and manifest["state"][1]["shape"][0] == (1 if per_branch else 2)
             if family == "wan":
                 assert manifest["state"][1]["shape"][1] == 18 // ulysses  # this rank's rows

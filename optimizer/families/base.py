@@ -293,6 +293,11 @@ class Family:
         raise NotImplementedError
 
     # ---- capture ---------------------------------------------------------------------------
+    def cp_plan(self) -> dict | None:
+        """Where context parallelism splits and gathers the rows, in diffusers' `_cp_plan` format,
+        for a model whose diffusers class has no plan (None: the model's own, or none)."""
+        return None
+
     def prepare_capture(self, model: LoadedModel, video: VideoSpec) -> None:
         """Make the transformer traceable at this video's static shapes (same numbers as eager)."""
 
