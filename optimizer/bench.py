@@ -387,10 +387,10 @@ def _dense_cp(bench: Bench, plan: Plan) -> Iterator[Method]:
 METHODS: dict[str, Callable[[Bench, Plan], Iterator[Method]]] = {
     "dense-compiled": _dense_compiled, "astraea": _astraea, "astraea-compiled": _astraea_compiled, "peers": _peers,
     "dense-cp": _dense_cp,
-}
+}  # dense is the baseline of every row: measured first, or its stored row reused (run)
 # under sequence parallelism (every rank runs each row together): the one-GPU dense baseline, dense on
 # diffusers' context parallelism, and the ranks' engines
-PARALLEL_METHODS = ("dense", "dense-cp", "astraea-compiled")  # dense is the baseline of every row: measured first, or its stored row reused (run)
+PARALLEL_METHODS = ("dense", "dense-cp", "astraea-compiled")
 
 
 def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] | None = None,

@@ -276,10 +276,11 @@ def _weights_file(folder: Path, weights: dict[str, torch.Tensor], identity: dict
 def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule: Schedule, out: Path,
           backend: str | None = None, progress: bool = True, prune: bool = True) -> Manifest:
     """Engines for every distinct non-zero budget of `schedule` under <out>/engines, then the
-    manifest (under parallel.ulysses P: this rank's, in <out>/engines/rank<r>, the manifest's
-    build.parallel recording the world size and mesh; the programs are the rank's). prune=False keeps the engine files of earlier builds that this schedule does
-    not use (a benchmark's folder, built a schedule at a time: a later schedule finds them
-    by key instead of rebuilding)."""
+    manifest (under parallel: this rank's, in <out>/engines/rank<r>, the manifest's
+    build.parallel recording the world size and mesh; the programs are the rank's).
+    prune=False keeps the engine files of earlier builds that this schedule does not use (a
+    benchmark's folder, built a schedule at a time: a later schedule finds them by key instead
+    of rebuilding)."""
     backend = backend or cfg.build.backend
     why = refusal(cfg, backend)
     if why is not None:

@@ -84,6 +84,22 @@ def rows_to_heads(t: torch.Tensor, size: int, group) -> torch.Tensor:
     return got.movedim(0, 1).reshape(b, size * hp, r, *rest)
 
 
+def _check_heads(q: torch.Tensor, size: int) -> None:
+    if q.shape[1] % size:
+        raise ValueError(f"Ulysses sequence parallelism needs the heads ({q.shape[1]}) divisible by the ranks ({size})")
+
+
+def _all_rows(q, k, v, group, size: int):
+    """q, k, v with this rank's rows of all heads exchanged for H / P heads of every rank's rows."""
+    _check_heads(q, size)
+    return (heads_to_rows(t, size, group) for t in (q, k, v))
+
+
+def _like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The attention ops' contract: the output laid out like q (a graph views the permuted output)."""
+    return out if out.stride() == q.stride() else torch.empty_like(q).copy_(out)
+
+
 def _joint(q, k, v, scale, group, size: int, before: int, after: int):
     """Ulysses with text rows beside the video rows (joint attention, every rank holding all of
     them): the video rows are exchanged, the text rows of this rank's heads taken as they are;
@@ -104,10 +120,7 @@ def _joint(q, k, v, scale, group, size: int, before: int, after: int):
         text = [funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 1, group)) for x in parts]
         return torch.cat([text[0], rows_to_heads(t[:, :, before:before + rows], size, group), text[1]], 2)
 
-    out = back(out)
-    if out.stride() != q.stride():
-        out = torch.empty_like(q).copy_(out)
-    return out, back(lse)
+    return _like(back(out), q), back(lse)
 
 
 def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
@@ -117,39 +130,29 @@ def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     selected query rows (m equal on every rank), k, v (B, H, n, D) and key_mask (B, n) this
     rank's shard (n equal on every rank). Returns this rank's out (B, H, m, D) and lse
     (B, H, m), as one process holding every rank's rows would compute them."""
-    group = None if group is None else _group(group)
+    group = _group(group)
     _, size = world(group)
     if size == 1:
         return torch.ops.astraea.sparse_attention(q, k, v, key_mask, scale)
-    if q.shape[1] % size:
-        raise ValueError(f"Ulysses sequence parallelism needs the heads ({q.shape[1]}) divisible by the ranks ({size})")
     if before or after:  # joint attention: text rows (the same on every rank) beside this rank's video rows
         if key_mask is not None:
             raise ValueError("Ulysses with text rows and a key mask is not supported")
-        return _joint(q, k, v, scale, _group(group), size, before, after)
-    qh, kh, vh = (heads_to_rows(t, size, group) for t in (q, k, v))
+        _check_heads(q, size)
+        return _joint(q, k, v, scale, group, size, before, after)
+    qh, kh, vh = _all_rows(q, k, v, group, size)
     mask = None
     if key_mask is not None:
-        parts = funcol.wait_tensor(funcol.all_gather_tensor(key_mask.contiguous(), 0, _group(group)))
+        parts = funcol.wait_tensor(funcol.all_gather_tensor(key_mask.contiguous(), 0, group))
         mask = torch.cat(parts.chunk(size, dim=0), dim=1)  # (P B, n) in rank order -> (B, P n)
     out, lse = torch.ops.astraea.sparse_attention(qh, kh, vh, mask, scale)
-    out = rows_to_heads(out, size, group)
-    if out.stride() != q.stride():  # the op's contract: laid out like q (a graph views the permuted output)
-        out = torch.empty_like(q).copy_(out)
-    return out, rows_to_heads(lse, size, group)
-
-
-def _all_rows(q, k, v, group, size: int):
-    if q.shape[1] % size:
-        raise ValueError(f"Ulysses sequence parallelism needs the heads ({q.shape[1]}) divisible by the ranks ({size})")
-    return (heads_to_rows(t, size, group) for t in (q, k, v))
+    return _like(rows_to_heads(out, size, group), q), rows_to_heads(lse, size, group)
 
 
 def ulysses_factored_attention(q, k, v, frames: int, temporal: bool, group=None):
     """astraea::factored_attention over every rank's rows (all rows queries, the dense budget):
     q, k, v (B, H, n, D) this rank's contiguous shard; after the all-to-all each rank holds H / P
     heads of the whole token axis, where the frames and positions are whole."""
-    group = None if group is None else _group(group)
+    group = _group(group)
     _, size = world(group)
     if size == 1:
         return torch.ops.astraea.factored_attention(q, k, v, frames, temporal)
@@ -161,25 +164,26 @@ def ulysses_group_attention(q, k, v, index, frames: int, temporal: bool, group=N
     """astraea::group_attention over every rank's rows: q (B, H, m, D) this rank's selected rows,
     `index` (B, m) their indices in its shard, k, v (B, H, n, D) the shard. Every rank's indices,
     moved to the whole axis (rank r's shard starts at r n), in rank order stay ascending."""
-    group = None if group is None else _group(group)
+    group = _group(group)
     _, size = world(group)
     if size == 1:
         return torch.ops.astraea.group_attention(q, k, v, index, frames, temporal)
     n = k.shape[2]
     qh, kh, vh = _all_rows(q, k, v, group, size)
-    ranks = funcol.wait_tensor(funcol.all_gather_tensor(index.contiguous(), 0, _group(group)))  # (P B, m)
+    ranks = funcol.wait_tensor(funcol.all_gather_tensor(index.contiguous(), 0, group))  # (P B, m)
     offsets = torch.arange(size, device=index.device).repeat_interleave(index.shape[0])[:, None] * n
     every = (ranks + offsets).view(size, *index.shape).movedim(0, 1).reshape(index.shape[0], -1)  # (B, P m)
     out, lse = torch.ops.astraea.group_attention(qh, kh, vh, every, frames, temporal)
-    out = rows_to_heads(out, size, group)
-    if out.stride() != q.stride():
-        out = torch.empty_like(q).copy_(out)
-    return out, rows_to_heads(lse, size, group)
+    return _like(rows_to_heads(out, size, group), q), rows_to_heads(lse, size, group)
 
 
 # --- Sequence-parallel programs: diffusers' context parallelism splits and gathers the rows ---
 
-_MESHES: dict = {}
+_MESHES: dict = {}  # (device type, ulysses, cfg) -> (ContextParallelConfig or None, the mesh)
+
+
+def _mesh_key(ulysses: int, cfg: bool) -> tuple:
+    return ("cuda" if torch.cuda.is_available() else "cpu", ulysses, cfg)
 
 
 def cp_config(ulysses: int, cfg: bool = False):
@@ -196,8 +200,8 @@ def cp_config(ulysses: int, cfg: bool = False):
         what = f"parallel.ulysses {ulysses}" + (" x 2 CFG branches" if cfg else "")
         raise AstraeaError(f"{what} needs {want} processes but this run has {size}: start it with "
                            f"`torchrun --nproc-per-node {want} ...`")
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    key = (device_type, ulysses, cfg)
+    key = _mesh_key(ulysses, cfg)
+    device_type = key[0]
     if key not in _MESHES:
         shape, names = ((2, 1, ulysses), ("cfg", "ring", "ulysses")) if cfg else ((1, ulysses), ("ring", "ulysses"))
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
@@ -220,7 +224,7 @@ def ulysses_group(ulysses: int, cfg: bool = False) -> str | None:
 def cfg_branch(ulysses: int) -> tuple[int, object]:
     """(this rank's CFG branch, the process group of the two ranks that hold the branches of its rows)."""
     cp_config(ulysses, True)
-    mesh = _MESHES[("cuda" if torch.cuda.is_available() else "cpu", ulysses, True)][1]
+    mesh = _MESHES[_mesh_key(ulysses, True)][1]
     return mesh.get_local_rank("cfg"), mesh["cfg"].get_group()
 
 

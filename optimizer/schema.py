@@ -352,9 +352,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
     if pa.cfg and (s.guidance <= 1 or b.cfg == "batched"):
         raise ConfigError("parallel.cfg", "CFG parallelism runs one guidance branch a group of ranks: it needs "
                           "sampling.guidance > 1 and engines per branch (build.cfg: auto or per_branch)")
-    if pa.cfg and b.backend == "tensorrt":
+    if (pa.cfg or pa.ulysses > 1) and b.backend == "tensorrt":
         raise ConfigError("build.backend", "the TensorRT engines have no collective ops: use aoti, inductor or "
-                          "eager with parallel.cfg")
+                          "eager with parallel")
     if "dense-cp" in cfg.bench.methods and pa.ulysses == 1 and not pa.cfg:
         raise ConfigError("bench.methods", "dense-cp is dense on diffusers' context parallelism: set parallel "
                           "(ulysses, cfg) and run under torchrun")
@@ -362,9 +362,6 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         if sel.shards not in (1, pa.ulysses):
             raise ConfigError("selection.shards", f"with parallel.ulysses {pa.ulysses} the rows are in "
                               f"{pa.ulysses} shards: leave it 1 or set {pa.ulysses}")
-        if b.backend == "tensorrt":
-            raise ConfigError("build.backend", "the TensorRT engines have no collective ops: use aoti, inductor or "
-                              "eager with parallel.ulysses")
         sel = dataclasses.replace(sel, shards=pa.ulysses)  # the one-process programs (the search's) select as the ranks do
     if se.proxy_video:
         if len(se.proxy_video) != 3:

@@ -62,8 +62,8 @@ def rewrite(model: LoadedModel, cfg: RunConfig, budget: int, dump_dir: Path | No
     sel, ranks = cfg.selection, cfg.parallel.ulysses
     # under sequence parallelism a rank's program holds N / P rows and selects its ceil(k / P) among
     # them; one process selecting in P shards takes as many a shard (what the ranks will run)
-    shards = ranks if ranks > 1 else sel.shards
-    local = budget if shards == 1 else min(cap.layout.video_tokens, -(-budget // shards) * (1 if ranks > 1 else shards))
+    per_shard = -(-budget // (ranks if ranks > 1 else sel.shards))
+    local = min(cap.layout.video_tokens, per_shard if ranks > 1 else per_shard * sel.shards)
     ctx = pipeline.PassContext(model.family, cap.layout, dump_dir=dump_dir, budget=local, w_beta=sel.w_beta,
                                sketch_dim=sel.sketch_dim if sel.delta == "sketch" else 0,
                                cache_dtype=torch.float8_e4m3fn if sel.cache == "float8" else None,
