@@ -141,7 +141,7 @@ KNOBS = {"pab": {"skip": int, "cross": int, "lo": float, "hi": float}, "first_bl
          "mag_cache": {"threshold": float, "max_skip": int, "retention": float},
          "toca": {"ratio": float, "interval": int, "cross": int, "first": int}}  # the knobs a setting may give
 PEERS = tuple(KNOBS)
-TOCA_FAMILIES = ("wan", "opensora")  # blocks with self-attention, cross-attention and an MLP (astraea.toca.ROLES)
+TOCA_FAMILIES = ("wan", "opensora", "cogvideox", "hunyuan_video")  # astraea.toca.ROLES: which submodule is which
 NOT_DIFFUSERS = ("opensora",)  # transformers written here: diffusers' cache hooks do not apply
 
 
@@ -149,8 +149,7 @@ def peer_refusal(name: str, family: str) -> str | None:
     """Why peer `name` does not apply to `family` (None: it does): ToCa needs blocks with
     cross-attention; diffusers' cache hooks need a diffusers model."""
     if name == "toca" and family not in TOCA_FAMILIES:
-        return (f"toca is defined for {', '.join(TOCA_FAMILIES)} blocks, not {family}'s (text and video attended "
-                "jointly): drop it")
+        return f"toca is defined for {', '.join(TOCA_FAMILIES)} blocks, not {family}'s: drop it"
     if name != "toca" and family in NOT_DIFFUSERS:
         return f"{name} is one of diffusers' cache hooks, which need a diffusers model; {family}'s transformer is " \
                "written here: use toca"

@@ -218,14 +218,14 @@ def test_runtime_switches_schedules_over_one_engine_folder(tmp_path):
                                                                                  "embedded_guidance": 6.0})])
 def test_bench_peers_on_every_family(tmp_path, family, sampling):
     """The peers run on each family's blocks, with and without a CFG batch (HunyuanVideo's
-    distilled guidance: FasterCache must not split a batch of one)."""
+    distilled guidance: FasterCache must not split a batch of one; ToCa on joint attention)."""
     raw = tiny_raw(family, sampling={"steps": 4, **sampling},
                    bench={"warmup": 1, "repeats": 1, "methods": ["dense", "peers"],
-                          "peers": ["faster_cache skip=2 lo=-1 hi=1000", "pab skip=2 lo=-1 hi=1000"]})
+                          "peers": ["faster_cache skip=2 lo=-1 hi=1000", "pab skip=2 lo=-1 hi=1000", "toca first=1"]})
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(raw))
     assert bench_main([str(path), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     rows = json.loads((tmp_path / "run" / "bench" / "bench.json").read_text())["rows"]
-    assert [r["method"] for r in rows] == ["dense", "faster_cache", "pab"]
+    assert [r["method"] for r in rows] == ["dense", "faster_cache", "pab", "toca"]
     for r in rows[1:]:  # each skipped some work and stayed finite
         assert r["work_fraction"] < 1 and math.isfinite(r["psnr_latent"]), r

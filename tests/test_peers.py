@@ -11,7 +11,7 @@ import torch
 
 from astraea import config, loader
 from astraea.peers import PeerTransformer
-from astraea.sampling import denoise, prompt_inputs
+from astraea.sampling import denoise, first_step_kwargs, prompt_inputs
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +104,124 @@ def test_toca_computes_what_its_published_setting_says(case):
     assert torch.isfinite(got).all() and 1e-6 < rel < 1.0, rel
 
 
-def test_toca_is_refused_where_blocks_attend_jointly():
-    from astraea.schema import TOCA_FAMILIES
+def test_toca_roles_cover_every_family_and_refuse_others():
+    from astraea.schema import TOCA_FAMILIES, peer_refusal
     from astraea.toca import ROLES, ToCa
+
+    assert set(ROLES) == set(TOCA_FAMILIES) == set(registry_names())
+    with pytest.raises(ValueError, match="toca is defined for the wan, opensora, cogvideox, hunyuan_video families' blocks, "
+                                         "not 'pixart'"):
+        ToCa(torch.nn.Module(), "pixart", ("blocks",), steps=4)
+    assert peer_refusal("toca", "pixart") == ("toca is defined for wan, opensora, cogvideox, hunyuan_video blocks, not "
+                                              "pixart's: drop it")
+
+
+def registry_names():
+    from astraea.families.base import FAMILIES
+
+    return FAMILIES.names()
+
+
+JOINT = [("cogvideox", "tiny"), ("cogvideox", "tiny-rotary"), ("hunyuan_video", "tiny")]
+
+
+@pytest.fixture(scope="module", params=JOINT, ids=["-".join(j) for j in JOINT])
+def joint(request):
+    """A joint-attention family's tiny model, 8 steps, and its dense sample."""
     from conftest import tiny_config
 
-    assert set(ROLES) == set(TOCA_FAMILIES)
-    with pytest.raises(ValueError, match="toca is defined for the wan, opensora families' blocks .* not 'cogvideox'"):
-        ToCa(torch.nn.Module(), "cogvideox", ("transformer_blocks",), steps=4)
-    with pytest.raises(config.ConfigError, match=r"bench.peers\[1\]: toca is defined for wan, opensora blocks, not cogvideox's"):
-        tiny_config("cogvideox", "tiny", bench={"peers": ["pab skip=2", "toca"]})
-    tiny_config("cogvideox", "tiny")  # the default list holds toca: astraea-bench leaves it out there
+    cfg = tiny_config(*request.param, sampling={"steps": 8})
+    model = loader.load_model(cfg)
+    inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
+    return cfg, model, inputs, denoise(model, cfg.video, cfg.sampling, inputs)
+
+
+def test_toca_on_joint_attention_forced_every_step_is_dense(joint):
+    cfg, model, inputs, dense = joint
+    got, _ = _toca(joint, interval=1, cross=1)
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs), dense)  # close() restored the blocks
+
+
+def test_toca_on_joint_attention_computes_its_published_rows(joint):
+    """8 steps, the published setting: the joint attention whole at steps 0-3 and 6, the MLPs
+    (and HunyuanVideo's single-stream output projections) whole then, at steps 4, 5 and 7 on
+    the text rows and int(0.1 x 1.495 x N) video rows; HunyuanVideo's dual-stream MLP sees
+    video rows only."""
+    cfg, model, inputs, dense = joint
+    got, rows = _toca(joint)
+    n, b = model.layout(cfg.video).video_tokens, 2 if inputs.cfg else 1
+    text = first_step_kwargs(model, cfg.video, cfg.sampling, inputs)["encoder_hidden_states"].shape[1]
+    k = int(0.1 * (1 + 0.33 * 1.5) * n)
+    t = model.transformer
+    if model.family.name == "cogvideox":
+        per_batch = len(t.transformer_blocks) * (5 * n + 5 * (n + text) + 3 * (k + text))
+    else:
+        dual = len(t.transformer_blocks) * (5 * n + 5 * n + 3 * k)
+        per_batch = dual + len(t.single_transformer_blocks) * (5 * n + 2 * (5 * (n + text) + 3 * (k + text)))
+    assert rows == b * per_batch
+    rel = ((got - dense).norm() / dense.norm()).item()
+    assert torch.isfinite(got).all() and 1e-6 < rel < 1.0, rel
+
+
+def test_toca_single_stream_projection_is_exact_token_wise(joint, monkeypatch):
+    """HunyuanVideo's single-stream output projection recomputed on the MLP's rows only gives
+    what projecting every row gives (its other rows' inputs did not change)."""
+    from astraea import toca
+
+    if joint[1].family.name != "hunyuan_video":
+        pytest.skip("single-stream blocks are HunyuanVideo's")
+    rowwise, _ = _toca(joint)
+    single = dict(toca.ROLES["hunyuan_video"]["single_transformer_blocks"])
+    del single["proj_out"]
+    monkeypatch.setitem(toca.ROLES["hunyuan_video"], "single_transformer_blocks", single)
+    whole, _ = _toca(joint)
+    torch.testing.assert_close(rowwise, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_joint_text_map_is_the_processors_attention_over_the_text(joint, monkeypatch):
+    """Each block's map = the attention probabilities of the processor's own queries and keys
+    (recorded at its SDPA call), computed in float64, at the video queries and text keys,
+    renormalised over the text, the head mean."""
+    from astraea.toca import joint_text_map
+
+    cfg, model, inputs, _ = joint
+    seen, maps = [], []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def record(*args, **kw):  # diffusers' dispatcher calls it with query=, key=, value=
+        named = dict(zip(("query", "key", "value"), args)) | kw
+        seen.append((named["query"].detach(), named["key"].detach(), named.get("attn_mask")))
+        return sdpa(*args, **kw)
+
+    def wrap(attn):
+        forward = attn.forward
+
+        def hooked(*args, **kwargs):
+            maps.append(joint_text_map(attn, kwargs["hidden_states"], kwargs["encoder_hidden_states"],
+                                       kwargs.get("image_rotary_emb"), kwargs.get("attention_mask")))
+            return forward(*args, **kwargs)
+        monkeypatch.setattr(attn, "forward", hooked)
+
+    t = model.transformer
+    for block in [*t.transformer_blocks, *getattr(t, "single_transformer_blocks", [])]:
+        wrap(block.attn1 if hasattr(block, "attn1") else block.attn)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", record)
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling, inputs)
+    with torch.no_grad():
+        t(**kwargs)
+    seen = seen[-len(maps):]  # HunyuanVideo's token refiner attends first
+    n = model.layout(cfg.video).video_tokens
+    text = kwargs["encoder_hidden_states"].shape[1]
+    video_first = model.family.name == "hunyuan_video"
+    assert len(maps) == len(seen) > 0
+    for got, (q, k, mask) in zip(maps, seen):
+        q, k = q.double(), k.double()  # (B, H, S, D), S = N + L
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if mask is not None:
+            s = s.masked_fill(~mask.bool(), float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        vid, txt = (slice(0, n), slice(n, n + text)) if video_first else (slice(text, text + n), slice(0, text))
+        p = p[:, :, vid, txt]
+        want = (p / p.sum(-1, keepdim=True)).mean(1)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
