@@ -83,8 +83,9 @@ class SearchSpec:
     prefix_cache_gb: float = spec(4.0, lo=0.0, hi=4096.0, doc="memory for the shared prefixes' sampling states")
     proxy_video: tuple[int, ...] = spec((), lo=1, doc="[frames, height, width] of a smaller video the search evaluates "
                                         "candidates at (the same steps and prompts); [] = the full video")
-    batch_samples: bool = spec(True, doc="with proxy_video: a candidate's calibration samples evaluated as one batch "
-                               "(not with a stochastic scheduler such as cogvideox_dpm)")
+    batch_samples: bool = spec(True, doc="a candidate's calibration samples evaluated as one batch: at the proxy video, "
+                               "and at the full video on an accelerator (not with a stochastic scheduler such as "
+                               "cogvideox_dpm)")
     rescore: int = spec(6, lo=1, hi=10000, doc="with proxy_video: the proxy's best candidates re-evaluated at the full "
                                               "video; the schedule chosen is the best of them there")
     validate: int = spec(6, lo=0, hi=10000, doc="with proxy_video: more candidates, spread over the proxy's ranking, "

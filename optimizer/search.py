@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from . import plots
@@ -401,6 +402,11 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     cache = int(spec.prefix_cache_gb * 2**30)
     samples = calibration_samples(model, cfg, reference, out_dir / "embeddings")
     full = Evaluator(model, cfg, programs, samples, spec.levels, n, cache, spec.share_prefixes)
+    if _batches(spec, model, samples) and torch.device(model.device).type != "cpu":
+        # an accelerator: the full video's samples in one batch too (programs captured at that batch; on the
+        # CPU a batch gains nothing and would cost a second capture)
+        batched = build_programs(model, cfg, tokens, progress, example=batched_example(model, cfg, samples))
+        full = Evaluator(model, cfg, batched, samples, spec.levels, n, cache, spec.share_prefixes, batch_samples=True)
     ev = full
     if spec.proxy_video:  # candidates evaluated at the smaller video, the best re-scored at the full one
         from . import reference as dense
@@ -410,7 +416,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         small_ref = dense.run(small, model, out_dir, progress=progress)
         small_n = model.layout(small.video).video_tokens
         small_samples = calibration_samples(model, small, small_ref, out_dir / "embeddings")
-        batched = spec.batch_samples and len(small_samples) > 1 and not model.family.stochastic(model.scheduler)
+        batched = _batches(spec, model, small_samples)
         example = batched_example(model, small, small_samples) if batched else None
         small_programs = build_programs(model, small, level_tokens(spec.levels, small_n), progress, example=example)
         ev = Evaluator(model, small, small_programs, small_samples, spec.levels, small_n, cache, spec.share_prefixes,
@@ -431,6 +437,12 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         if is_main():
             write_json(done, schedule.to_json())
     return schedule
+
+
+def _batches(spec, model, samples) -> bool:
+    """Whether a candidate's samples run as one batch (search.batch_samples; not with a
+    stochastic scheduler, whose noise a batch would draw differently)."""
+    return spec.batch_samples and len(samples) > 1 and not model.family.stochastic(model.scheduler)
 
 
 def holdout(cfg: RunConfig, model, programs, chosen: Candidate, out_dir: Path, search_psnr: float,
