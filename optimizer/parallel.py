@@ -100,10 +100,12 @@ def _like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return out if out.stride() == q.stride() else torch.empty_like(q).copy_(out)
 
 
-def _joint(q, k, v, scale, group, size: int, before: int, after: int):
+def _joint(q, k, v, key_mask, scale, group, size: int, before: int, after: int):
     """Ulysses with text rows beside the video rows (joint attention, every rank holding all of
     them): the video rows are exchanged, the text rows of this rank's heads taken as they are;
-    the text rows' output gathered back over the heads, identical on every rank."""
+    the text rows' output gathered back over the heads, identical on every rank. A key mask
+    (B, before + n + after): its video part gathered from every rank, its text part this
+    rank's (the same on every rank)."""
     rank = dist.get_rank(group)
     hp = q.shape[1] // size
     heads = slice(rank * hp, (rank + 1) * hp)
@@ -112,7 +114,12 @@ def _joint(q, k, v, scale, group, size: int, before: int, after: int):
         end = t.shape[2] - after
         return torch.cat([t[:, heads, :before], heads_to_rows(t[:, :, before:end], size, group), t[:, heads, end:]], 2)
 
-    out, lse = torch.ops.astraea.sparse_attention(joined(q), joined(k), joined(v), None, scale)
+    mask = None
+    if key_mask is not None:
+        end = key_mask.shape[1] - after
+        parts = funcol.wait_tensor(funcol.all_gather_tensor(key_mask[:, before:end].contiguous(), 0, group))
+        mask = torch.cat([key_mask[:, :before], *parts.chunk(size, dim=0), key_mask[:, end:]], dim=1)
+    out, lse = torch.ops.astraea.sparse_attention(joined(q), joined(k), joined(v), mask, scale)
     rows = out.shape[2] - before - after  # every rank's selected video rows
 
     def back(t):
@@ -135,10 +142,8 @@ def ulysses_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if size == 1:
         return torch.ops.astraea.sparse_attention(q, k, v, key_mask, scale)
     if before or after:  # joint attention: text rows (the same on every rank) beside this rank's video rows
-        if key_mask is not None:
-            raise ValueError("Ulysses with text rows and a key mask is not supported")
         _check_heads(q, size)
-        return _joint(q, k, v, scale, group, size, before, after)
+        return _joint(q, k, v, key_mask, scale, group, size, before, after)
     qh, kh, vh = _all_rows(q, k, v, group, size)
     mask = None
     if key_mask is not None:

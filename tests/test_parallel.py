@@ -20,6 +20,24 @@ def _inputs(world: int):
     return q, k, v, mask
 
 
+TEXT = (2, 3)  # text rows before and after the video rows (joint attention)
+
+
+def _text():
+    """Text rows' q, k, v (B, H, T, D) and key mask (B, T)."""
+    g = torch.Generator().manual_seed(1)
+    t = sum(TEXT)
+    qt, kt, vt = (torch.randn(B, H, t, D, generator=g) for _ in range(3))
+    mt = torch.rand(B, t, generator=g) > 0.4
+    return qt, kt, vt, mt
+
+
+def _joined(text: torch.Tensor, video: torch.Tensor, dim: int) -> torch.Tensor:
+    """[text before; video; text after] along the row dimension `dim`."""
+    before, after = text.split(TEXT, dim=dim)
+    return torch.cat([before, video, after], dim=dim)
+
+
 def _worker(rank: int, world: int, init: str, out: str):
     import torch.distributed as dist
 
@@ -34,6 +52,13 @@ def _worker(rank: int, world: int, init: str, out: str):
             o, lse = ulysses_sparse_attention(q[:, :, rows], k[:, :, shard], v[:, :, shard],
                                               mask[:, shard] if masked else None)
             got[masked] = (o, lse)
+            # joint attention: text rows (the same on every rank) before and after this rank's video rows
+            t = _text()
+            mine = (q[:, :, rows], k[:, :, shard], v[:, :, shard])
+            o, lse = ulysses_sparse_attention(*(_joined(a, b, 2) for a, b in zip(t, mine)),
+                                              _joined(t[3], mask[:, shard], 1) if masked else None,
+                                              before=TEXT[0], after=TEXT[1])
+            got["joint", masked] = (o, lse)
         torch.save(got, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -52,6 +77,15 @@ def test_ulysses_attention_is_the_one_process_attention(world, tmp_path):
         for rank in range(world):
             o, lse = torch.load(tmp_path / f"rank{rank}.pt")[masked]
             rows = slice(rank * M, (rank + 1) * M)
+            torch.testing.assert_close(o, want[:, :, rows], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(lse, want_lse[:, :, rows], atol=1e-5, rtol=1e-5)
+        t = _text()  # joint: one process over [text before; every rank's video; text after]
+        want, want_lse = torch.ops.astraea.sparse_attention(
+            *(_joined(a, b, 2) for a, b in zip(t, (q, k, v))), _joined(t[3], mask, 1) if masked else None, None)
+        for rank in range(world):
+            o, lse = torch.load(tmp_path / f"rank{rank}.pt")["joint", masked]
+            rows = [*range(TEXT[0]), *(TEXT[0] + rank * M + i for i in range(M)),
+                    *range(TEXT[0] + world * M, TEXT[0] + world * M + TEXT[1])]
             torch.testing.assert_close(o, want[:, :, rows], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(lse, want_lse[:, :, rows], atol=1e-5, rtol=1e-5)
 

@@ -70,9 +70,9 @@ def _rank(rank: int, world: int, port: int, runs: list, out: str):
 
 
 RANK_BUILDS = {  # world size: the (family, parallel) builds its ranks run
-    # Wan's CFG axis: with Ulysses on 4 ranks. HunyuanVideo samples guidance-distilled (no CFG batch) and
-    # has no diffusers context-parallel plan: neither axis applies to it as shipped
-    2: [("wan", {"ulysses": 2}), ("opensora", {"ulysses": 2}), ("cogvideox", {"ulysses": 2})],
+    # Wan's CFG axis: with Ulysses on 4 ranks. HunyuanVideo: its text rows after the video rows, a key mask
+    2: [("wan", {"ulysses": 2}), ("opensora", {"ulysses": 2}), ("cogvideox", {"ulysses": 2}),
+        ("hunyuan_video", {"ulysses": 2})],
     # Open-Sora's CFG axis: the runtime's, as Wan's (with Ulysses on 4 ranks)
     4: [("wan", {"ulysses": 2, "cfg": True})],
 }
@@ -161,7 +161,7 @@ def test_ranks(world, tmp_path):
             assert manifest["build"]["parallel"] == {"ulysses": ulysses, "cfg": cfg, "rank": rank, "world_size": world,
                                                      "mesh": {**({"cfg": 2} if cfg else {}), "ring": 1,
                                                               "ulysses": ulysses}}, name
-            per_branch = cfg or family == "wan"  # CFG parallelism, or the pipeline's convention (Wan: per branch)
+            per_branch = cfg or family in ("wan", "hunyuan_video")  # CFG parallelism, or the pipeline's convention
             assert manifest["per_branch"] == per_branch and manifest["state"][1]["shape"][0] == (1 if per_branch else 2)
             if family == "wan":
                 assert manifest["state"][1]["shape"][1] == 18 // ulysses  # this rank's rows

@@ -41,6 +41,19 @@ class HunyuanVideo(Family):
         ),
     }
 
+    def cp_plan(self):
+        """diffusers 0.42 gives HunyuanVideo no `_cp_plan`: the video rows are split at the patch
+        embedding's output (so the key mask the forward builds next has this rank's length:
+        its video keys all valid, the text's padding masked) and the rotary tables at theirs,
+        gathered after proj_out; the text rows stay whole on every rank (Ulysses exchanges only
+        the video rows)."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        table = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+        return {"x_embedder": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+                "rope": {0: table, 1: table},
+                "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
     @staticmethod
     def patch(config):
         return (config.get("patch_size_t", 1), config["patch_size"], config["patch_size"])
