@@ -79,7 +79,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--samples", type=int, default=4, help="prompts x seeds of the projected search (the paper: 4); "
                    "each proxy is also timed with this many samples in one batch")
-    p.add_argument("--prefix-saving", type=float, default=0.16, help="share of sample-steps shared prefixes save")
+    p.add_argument("--prefix-saving", type=float, help="share of sample-steps shared prefixes save (default 0.16; "
+                   "with --report-only: the report's own unless given, e.g. measured by a paper-size search)")
     p.add_argument("--full-from", type=Path, help="a search_cost.json of an earlier run on the same machine: take its "
                    "full-video row instead of timing it again")
     p.add_argument("--report-only", type=Path, metavar="JSON", help="no timing: the projection and table of an earlier "
@@ -87,7 +88,11 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        return finish(json.loads(args.report_only.read_text()), args.out)
+        report = json.loads(args.report_only.read_text())
+        if args.prefix_saving is not None:
+            report["prefix_saving"] = args.prefix_saving
+        return finish(report, args.out)
+    args.prefix_saving = 0.16 if args.prefix_saving is None else args.prefix_saving
     if args.config is None:
         p.error("give a CONFIG to time, or --report-only JSON")
     cfg = config.load(args.config)
