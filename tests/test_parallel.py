@@ -116,18 +116,19 @@ def test_parallel_keys_are_validated():
             tiny_config("wan", "tiny", **sections)
 
 
-def test_a_rank_program_needs_its_world_and_a_context_parallel_plan():
+def test_a_rank_program_needs_its_world_and_a_context_parallel_plan(monkeypatch):
     """Outside torchrun (one process) a parallel.ulysses 2 capture names the command; a model
-    without a context-parallel plan (HunyuanVideo: none in diffusers, none in its adapter) is
-    refused in one line."""
+    without a context-parallel plan (none in diffusers, none in its adapter) is refused in one
+    line."""
     from astraea import loader
     from astraea.capture import capture
     from astraea.errors import AstraeaError
     from conftest import tiny_config
 
     cfg = tiny_config("wan", "tiny", parallel={"ulysses": 2})
+    model = loader.load_model(cfg)
     with pytest.raises(AstraeaError, match="torchrun --nproc-per-node 2"):
-        capture(loader.load_model(cfg), cfg)
-    cfg = tiny_config("hunyuan_video", "tiny", parallel={"ulysses": 2})
+        capture(model, cfg)
+    monkeypatch.setattr(type(model.transformer), "_cp_plan", None)  # a diffusers model without one
     with pytest.raises(AstraeaError, match="no context-parallel plan"):
-        capture(loader.load_model(cfg), cfg)
+        capture(model, cfg)
