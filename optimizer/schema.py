@@ -147,8 +147,8 @@ NOT_DIFFUSERS = ("opensora",)  # transformers written here: diffusers' cache hoo
 
 
 def peer_refusal(name: str, family: str) -> str | None:
-    """Why peer `name` does not apply to `family` (None: it does): ToCa needs blocks with
-    cross-attention; diffusers' cache hooks need a diffusers model."""
+    """Why peer `name` does not apply to `family` (None: it does): ToCa needs its roles for the
+    family's blocks (astraea.toca.ROLES); diffusers' cache hooks need a diffusers model."""
     if name == "toca" and family not in TOCA_FAMILIES:
         return f"toca is defined for {', '.join(TOCA_FAMILIES)} blocks, not {family}'s: drop it"
     if name != "toca" and family in NOT_DIFFUSERS:
