@@ -401,12 +401,13 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         log.info("search: an unfinished search of this configuration exists; starting over (--resume continues it)")
     cache = int(spec.prefix_cache_gb * 2**30)
     samples = calibration_samples(model, cfg, reference, out_dir / "embeddings")
-    full = Evaluator(model, cfg, programs, samples, spec.levels, n, cache, spec.share_prefixes)
-    if _batches(spec, model, samples) and torch.device(model.device).type != "cpu":
-        # an accelerator: the full video's samples in one batch too (programs captured at that batch; on the
-        # CPU a batch gains nothing and would cost a second capture)
-        batched = build_programs(model, cfg, tokens, progress, example=batched_example(model, cfg, samples))
-        full = Evaluator(model, cfg, batched, samples, spec.levels, n, cache, spec.share_prefixes, batch_samples=True)
+    # on an accelerator the full video's samples run in one batch too (programs captured at that batch; on the
+    # CPU a batch gains nothing and would cost a second capture)
+    batched = _batches(spec, model, samples) and torch.device(model.device).type != "cpu"
+    fitness_programs = build_programs(model, cfg, tokens, progress, example=batched_example(model, cfg, samples)) \
+        if batched else programs
+    full = Evaluator(model, cfg, fitness_programs, samples, spec.levels, n, cache, spec.share_prefixes,
+                     batch_samples=batched)
     ev = full
     if spec.proxy_video:  # candidates evaluated at the smaller video, the best re-scored at the full one
         from . import reference as dense

@@ -82,11 +82,15 @@ def _toca(case, **knobs):
         peer.close()
 
 
-def test_toca_every_step_forced_is_dense(case):
+def _forced_every_step_is_dense(case):
     cfg, model, inputs, dense = case
     got, _ = _toca(case, interval=1, cross=1)
     torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs), dense)  # close() restored the blocks
+
+
+def test_toca_every_step_forced_is_dense(case):
+    _forced_every_step_is_dense(case)
 
 
 def test_toca_computes_what_its_published_setting_says(case):
@@ -141,10 +145,7 @@ def joint(request):
 
 
 def test_toca_on_joint_attention_forced_every_step_is_dense(joint):
-    cfg, model, inputs, dense = joint
-    got, _ = _toca(joint, interval=1, cross=1)
-    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs), dense)  # close() restored the blocks
+    _forced_every_step_is_dense(joint)
 
 
 def test_toca_on_joint_attention_computes_its_published_rows(joint):

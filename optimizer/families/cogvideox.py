@@ -50,7 +50,6 @@ class CogVideoX(Family):
         "tiny-rotary": Preset("tiny-rotary", dict(_TINY, use_rotary_positional_embeddings=True), 16, (17, 64, 64), "rotary tables, like 5B"),
     }
 
-
     def cp_plan(self):
         """diffusers 0.42 gives CogVideoX no `_cp_plan`: the video rows are split at the first
         block's input and the rotary tables (the transformer's input), gathered after proj_out;
@@ -61,6 +60,7 @@ class CogVideoX(Family):
         return {"": {"image_rotary_emb": [table, table]},
                 "transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
                 "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
     @staticmethod
     def patch(config):
         return (config.get("patch_size_t") or 1, config["patch_size"], config["patch_size"])
