@@ -47,6 +47,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--decay-steps", type=int, default=12_000, help="cosine decay horizon")
+    p.add_argument("--decay-by-time", action="store_true",
+                   help="the decay also follows the wall time, so it ends decayed when --minutes stops it first")
     p.add_argument("--pool", type=int, default=40_000, help="videos rendered once, drawn with replacement")
     p.add_argument("--drop-text", type=float, default=0.1, help="caption dropout (for CFG)")
     p.add_argument("--ema", type=float, default=0.999)
@@ -70,10 +72,12 @@ def render_pool(count: int, seed: int, device) -> tuple[torch.Tensor, list[str]]
     return torch.cat(latents), [s.caption for s in scenes]
 
 
-def lr_at(step: int, args) -> float:
+def lr_at(step: int, args, elapsed_s: float = 0.0) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     progress = min(1.0, (step - args.warmup) / max(1, args.decay_steps - args.warmup))
+    if args.decay_by_time:
+        progress = max(progress, min(1.0, elapsed_s / (args.minutes * 60)))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -197,7 +201,7 @@ def train(args: argparse.Namespace) -> None:
         noise = torch.randn(x0.shape, generator=g, device=device)
         sigma = objective.sigma(torch.sigmoid(torch.randn(args.batch, generator=g, device=device)))  # the sampling shift
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args, time.time() - start)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = objective.loss(forward, text, prompts, x0, noise, sigma)
         opt.zero_grad(set_to_none=True)
@@ -211,7 +215,7 @@ def train(args: argparse.Namespace) -> None:
         window.append(loss.detach())
         if step % args.log_every == 0:
             now = time.time()
-            row = {"step": step, "loss": torch.stack(window).mean().item(), "lr": lr_at(step, args),
+            row = {"step": step, "loss": torch.stack(window).mean().item(), "lr": lr_at(step, args, now - start),
                    "steps_per_s": args.log_every / (now - last_t), "elapsed_s": now - start}
             with log.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
