@@ -143,11 +143,12 @@ def _run_from_cpp(folder, manifest, kwargs, tmp_path) -> torch.Tensor:
     return torch.frombuffer(bytearray((tmp_path / "cpp-out.bin").read_bytes()), dtype=torch.float32).view(shape)
 
 
-def test_aoti_engines_compiled_in_worker_processes_are_kept_and_completed(setup, built, tmp_path):
+def test_aoti_engines_compiled_in_worker_processes_are_kept_and_completed(setup, built, tmp_path, monkeypatch):
     """build.jobs 2: both AOTInductor packages were compiled at once in spawned workers (from
     the saved exported programs, zeros standing in for the weights and state; they sample
     like the graphs above) and the build leaves no partial files; a second build keeps both;
-    a single missing package is compiled in the build's own process."""
+    a single missing package is compiled in the build's own process (the compiler stands in
+    with the package it made before: the compile itself is the fixture's, above)."""
     cfg, model, programs, schedule, inputs, want = setup
     folder, manifest = built("aoti")
     assert sorted(manifest.build["rebuilt"]) == sorted(manifest.engines) and len(manifest.engines) == 2
@@ -156,9 +157,19 @@ def test_aoti_engines_compiled_in_worker_processes_are_kept_and_completed(setup,
     _, again = _build(setup, tmp_path, "aoti", jobs=2)
     assert again.build["rebuilt"] == []
     key = next(iter(manifest.engines))  # one missing package: compiled in this process, no worker
+    package = (folder / manifest.engines[key].file).read_bytes()
     (folder / manifest.engines[key].file).unlink()
+    calls = []
+
+    def compile_here(ep, package_path, patch):
+        assert isinstance(ep, torch.export.ExportedProgram)
+        calls.append(package_path)
+        Path(package_path).write_bytes(package)
+
+    monkeypatch.setattr(engines, "_aoti_compile", compile_here)
+    monkeypatch.setattr(engines, "_compile_aoti_in_workers", lambda *a: pytest.fail("a worker for one package"))
     _, once = _build(setup, tmp_path, "aoti", jobs=2)
-    assert once.build["rebuilt"] == [key] and (folder / manifest.engines[key].file).is_file()
+    assert len(calls) == 1 and once.build["rebuilt"] == [key] and (folder / manifest.engines[key].file).is_file()
     torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(folder)), want,
                                atol=1e-5, rtol=1e-5)
 

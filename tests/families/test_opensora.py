@@ -125,29 +125,3 @@ def test_the_bench_runs_toca_and_leaves_diffusers_hooks_out(tmp_path):
     assert toca["row_work_fraction"] < min(1.0, toca["work_fraction"])
     with pytest.raises(config.ConfigError, match=r"bench.peers\[0\]: pab is one of diffusers' cache hooks"):
         _cfg(bench={"peers": ["pab skip=2"]})
-
-
-def test_astraea_build_end_to_end(tmp_path, capsys):
-    """astraea-build on the tiny preset (eager engines, the CFG batch in one call as Open-Sora
-    runs it): every stage, and the runtime's sample at the PSNR the search measured."""
-    import yaml
-
-    from astraea.cli import build_main
-    from conftest import tiny_raw
-
-    raw = tiny_raw("opensora", "tiny", video=VIDEO, sampling={"steps": 6}, target={"budget": 0.5},
-                   search={"levels": 5, "population": 4, "children": 2, "generations": 1},
-                   bench={"warmup": 0, "repeats": 1}, build={"backend": "eager"})
-    path = tmp_path / "model.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "run"
-    assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
-    err = capsys.readouterr().err
-    assert [line.split()[1] for line in err.strip().splitlines()][-3:] == ["search", "engines", "check"], err
-    assert "4 blocks, 0 query-only attentions, 4 factored on every row each" in err
-    manifest = json.loads((out / "engines" / "manifest.json").read_text())
-    (folder,) = (out / "search").iterdir()
-    schedule = json.loads((folder / "schedule.json").read_text())
-    assert manifest["per_branch"] is False and [s["budget"] for s in manifest["steps"]] == schedule["budget_per_step"]
-    check = json.loads((out / "engines-check.json").read_text())
-    assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-3)
