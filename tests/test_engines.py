@@ -122,7 +122,7 @@ def _run_from_cpp(folder, manifest, kwargs, tmp_path) -> torch.Tensor:
         pytest.skip("no C++ compiler")
     binary = tmp_path / "run_package"
     subprocess.run(["sh", str(ROOT / "tools/aoti_cpp/build.sh"), str(binary)], check=True, capture_output=True,
-                   env=dict(os.environ, PYTHON=sys.executable))
+                   env=dict(os.environ, PYTHON=sys.executable, OPT="-O0"))
     from safetensors.torch import load_file
 
     weights = load_file(str(folder / manifest.weights_file))
