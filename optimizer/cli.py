@@ -298,6 +298,10 @@ def _search_line(schedule, out: Path) -> str:
                      "was the proxy's #%d", "x".join(map(str, p["video"])), p["rescored"], p["rescore_seconds"],
                      p["spearman"], "" if p["valid"] else f" (below {p['min_spearman']}: not validated)",
                      p["chosen_proxy_rank"] + 1)
+            if p.get("refine"):
+                f = p["refine"]
+                log.info("refined at the full video: %d generations, %d candidates in %.0f s, %.2f -> %.2f dB",
+                         f["generations"], f["candidates"], f["seconds"], f["start_psnr"], f["psnr"])
     psnr = schedule.quality.psnr if schedule.quality else float("nan")
     return (f"mean budget {schedule.mean_budget:.3f}, {schedule.skipped} skipped step(s), PSNR {psnr:.2f} dB against "
             f"dense{speed}: {out / 'search' / schedule.key / 'schedule.json'}")

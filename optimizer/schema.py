@@ -90,6 +90,10 @@ class SearchSpec:
                                               "video; the schedule chosen is the best of them there")
     validate: int = spec(6, lo=0, hi=10000, doc="with proxy_video: more candidates, spread over the proxy's ranking, "
                                                "re-evaluated at the full video to measure how well the proxy ranks")
+    refine_generations: int = spec(0, lo=0, hi=10000, doc="with proxy_video: generations of evolution at the full "
+                                   "video after the re-scoring, its parents the re-scored candidates (multi-fidelity: "
+                                   "the proxy finds the region, the full video ranks within it)")
+    refine_children: int = spec(0, lo=0, hi=10000, doc="children a refine generation (0: search.children)")
     proxy_min_spearman: float = spec(0.6, lo=-1.0, hi=1.0, doc="with proxy_video: below this rank correlation between "
                                      "proxy and full fitness the build warns that the proxy is not validated")
     holdout_prompts: tuple[str, ...] = spec((), doc="prompts the search never sees: the chosen schedule is sampled on "
@@ -363,6 +367,9 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
             raise ConfigError("selection.shards", f"with parallel.ulysses {pa.ulysses} the rows are in "
                               f"{pa.ulysses} shards: leave it 1 or set {pa.ulysses}")
         sel = dataclasses.replace(sel, shards=pa.ulysses)  # the one-process programs (the search's) select as the ranks do
+    if se.refine_generations and not se.proxy_video:
+        raise ConfigError("search.refine_generations", "refines a proxy-video search at the full video: set "
+                          "search.proxy_video, or leave it 0 (a full-video search needs no refinement)")
     if se.proxy_video:
         if len(se.proxy_video) != 3:
             raise ConfigError("search.proxy_video", f"give [frames, height, width] (or []), got {list(se.proxy_video)}")

@@ -198,12 +198,19 @@ class SearchState:
 
 
 class Search:
+    """One evolution. Outputs go to `folder` under `key`; the checkpoint to `state` (default
+    folder/state.json) under `state_key` (default `key`): a refined search keeps its proxy
+    stage's checkpoint in the folder of the same search without refinement, to be reused."""
+
     def __init__(self, cfg: RunConfig, evaluator: Evaluator, constraint: Constraint, folder: Path, key: str,
-                 early_stop: bool = True):
+                 early_stop: bool = True, state: Path | None = None, state_key: str | None = None,
+                 desc: str = "budget search"):
         self.cfg, self.ev, self.c, self.folder, self.key = cfg, evaluator, constraint, folder, key
         self.spec = cfg.search
         self.early_stop = early_stop
         self.n = len(evaluator.samples)
+        self.state, self.state_key = state or folder / "state.json", state_key or key
+        self.desc = desc
 
     # one batch of schedules through the memo, the evaluator and the gather
     def _evaluate(self, st: SearchState, batch: list[Candidate], threshold: float, bar) -> None:
@@ -250,15 +257,35 @@ class Search:
 
     def _checkpoint(self, st: SearchState) -> None:
         if is_main():
-            write_json(self.folder / "state.json", st.to_json(self.key))
+            write_json(self.state, st.to_json(self.state_key))
 
-    def run(self, resume: bool = False, progress: bool = True) -> SearchState:
+    def _finished(self) -> SearchState | None:
+        """A checkpoint of this search that has run every generation (deterministic for its
+        key, so reused without --resume; a refined search reuses its proxy stage's)."""
+        try:
+            raw = read_json(self.state, "delete it to search from the start")
+        except AstraeaError:
+            return None
+        if raw.get("version") == STATE_VERSION and raw.get("key") == self.state_key and \
+                raw.get("generation", -1) >= self.spec.generations:
+            return SearchState.from_json(raw, self.state_key)
+        return None
+
+    def run(self, resume: bool = False, progress: bool = True,
+            start: list[tuple[Candidate, list]] | None = None) -> SearchState:
+        """`start`: evaluated candidates (schedule, per-sample MSE in sample order) as the first
+        population instead of the hand-made and random ones (the refinement's parents)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        ckpt = self.folder / "state.json"
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        ckpt = self.state
         steps, spec = self.cfg.sampling.steps, self.spec
+        finished = self._finished() if ckpt.is_file() else None
+        if finished is not None:
+            log.info("search: reusing the finished %s (%s)", self.desc, ckpt)
+            return finished
         if resume and ckpt.is_file():
-
-            st = SearchState.from_json(read_json(ckpt, "delete it, or drop --resume, to search from the start"), self.key)
+            st = SearchState.from_json(read_json(ckpt, "delete it, or drop --resume, to search from the start"),
+                                       self.state_key)
             rng = np.random.default_rng()
             rng.bit_generator.state = st.rng
             log.info("search: resuming after generation %d of %d", st.generation, spec.generations)
@@ -266,14 +293,15 @@ class Search:
             rng = np.random.default_rng(spec.seed)
             st = None
         per_gen = spec.children * self.n * steps
-        total = spec.population * self.n * steps + spec.generations * per_gen
-        done = 0 if st is None else spec.population * self.n * steps + st.generation * per_gen
-        bar = tqdm(total=total, initial=done, desc="budget search", unit="step", disable=not progress or not is_main(),
+        first = 0 if start else spec.population * self.n * steps
+        total = first + spec.generations * per_gen
+        done = 0 if st is None else first + st.generation * per_gen
+        bar = tqdm(total=total, initial=done, desc=self.desc, unit="step", disable=not progress or not is_main(),
                    leave=False)
         try:
             if st is None:
-                pop = self._initial(rng)
-                st = SearchState(0, {}, [], {}, sample_order=list(range(self.n)))
+                pop = [s for s, _ in start] if start else self._initial(rng)
+                st = SearchState(0, {}, [], dict(start or {}), sample_order=list(range(self.n)))
                 self._evaluate(st, pop, math.inf, bar)
                 # hardest sample first (largest MSE over the initial population): earlier rejections
                 means = [np.mean([st.memo[s][i] for s in pop]) for i in range(self.n)]
@@ -314,9 +342,12 @@ class Search:
         return float(np.mean([psnr(v, self.ev.samples[st.sample_order[i]].peak) for i, v in enumerate(values)]))
 
     # ---- outputs --------------------------------------------------------------------------
-    def write_outputs(self, st: SearchState, cost, timesteps: list[float], rescored: Rescored | None = None) -> Schedule:
+    def write_outputs(self, st: SearchState, cost, timesteps: list[float], rescored: Rescored | None = None,
+                      refined: SearchState | None = None) -> Schedule:
         """schedule.json, search.png and schedule.png. With a proxy (`rescored`), the schedule,
-        its tokens, MSE and PSNR are the full video's, and the cost adds the re-scoring."""
+        its tokens, MSE and PSNR are the full video's, and the cost adds the re-scoring; with
+        a refinement (`refined`, the evolution at the full video after it) the schedule is
+        the refinement's best and the cost adds it too."""
         c = Counters(**vars(st.counters))
         if rescored is None:
             best, fit = st.population[0]
@@ -330,6 +361,17 @@ class Search:
             c.add(rescored.counters)
             proxy = rescored.report(self.spec, self.ev, ranking(st.memo, self.n), lambda s: self.mean_psnr(s, st),
                                     st.counters.seconds)
+            if refined is not None:
+                start_psnr = float(np.mean([psnr(v, x.peak) for x, v in named]))
+                best, fit = refined.population[0]
+                named = [(rescored.samples[refined.sample_order[i]], v) for i, v in enumerate(refined.memo[best])]
+                c.add(refined.counters)
+                proxy["refine"] = {
+                    "generations": refined.generation, "children": self.spec.refine_children or self.spec.children,
+                    "parents": len(rescored.top) + len(rescored.spread), "candidates": refined.counters.candidates,
+                    "stopped_early": refined.counters.stopped, "steps": refined.counters.steps,
+                    "seconds": refined.counters.seconds, "start_psnr": start_psnr,
+                    "psnr": float(np.mean([psnr(v, x.peak) for x, v in named])), "history": refined.history}
         per_sample = {sample.name: {"mse": v, "psnr": psnr(v, sample.peak)} for sample, v in named}
         gpus = max(1, world()) if self.ev.model.device.type == "cuda" else 0
         steps = len(best)
@@ -362,13 +404,15 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     settings = asdict(cfg.search)
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
+    refine = [settings.pop("refine_generations"), settings.pop("refine_children") or cfg.search.children]
     settings["cost_from"] = cost_from
-    return stable_hash({"reference": reference_key, "model": model_identity, "search": settings,
+    base = stable_hash({"reference": reference_key, "model": model_identity, "search": settings,
                         "selection": asdict(cfg.selection),
                         "backend": backend, "source": source_hash(),
                         "constraint": [constraint.kind, constraint.target, constraint.low, constraint.high,
                                        list(constraint.step_ms)]})
-
+    # the proxy stage's key is the same with or without a refinement, so that one reuses its checkpoint
+    return base if not refine[0] else stable_hash({"search": base, "refine": refine})
 
 
 def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, progress: bool = True,
@@ -391,14 +435,17 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     else:
         raise SearchError("target: set target.budget (mean budget) or target.speedup for the search")
     c.check_feasible(steps)
-    key = search_key(reference.key, cfg, c, "eager", cost.key if spec.cost_from else None, model.identity)
+    key_args = (c, "eager", cost.key if spec.cost_from else None, model.identity)
+    key = search_key(reference.key, cfg, *key_args)
     folder = out_dir / "search" / key
     done = folder / "schedule.json"
     if done.is_file() and not resume:
         log.debug("search: reusing %s", done)
         return Schedule.read(done)
-    if (folder / "state.json").is_file() and not resume:
-        log.info("search: an unfinished search of this configuration exists; starting over (--resume continues it)")
+    # a refined search's proxy stage is the unrefined search's: its folder, checkpoint and re-scoring are shared
+    stage_key = search_key(reference.key, dataclasses.replace(
+        cfg, search=dataclasses.replace(spec, refine_generations=0, refine_children=0)), *key_args)
+    stage = out_dir / "search" / stage_key
     cache = int(spec.prefix_cache_gb * 2**30)
     samples = calibration_samples(model, cfg, reference, out_dir / "embeddings")
     # on an accelerator the full video's samples run in one batch too (programs captured at that batch; on the
@@ -425,19 +472,39 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         log.info("search: candidates at the proxy video %s (%d tokens against %d%s); the best %d and %d more re-scored "
                  "at the full video", list(spec.proxy_video), small_n, n,
                  f", {len(small_samples)} samples a batch" if batched else "", spec.rescore, spec.validate)
-    search = Search(cfg, ev, c, folder, key, early_stop=spec.early_stop)
+    search = Search(cfg, ev, c, folder, key, early_stop=spec.early_stop, state=stage / "state.json",
+                    state_key=stage_key)
+    if search.state.is_file() and not resume and search._finished() is None:
+        log.info("search: an unfinished search of this configuration exists; starting over (--resume continues it)")
     st = search.run(resume=resume, progress=progress)
-    rescored = rescore(spec, ranking(st.memo, search.n), full, folder, key, progress) if spec.proxy_video else None
-    chosen = rescored.chosen if rescored is not None else st.population[0][0]
+    rescored = rescore(spec, ranking(st.memo, search.n), full, stage, stage_key, progress) if spec.proxy_video else None
+    refined = refine(cfg, full, c, rescored, folder, key, resume, progress) if spec.refine_generations else None
+    chosen = refined.population[0][0] if refined else rescored.chosen if rescored else st.population[0][0]
     if cost is None:
         cost = measure_cost(cfg, model, programs, tokens, out_dir, progress, only=set(chosen))
-    schedule = search.write_outputs(st, cost, [float(t) for t in full.samplers[0].timesteps.cpu()], rescored)
+    schedule = search.write_outputs(st, cost, [float(t) for t in full.samplers[0].timesteps.cpu()], rescored, refined)
     if spec.holdout_prompts or spec.holdout_seeds:
         report = holdout(cfg, model, programs, chosen, out_dir, schedule.quality.psnr, progress)
         schedule = dataclasses.replace(schedule, search=dataclasses.replace(schedule.search, holdout=report))
         if is_main():
             write_json(done, schedule.to_json())
     return schedule
+
+
+def refine(cfg: RunConfig, full: Evaluator, c: Constraint, rescored: Rescored, folder: Path, key: str,
+           resume: bool, progress: bool) -> SearchState:
+    """search.refine_generations generations of the same evolution at the full video, its
+    first population the re-scored candidates (already evaluated there), at the last
+    mutation rate; its checkpoint is <folder>/refine.json."""
+    spec = cfg.search
+    parents = list(dict.fromkeys(rescored.top + rescored.spread))
+    r = dataclasses.replace(spec, population=len(parents), children=spec.refine_children or spec.children,
+                            generations=spec.refine_generations, mutation_start=spec.mutation_end)
+    s = Search(dataclasses.replace(cfg, search=r), full, c, folder, key, early_stop=spec.early_stop,
+               state=folder / "refine.json", desc="refine at the full video")
+    log.info("search: refining at the full video: %d generations of %d children from the %d re-scored",
+             r.generations, r.children, len(parents))
+    return s.run(resume=resume, progress=progress, start=[(p, rescored.mse[p]) for p in parents])
 
 
 def _batches(spec, model, samples) -> bool:

@@ -98,6 +98,7 @@ BAD = [
     ("search.proxy_video", [5, 20, 16], "search.proxy_video", "not divisible by 16 (VAE stride 8 x patch 2) (as the proxy's video.height)"),
     ("search.proxy_video", [5, 4, 16], "search.proxy_video.height", "below the minimum 8"),
     ("search.rescore", 0, "search.rescore", "below the minimum 1"),
+    ("search.refine_generations", 2, "search.refine_generations", "set search.proxy_video"),
     ("build.backend", "onnx", "build.backend", "eager, inductor, aoti, tensorrt"),
     ("selection.cache", "fp8", "selection.cache", "model, float8"),
     ("build.precision", "int8", "build.precision", "model, fp8"),

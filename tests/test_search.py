@@ -361,6 +361,37 @@ def test_a_proxy_search_is_rescored_and_chosen_at_the_full_video(tiny, tmp_path)
     assert again["budget_per_step"] == result["budget_per_step"] and again["mse"] == result["mse"]
 
 
+
+def test_a_refined_proxy_search_evolves_on_at_the_full_video(tiny, tmp_path):
+    """search.refine_generations: after the proxy's re-scoring, generations at the full video
+    from the re-scored candidates. The proxy stage is the unrefined search's (reused, not run
+    again), the result can only improve on the re-scored choice, and the chosen schedule's
+    numbers match an independent full-video evaluation."""
+    cfg, model, n, programs, samples, out = tiny
+    proxy_spec = dataclasses.replace(cfg.search, proxy_video=(5, 16, 32), rescore=2, validate=2, generations=1)
+    plain = dataclasses.replace(cfg, search=proxy_spec)
+    ref = reference.run(cfg, model, out, progress=False)
+    first = plan(plain, model, ref, tmp_path, progress=False, programs=programs).to_json()
+    stage = tmp_path / "search" / first["key"]
+    state_before = (stage / "state.json").read_bytes()
+    refined_cfg = dataclasses.replace(cfg, search=dataclasses.replace(proxy_spec, refine_generations=2, refine_children=3))
+    result = plan(refined_cfg, model, ref, tmp_path, progress=False, programs=programs).to_json()
+    assert result["key"] != first["key"]
+    assert (stage / "state.json").read_bytes() == state_before  # the proxy stage reused as it was
+    folder = tmp_path / "search" / result["key"]
+    assert (folder / "refine.json").is_file() and not (folder / "state.json").exists()
+    f = result["proxy"]["refine"]
+    assert f["generations"] == 2 and f["parents"] == 4 and f["children"] == 3 and 0 < f["candidates"] <= 6
+    assert f["start_psnr"] == pytest.approx(first["psnr"])
+    assert f["psnr"] == pytest.approx(result["psnr"]) and result["mse"] <= first["mse"]
+    chosen = tuple(round(b * (LEVELS - 1)) for b in result["budget_per_step"])
+    want = _evaluator(tiny, share=False).evaluate([chosen], math.inf, Counters())[chosen]
+    assert [result["per_sample"][s.name]["mse"] for s in samples] == want
+    lo, hi = result["constraint"]["bounds"]
+    assert lo <= result["mean_budget"] <= hi
+    assert result["cost"]["candidates_evaluated"] == first["cost"]["candidates_evaluated"] + f["candidates"]
+
+
 def test_samples_in_one_batch_give_the_separate_runs_fitness(tiny):
     """batch_samples: both seeds sampled as one batch (programs captured at batch 4) give each
     sample's MSE of its own run, up to float rounding, in fewer transformer calls."""
