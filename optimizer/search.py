@@ -1,7 +1,7 @@
 """The budget search: an evolutionary search of one token budget per denoising step.
 
-The paper's algorithm (../shared/ASTRAEA.md section 3) with every number in model.yaml's
-`search` section: budgets are levels 0 .. L-1 (theta = level / (L-1)), the first step is
+The paper's algorithm (../shared/ASTRAEA.md section 3; its constraint, repair, seeds and
+operators in evolution.py) with every number in model.yaml's `search` section: budgets are levels 0 .. L-1 (theta = level / (L-1)), the first step is
 dense; a population of 50, 30 children a generation from binary tournaments, uniform or
 block crossover, per-step mutation decaying 0.1 -> 0.01, then repair into [0.9, 1.1] x the
 target; the best `population` of parents and children survive. The first population holds
@@ -15,7 +15,8 @@ it to the identical result. With torch.distributed initialised (torchrun, one pr
 GPU), each rank evaluates a contiguous share of the sorted children and the results are
 gathered; every rank runs the same evolution from the same seed. `plan` is the stage:
 programs, cost model, constraint, search (at a proxy video and re-scored, proxy.py, when
-`search.proxy_video` is set) and schedule.json (a `Schedule`).
+`search.proxy_video` is set; then refined at the full video with `search.refine_generations`)
+and schedule.json (a `Schedule`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ from tqdm.auto import tqdm
 
 from . import plots
 from .errors import AstraeaError
+from .evolution import (  # noqa: F401  re-exported: the search's public names
+    Constraint,
+    SearchError,
+    crossover,
+    mutate,
+    mutation_rate,
+    random_schedule,
+    repair,
+    seed_schedules,
+)
 from .fitness import (
     Candidate,
     Counters,
@@ -57,117 +68,6 @@ from .tokenwise import TokenwiseProgram, build_programs
 
 log = logging.getLogger("astraea")
 STATE_VERSION = 1
-
-
-class SearchError(AstraeaError):
-    """The target cannot be met, or a checkpoint does not belong to this search."""
-
-
-# ---- the constraint and its repair ------------------------------------------------------
-
-@dataclass(frozen=True)
-class Constraint:
-    """What a schedule costs, against the target: the mean budget, or predicted milliseconds."""
-
-    kind: str  # "budget" | "latency"
-    target: float  # mean theta, or total ms
-    low: float
-    high: float
-    levels: int
-    step_ms: tuple[float, ...] = ()  # latency: the cost model's ms per level
-
-    def value(self, s: Candidate) -> float:
-        if self.kind == "budget":
-            return sum(s) / ((self.levels - 1) * len(s))
-        return sum(self.step_ms[v] for v in s)
-
-    def ok(self, s: Candidate) -> bool:
-        return self.low * self.target <= self.value(s) <= self.high * self.target + 1e-12
-
-    def check_feasible(self, steps: int) -> None:
-        top = self.levels - 1
-        lightest, heaviest = (top,) + (0,) * (steps - 1), (top,) * steps
-        lo, hi = self.value(lightest), self.value(heaviest)
-        if hi < self.low * self.target or lo > self.high * self.target:
-            unit = "mean budget" if self.kind == "budget" else "ms"
-            raise SearchError(f"target: {self.target:.4g} {unit} cannot be met with {steps} steps "
-                              f"(possible: {lo:.4g} .. {hi:.4g}; the first step is dense)")
-
-
-def repair(s: Candidate, c: Constraint, rng: np.random.Generator) -> Candidate:
-    """Move random steps one level down while over the band [low, high] x target, up while
-    under it (the first step stays dense): a move that lands inside the band if there is
-    one, else one that does not jump over it. Raises when every move would jump over the
-    band (it is narrower than one level's cost)."""
-    x = list(s)
-    x[0] = c.levels - 1
-    lo, hi = c.low * c.target, c.high * c.target + 1e-12
-    for _ in range(4 * len(x) * c.levels + 8):
-        v = c.value(tuple(x))
-        if lo <= v <= hi:
-            return tuple(x)
-        step = -1 if v > hi else 1
-        moves = [(i, v + _delta(c, x[i], step, len(x))) for i in range(1, len(x)) if 0 <= x[i] + step < c.levels]
-        landing = [i for i, w in moves if lo <= w <= hi]
-        toward = [i for i, w in moves if (w > hi if step < 0 else w < lo)]
-        pool = landing or toward
-        if not pool:
-            break
-        x[pool[int(rng.integers(len(pool)))]] += step
-    raise SearchError(f"repair cannot bring a schedule into [{c.low}, {c.high}] x the target {c.target:.4g}: "
-                      "the band is narrower than one level's step; widen search.repair_low/high or use more levels")
-
-
-def seed_schedules(c: Constraint, steps: int) -> list[Candidate]:
-    """The hand-made schedules a search starts from, before repair, best guesses first: the
-    uniform one (every step after the dense first at the level whose cost is nearest the
-    target), then front-loaded ones (the first d steps dense, the rest at one lower level,
-    d chosen to come nearest the target), by their tail level from the uniform level down
-    and then up. With these in the first population the elitist search never ends worse
-    than the best of them (a speed search that started from random schedules alone did)."""
-    top = c.levels - 1
-
-    def nearest(cands: list[Candidate]) -> Candidate:
-        return min(cands, key=lambda s: abs(c.value(s) - c.target))
-
-    uniform = nearest([(top,) + (lv,) * (steps - 1) for lv in range(c.levels)])
-    u = uniform[-1]
-    tails = [*range(min(u, top - 1), -1, -1), *range(u + 1, top)]  # every level under the top
-    front = [nearest([(top,) * d + (lv,) * (steps - d) for d in range(1, steps + 1)]) for lv in tails]
-    return list(dict.fromkeys([uniform, *front]))
-
-
-def _delta(c: Constraint, level: int, step: int, steps: int) -> float:
-    if c.kind == "budget":
-        return step / ((c.levels - 1) * steps)
-    return c.step_ms[level + step] - c.step_ms[level]
-
-
-# ---- the evolutionary operators ---------------------------------------------------------
-
-def random_schedule(steps: int, levels: int, rng: np.random.Generator) -> Candidate:
-    return (levels - 1,) + tuple(int(v) for v in rng.integers(0, levels, steps - 1))
-
-
-def crossover(a: Candidate, b: Candidate, rng: np.random.Generator) -> Candidate:
-    """Uniform (each step from either parent) or block (a contiguous range from the second)."""
-    if rng.random() < 0.5:
-        take = rng.random(len(a)) < 0.5
-        return tuple(bv if t else av for av, bv, t in zip(a, b, take))
-    i, j = sorted(int(v) for v in rng.integers(1, len(a) + 1, 2))
-    return a[:i] + b[i:j] + a[j:]
-
-
-def mutate(s: Candidate, p: float, levels: int, rng: np.random.Generator) -> Candidate:
-    hit = rng.random(len(s)) < p
-    new = rng.integers(0, levels, len(s))
-    return tuple(int(n) if h and i > 0 else v for i, (v, h, n) in enumerate(zip(s, hit, new)))
-
-
-def mutation_rate(spec, generation: int) -> float:
-    """Linear decay from mutation_start (generation 1) to mutation_end (the last)."""
-    span = max(1, spec.generations - 1)
-    return spec.mutation_start + (spec.mutation_end - spec.mutation_start) * min(1.0, (generation - 1) / span)
 
 
 # ---- the search -------------------------------------------------------------------------
@@ -209,8 +109,12 @@ class Search:
         self.spec = cfg.search
         self.early_stop = early_stop
         self.n = len(evaluator.samples)
-        self.state, self.state_key = state or folder / "state.json", state_key or key
+        self.state, self._state_key = state or folder / "state.json", state_key
         self.desc = desc
+
+    @property
+    def state_key(self) -> str:
+        return self._state_key or self.key
 
     # one batch of schedules through the memo, the evaluator and the gather
     def _evaluate(self, st: SearchState, batch: list[Candidate], threshold: float, bar) -> None:
