@@ -104,13 +104,16 @@ class Search:
 
     def __init__(self, cfg: RunConfig, evaluator: Evaluator, constraint: Constraint, folder: Path, key: str,
                  early_stop: bool = True, state: Path | None = None, state_key: str | None = None,
-                 desc: str = "budget search"):
+                 desc: str = "budget search", extends: bool = False):
         self.cfg, self.ev, self.c, self.folder, self.key = cfg, evaluator, constraint, folder, key
         self.spec = cfg.search
         self.early_stop = early_stop
         self.n = len(evaluator.samples)
         self.state, self._state_key = state or folder / "state.json", state_key
         self.desc = desc
+        # a checkpoint of fewer generations is continued without --resume (the refinement: its
+        # mutation rate is constant, so continuing it is the same as running them all at once)
+        self.extends = extends
 
     @property
     def state_key(self) -> str:
@@ -163,17 +166,21 @@ class Search:
         if is_main():
             write_json(self.state, st.to_json(self.state_key))
 
-    def _finished(self) -> SearchState | None:
-        """A checkpoint of this search that has run every generation (deterministic for its
-        key, so reused without --resume; a refined search reuses its proxy stage's)."""
+    def _own(self) -> SearchState | None:
+        """This search's checkpoint, if there is one of this key."""
         try:
             raw = read_json(self.state, "delete it to search from the start")
         except AstraeaError:
             return None
-        if raw.get("version") == STATE_VERSION and raw.get("key") == self.state_key and \
-                raw.get("generation", -1) >= self.spec.generations:
+        if raw.get("version") == STATE_VERSION and raw.get("key") == self.state_key:
             return SearchState.from_json(raw, self.state_key)
         return None
+
+    def _finished(self) -> SearchState | None:
+        """A checkpoint of this search that has run every generation (deterministic for its
+        key, so reused without --resume; a refined search reuses its proxy stage's)."""
+        own = self._own() if self.state.is_file() else None
+        return own if own is not None and own.generation == self.spec.generations else None
 
     def run(self, resume: bool = False, progress: bool = True,
             start: list[tuple[Candidate, list]] | None = None) -> SearchState:
@@ -183,10 +190,12 @@ class Search:
         self.state.parent.mkdir(parents=True, exist_ok=True)
         ckpt = self.state
         steps, spec = self.cfg.sampling.steps, self.spec
-        finished = self._finished() if ckpt.is_file() else None
-        if finished is not None:
+        own = self._own() if ckpt.is_file() else None
+        if own is not None and own.generation == spec.generations:
             log.info("search: reusing the finished %s (%s)", self.desc, ckpt)
-            return finished
+            return own
+        if self.extends and own is not None and own.generation < spec.generations:
+            resume = True
         if resume and ckpt.is_file():
             st = SearchState.from_json(read_json(ckpt, "delete it, or drop --resume, to search from the start"),
                                        self.state_key)
@@ -382,7 +391,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         log.info("search: an unfinished search of this configuration exists; starting over (--resume continues it)")
     st = search.run(resume=resume, progress=progress)
     rescored = rescore(spec, ranking(st.memo, search.n), full, stage, stage_key, progress) if spec.proxy_video else None
-    refined = refine(cfg, full, c, rescored, folder, key, resume, progress) if spec.refine_generations else None
+    refined = refine(cfg, full, c, rescored, folder, key, stage, stage_key, resume, progress) if spec.refine_generations else None
     chosen = refined.population[0][0] if refined else rescored.chosen if rescored else st.population[0][0]
     if cost is None:
         cost = measure_cost(cfg, model, programs, tokens, out_dir, progress, only=set(chosen))
@@ -396,16 +405,18 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
 
 
 def refine(cfg: RunConfig, full: Evaluator, c: Constraint, rescored: Rescored, folder: Path, key: str,
-           resume: bool, progress: bool) -> SearchState:
+           stage: Path, stage_key: str, resume: bool, progress: bool) -> SearchState:
     """search.refine_generations generations of the same evolution at the full video, its
     first population the re-scored candidates (already evaluated there), at the last
-    mutation rate; its checkpoint is <folder>/refine.json."""
+    mutation rate. Its checkpoint, <stage>/refine-<children>.json beside the proxy stage's,
+    is continued by a run that asks for more generations."""
     spec = cfg.search
     parents = list(dict.fromkeys(rescored.top + rescored.spread))
     r = dataclasses.replace(spec, population=len(parents), children=spec.refine_children or spec.children,
                             generations=spec.refine_generations, mutation_start=spec.mutation_end)
     s = Search(dataclasses.replace(cfg, search=r), full, c, folder, key, early_stop=spec.early_stop,
-               state=folder / "refine.json", desc="refine at the full video")
+               state=stage / f"refine-{r.children}.json", state_key=f"{stage_key}-refine-{r.children}",
+               desc="refine at the full video", extends=True)
     log.info("search: refining at the full video: %d generations of %d children from the %d re-scored",
              r.generations, r.children, len(parents))
     return s.run(resume=resume, progress=progress, start=[(p, rescored.mse[p]) for p in parents])

@@ -379,7 +379,7 @@ def test_a_refined_proxy_search_evolves_on_at_the_full_video(tiny, tmp_path):
     assert result["key"] != first["key"]
     assert (stage / "state.json").read_bytes() == state_before  # the proxy stage reused as it was
     folder = tmp_path / "search" / result["key"]
-    assert (folder / "refine.json").is_file() and not (folder / "state.json").exists()
+    assert (stage / "refine-3.json").is_file() and not (folder / "state.json").exists()
     f = result["proxy"]["refine"]
     assert f["generations"] == 2 and f["parents"] == 4 and f["children"] == 3 and 0 < f["candidates"] <= 6
     assert f["start_psnr"] == pytest.approx(first["psnr"])
@@ -390,6 +390,18 @@ def test_a_refined_proxy_search_evolves_on_at_the_full_video(tiny, tmp_path):
     lo, hi = result["constraint"]["bounds"]
     assert lo <= result["mean_budget"] <= hi
     assert result["cost"]["candidates_evaluated"] == first["cost"]["candidates_evaluated"] + f["candidates"]
+    # more generations continue the refinement's checkpoint, to what one longer run gives
+    longer_cfg = dataclasses.replace(cfg, search=dataclasses.replace(refined_cfg.search, refine_generations=3))
+    longer = plan(longer_cfg, model, ref, tmp_path, progress=False, programs=programs).to_json()
+    assert longer["proxy"]["refine"]["history"][:3] == f["history"]
+    straight_dir = tmp_path / "straight"
+    (straight_dir / "search" / first["key"]).mkdir(parents=True)
+    for name in ("state.json", "rescore.json"):  # the proxy stage only
+        (straight_dir / "search" / first["key"] / name).write_bytes((stage / name).read_bytes())
+    straight = plan(longer_cfg, model, ref, straight_dir, progress=False, programs=programs).to_json()
+    assert straight["budget_per_step"] == longer["budget_per_step"] and straight["mse"] == longer["mse"]
+    assert [h["best_mse"] for h in straight["proxy"]["refine"]["history"]] == \
+        [h["best_mse"] for h in longer["proxy"]["refine"]["history"]]
 
 
 def test_samples_in_one_batch_give_the_separate_runs_fitness(tiny):
