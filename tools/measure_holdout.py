@@ -11,6 +11,15 @@ Writes holdout.json and holdout.md under --out.
 
     python tools/measure_holdout.py tools/configs/search-bundled-paper.yaml --device cpu \\
         --schedules docs/results/search-cpu-50steps/searched-schedules.json --out /tmp/holdout
+
+With `--validate`, a validation split is tried on the result (or on an earlier holdout.json
+given as `--from`): for each split (held-out sample names joined by commas), the schedule a
+search would choose on its own samples plus the split (the mean PSNR over both), against the
+one it chooses on its own samples alone, each scored on the held-out samples outside the
+split (validation.json, validation.md):
+
+    python tools/measure_holdout.py --from docs/results/validation-cpu/holdout.json \\
+        --validate p0_s1,p1_s1 p2_s0,p2_s1 p2_s0,p3_s0 --out docs/results/validation-cpu
 """
 
 from __future__ import annotations
@@ -42,11 +51,59 @@ def schedules_of(path: Path) -> dict[str, list[float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", type=Path, help="model.yaml with search.holdout_prompts and/or holdout_seeds")
-    p.add_argument("--schedules", type=Path, nargs="+", required=True)
+    p.add_argument("config", type=Path, nargs="?", help="model.yaml with search.holdout_prompts and/or holdout_seeds")
+    p.add_argument("--schedules", type=Path, nargs="+")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", help="model.device instead of the config's")
+    p.add_argument("--validate", nargs="+", default=[], metavar="SAMPLES",
+                   help="validation splits to try, each held-out sample names joined by commas (p0_s1,p1_s1)")
+    p.add_argument("--from", dest="source", type=Path, help="an earlier holdout.json instead of sampling")
     args = p.parse_args()
+    if args.source is not None:
+        report = json.loads(args.source.read_text())
+    elif args.config is None or not args.schedules:
+        sys.exit("give a config and --schedules, or --from an earlier holdout.json")
+    else:
+        report = measure(args)
+    if args.validate:
+        validation(report, [split.split(",") for split in args.validate], args.out)
+
+
+def validation(report: dict, splits: list[list[str]], out: Path) -> None:
+    """Per split: the search's choice on its own samples alone and on them plus the split,
+    each scored on the held-out samples outside the split."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, own = report["rows"], len(report["samples"])
+    held = list(rows[0]["holdout"])
+    results = []
+    for split in splits:
+        unknown = [x for x in split if x not in held]
+        if unknown:
+            sys.exit(f"--validate: {', '.join(unknown)} not among the held-out samples ({', '.join(held)})")
+        test = [x for x in held if x not in split]
+
+        def with_split(r: dict, split=split) -> float:
+            return (r["psnr"] * own + sum(r["holdout"][x] for x in split)) / (own + len(split))
+
+        def on_test(r: dict, test=test) -> float:
+            return sum(r["holdout"][x] for x in test) / len(test)
+
+        alone, validated = max(rows, key=lambda r: r["psnr"]), max(rows, key=with_split)
+        best = max(rows, key=on_test)
+        results.append({"split": split, "test": test, "alone": alone["name"], "alone_test_psnr": on_test(alone),
+                        "validated": validated["name"], "validated_test_psnr": on_test(validated),
+                        "best_on_test": best["name"], "best_test_psnr": on_test(best)})
+    (out / "validation.json").write_text(json.dumps({"source": report.get("config"), "splits": results}, indent=1))
+    lines = ["| validation split | test samples | chosen on its own samples: test dB | with the split: test dB | "
+             "best of the candidates on test |", "|---|---|---|---|---|"]
+    lines += [f"| {', '.join(r['split'])} | {len(r['test'])} | {r['alone']}: {r['alone_test_psnr']:.2f} | "
+              f"{r['validated']}: {r['validated_test_psnr']:.2f} | {r['best_on_test']}: {r['best_test_psnr']:.2f} |"
+              for r in results]
+    (out / "validation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def measure(args) -> dict:
     cfg = config.load(args.config)
     if args.device:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, device=args.device))
@@ -86,6 +143,7 @@ def main() -> None:
               for r in rows]
     (args.out / "holdout.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    return report
 
 
 if __name__ == "__main__":
