@@ -40,6 +40,11 @@ def search_progress(path: Path, history: list[dict], evaluated: list[tuple[float
     gens = [h["generation"] for h in history]
     a.plot(gens, [h["best_mse"] for h in history], "-o", ms=3, label="best")
     a.plot(gens, [h["mean_mse"] for h in history], "--", label="population mean")
+    refine = (proxy or {}).get("refine")
+    if refine:  # its generations continue the proxy's, in the full video's MSE
+        last = gens[-1] if gens else 0
+        a.plot([last + h["generation"] for h in refine["history"]], [h["best_mse"] for h in refine["history"]], "-o",
+               ms=3, c="tab:red", label="best, refined at the full video")
     a.set_yscale("log")
     a.set_xlabel("generation")
     a.set_ylabel("MSE against dense")
@@ -59,6 +64,9 @@ def search_progress(path: Path, history: list[dict], evaluated: list[tuple[float
             rows = [x for x in proxy["candidates"] if x["role"] == role]
             ax.scatter([x["proxy_psnr"] for x in rows], [x["psnr"] for x in rows], s=14, c=colour,
                        label="proxy's best" if role == "best" else "spread over its ranking")
+        if refine:
+            ax.axhline(refine["psnr"], ls="--", c="tab:red", lw=1,
+                       label=f"refined at the full video: {refine['psnr']:.2f} dB")
         ax.set_xlabel(f"PSNR at the proxy video {'x'.join(map(str, proxy['video']))} (dB)")
         ax.set_ylabel("PSNR at the full video (dB)")
         ax.set_title(f"Spearman {proxy['spearman']:.2f} over {proxy['rescored']} candidates", fontsize=9)
