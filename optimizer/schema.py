@@ -86,6 +86,9 @@ class SearchSpec:
     batch_samples: bool = spec(True, doc="a candidate's calibration samples evaluated as one batch: at the proxy video, "
                                "and at the full video on an accelerator (not with a stochastic scheduler such as "
                                "cogvideox_dpm)")
+    compile: bool = spec(False, doc="the fitness programs compiled with torch.compile (Inductor) at their first call: "
+                         "fewer, fused kernels a step (on the CPU 1.2-1.3x a bundled-model step after about 30 s a "
+                         "budget); fitness then differs from the eager programs' by float rounding")
     rescore: int = spec(6, lo=1, hi=10000, doc="with proxy_video: the proxy's best candidates re-evaluated at the full "
                                               "video; the schedule chosen is the best of them there")
     validate: int = spec(6, lo=0, hi=10000, doc="with proxy_video: more candidates, spread over the proxy's ranking, "

@@ -64,7 +64,7 @@ from .metrics import psnr
 from .proxy import Rescored, rescore
 from .schedule import Quality, Schedule, SearchRecord, level_tokens
 from .schema import RunConfig
-from .tokenwise import TokenwiseProgram, build_programs
+from .tokenwise import TokenwiseProgram, build_programs, compiled
 
 log = logging.getLogger("astraea")
 STATE_VERSION = 1
@@ -317,6 +317,8 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     settings = asdict(cfg.search)
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
+    if not settings["compile"]:  # keys of searches before the setting existed stay valid
+        settings.pop("compile")
     refine = [settings.pop("refine_generations"), settings.pop("refine_children") or cfg.search.children]
     settings["cost_from"] = cost_from
     base = stable_hash({"reference": reference_key, "model": model_identity, "search": settings,
@@ -366,6 +368,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     batched = _batches(spec, model, samples) and torch.device(model.device).type != "cpu"
     fitness_programs = build_programs(model, cfg, tokens, progress, example=batched_example(model, cfg, samples)) \
         if batched else programs
+    fitness_programs = compiled(fitness_programs) if spec.compile else fitness_programs
     full = Evaluator(model, cfg, fitness_programs, samples, spec.levels, n, cache, spec.share_prefixes,
                      batch_samples=batched)
     ev = full
@@ -380,6 +383,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         batched = _batches(spec, model, small_samples)
         example = batched_example(model, small, small_samples) if batched else None
         small_programs = build_programs(model, small, level_tokens(spec.levels, small_n), progress, example=example)
+        small_programs = compiled(small_programs) if spec.compile else small_programs
         ev = Evaluator(model, small, small_programs, small_samples, spec.levels, small_n, cache, spec.share_prefixes,
                        batch_samples=batched)
         log.info("search: candidates at the proxy video %s (%d tokens against %d%s); the best %d and %d more re-scored "

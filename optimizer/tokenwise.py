@@ -84,6 +84,14 @@ def build_programs(model: LoadedModel, cfg: RunConfig, tokens: list[int], progre
             for k in tqdm(wanted, desc="rewrite", unit="budget", disable=not progress, leave=False)}
 
 
+def compiled(programs: dict[int, TokenwiseProgram]) -> dict[int, TokenwiseProgram]:
+    """The same programs with their graphs compiled by torch.compile (Inductor, static shapes)
+    at their first call; the programs' other attributes and the GraphModule's are kept."""
+    import dataclasses
+
+    return {k: dataclasses.replace(tp, graph=torch.compile(tp.graph, dynamic=False)) for k, tp in programs.items()}
+
+
 @dataclass(frozen=True)
 class Signature:
     """A rewritten program as a function of tensors: (weights..., tensor inputs..., block

@@ -23,9 +23,10 @@ from astraea.search import (
     plan,
     random_schedule,
     repair,
+    search_key,
     seed_schedules,
 )
-from astraea.tokenwise import build_programs
+from astraea.tokenwise import build_programs, compiled
 from conftest import interrupt_search_after, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -420,6 +421,23 @@ def test_samples_in_one_batch_give_the_separate_runs_fitness(tiny):
         assert len(got[s]) == 2 and got[s][0] != got[s][1]
         np.testing.assert_allclose(got[s], want[s], rtol=1e-4)
     assert one.steps == apart.steps and one.transformer_calls * 2 == apart.transformer_calls
+
+
+def test_compiled_fitness_programs_give_the_eager_fitness(tiny):
+    """search.compile: the programs compiled by Inductor give each schedule's MSE of the eager
+    programs up to float rounding; the setting enters the search key when on."""
+    cfg, model, n, programs, samples, _ = tiny
+    rng = np.random.default_rng(5)
+    # levels 0, 2 and 4 only: two programs to compile
+    batch = [(LEVELS - 1,) + tuple(int(v) for v in rng.choice([0, 2, LEVELS - 1], STEPS - 1)) for _ in range(3)]
+    got = Evaluator(model, cfg, compiled(programs), samples, LEVELS, n, 2**30, True).evaluate(batch, math.inf, Counters())
+    want = _evaluator(tiny).evaluate(batch, math.inf, Counters())
+    assert len({tuple(v) for v in want.values()}) == len(batch)
+    for s in batch:
+        np.testing.assert_allclose(got[s], want[s], rtol=1e-4)
+    c = Constraint("budget", 0.5, 0.8, 1.2, LEVELS)
+    on = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, compile=True))
+    assert search_key("r", on, c, "eager") != search_key("r", cfg, c, "eager")
 
 
 H100_BENCH = ROOT / "docs/results/bench-h100/searched-schedules/bench.json"
