@@ -63,12 +63,14 @@ def load(path: str | Path) -> RunConfig:
 
 
 
-def bundled_config(prompts: list[str], steps: int = 20, guidance: float = 5.0, seeds=(0,), device: str = "cpu") -> RunConfig:
-    """A validated RunConfig sampling the bundled reference model at its native video size, fp32."""
+def bundled_config(prompts: list[str], steps: int = 20, guidance: float = 5.0, seeds=(0,), device: str = "cpu",
+                   family: str = "wan") -> RunConfig:
+    """A validated RunConfig sampling a bundled reference model (`family` wan, or opensora:
+    the STDiT3 one) at its native video size, fp32."""
     from .bundled import VIDEO
 
     return from_dict({
-        "model": {"family": "wan", "preset": "bundled", "dtype": "fp32", "device": device},
+        "model": {"family": family, "preset": "bundled", "dtype": "fp32", "device": device},
         "video": dict(zip(("frames", "height", "width"), VIDEO)),
         "sampling": {"steps": steps, "guidance": guidance, "prompts": list(prompts), "seeds": list(seeds)},
     })

@@ -3,7 +3,8 @@
 `python tools/reference_card.py --out docs/reference-model` samples one-shape prompts
 (colour x shape x motion x background, deterministic), judges each decoded video with
 `astraea.bundled.judge`, and writes samples.png (a row of frames per prompt) and judge.json.
-Runs on the CPU (about 15 s a prompt on 2 cores) or a GPU.
+Runs on the CPU (about 15 s a prompt on 2 cores) or a GPU. `--family opensora` does the same
+for the bundled STDiT3 model (docs/reference-model/stdit3/).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ PROMPTS = [
 ]
 
 
-def sample_videos(prompts: list[str], steps: int, guidance: float, device: str, seed: int = 0) -> list[torch.Tensor]:
-    cfg = config.bundled_config(prompts, steps, guidance, [seed], device)
+def sample_videos(prompts: list[str], steps: int, guidance: float, device: str, seed: int = 0,
+                  family: str = "wan") -> list[torch.Tensor]:
+    cfg = config.bundled_config(prompts, steps, guidance, [seed], device, family)
     model = loader.load_model(cfg)
     videos = []
     for prompt in tqdm(prompts, desc="sample", unit="prompt"):
@@ -77,9 +79,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--family", default="wan", choices=("wan", "opensora"), help="which bundled model")
     args = p.parse_args()
     prompts = PROMPTS[: args.prompts]
-    videos = sample_videos(prompts, args.steps, args.guidance, args.device)
+    videos = sample_videos(prompts, args.steps, args.guidance, args.device, family=args.family)
     verdicts = [judge.judge(v, c) for v, c in zip(videos, prompts)]
     rendered = data.render([_scene(c) for c in prompts], *bundled.VIDEO[:2])
     truth = [judge.judge(v, c) for v, c in zip(rendered, prompts)]
@@ -87,7 +90,7 @@ def main() -> None:
     grid(videos, prompts, args.out / "samples.png")
     mean_abs = [float((a - b).abs().mean()) for a, b in zip(videos[:-1], videos[1:])]
     report = {
-        "steps": args.steps, "guidance": args.guidance, "seed": 0,
+        "family": args.family, "steps": args.steps, "guidance": args.guidance, "seed": 0,
         "prompts": [{"prompt": c, "colour": v.colour, "motion": v.motion, "travel_px": v.travel,
                      "area_ratio": v.area_ratio, "passed": v.passed} for c, v in zip(prompts, verdicts)],
         "passed": sum(v.passed for v in verdicts), "total": len(verdicts),

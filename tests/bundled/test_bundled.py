@@ -15,7 +15,8 @@ from astraea.bundled.text import TextEncoder
 from astraea.sampling import denoise, prompt_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
-GOLDEN = Path(__file__).with_name("golden_p0_s0_4steps.safetensors")
+GOLDEN = {"wan": Path(__file__).with_name("golden_p0_s0_4steps.safetensors"),
+          "opensora": Path(__file__).with_name("golden_stdit3_p0_s0_4steps.safetensors")}
 PROMPT = "a red circle moving left over a striped background"
 
 
@@ -60,8 +61,8 @@ def test_judge_on_rendered_truth(motion):
     assert not judge.judge(video, scene.caption.replace("red", "blue")).colour
 
 
-def _bundled_config(steps=4):
-    return config.bundled_config([PROMPT], steps)
+def _bundled_config(steps=4, family="wan"):
+    return config.bundled_config([PROMPT], steps, family=family)
 
 
 def _sample(cfg, model):
@@ -69,22 +70,27 @@ def _sample(cfg, model):
     return denoise(model, cfg.video, cfg.sampling, inputs)
 
 
-def test_bundled_preset_samples_the_golden_output():
-    cfg = _bundled_config()
+@pytest.mark.parametrize("family", ["wan", "opensora"])
+def test_bundled_preset_samples_the_golden_output(family):
+    """Each shipped model (Wan's and the STDiT3 one) samples the stored 4-step output of its file."""
+    cfg = _bundled_config(family=family)
     model = loader.load_model(cfg)
     assert model.layout(cfg.video).video_tokens == 2304 and model.identity["weights"] != "random"
     out = _sample(cfg, model)
     assert torch.equal(out, _sample(cfg, model))  # deterministic
-    golden = load_file(str(GOLDEN))["latents"]
+    golden = load_file(str(GOLDEN[family]))["latents"]
     err = (out - golden).norm() / golden.norm()
     assert err < 1e-4, f"relative error {err:.2e} against the stored golden sample"
 
 
-def test_bundled_weights_are_small_and_complete():
-    assert bundled.WEIGHTS.stat().st_size < 25 * 2**20
-    tstate, xstate = bundled.split_state(load_file(str(bundled.WEIGHTS)))
+@pytest.mark.parametrize("family", ["wan", "opensora"])
+def test_bundled_weights_are_small_and_complete(family):
+    weights = bundled.STDIT3_WEIGHTS if family == "opensora" else bundled.WEIGHTS
+    assert weights.stat().st_size < 25 * 2**20
+    tstate, xstate = bundled.split_state(load_file(str(weights)))
     assert set(xstate) == {"embed.weight", "position"}
-    assert len(tstate) == len(dict(loader.load_model(_bundled_config()).transformer.named_parameters()))
+    params = dict(loader.load_model(_bundled_config(family=family)).transformer.named_parameters())
+    assert set(tstate) >= set(params) and len(params) > 0
 
 
 @pytest.mark.parametrize("family", ["wan", "opensora"])
