@@ -15,7 +15,9 @@ Implementations, chosen per call by `backend()`:
   rows: one variable-length flash-attention call (`aten._flash_attention_forward` with
   cumulative lengths), a frame a sequence: each frame's selected queries against its S keys,
   never an unselected query. The boundaries come from a searchsorted of the sorted
-  indices, so every shape is static and the op compiles (Inductor, AOTInductor).
+  indices, so every shape is static. A compiler gets it as one opaque op,
+  `astraea::varlen_group_attention` (Inductor in torch 2.11 fails to lower the flash call's
+  outputs viewed back to (B, H, M, D): "NotImplementedError: View", found on the H100).
 - `scatter`: the selected queries scattered into an N-row query (zeros elsewhere),
   astraea::factored_attention on every row, the selected rows gathered back: exact, and
   the cheaper form for the temporal groups (`frames` keys a row) and for large budgets,
@@ -107,10 +109,23 @@ def _math(q, k, v, index, frames: int, temporal: bool):
         raise ValueError(f"group_attention: index {tuple(index.shape)} does not match q {tuple(q.shape)}")
     impl = backend(q, n, temporal)
     if impl == "varlen":
-        return _varlen(q, k, v, index, frames)
+        return torch.ops.astraea.varlen_group_attention(q, k, v, index, frames)
     if impl == "scatter":
         return _scatter(q, k, v, index, frames, temporal)
     return reference(q, k, v, index, frames, temporal)
+
+
+@torch.library.custom_op("astraea::varlen_group_attention", mutates_args=())
+def varlen_group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor,
+                           frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `varlen` implementation as one op: what group_attention's decomposition keeps opaque."""
+    out, lse = _varlen(q, k, v, index, frames)
+    return out.contiguous(), lse.contiguous()
+
+
+@varlen_group_attention.register_fake
+def _(q, k, v, index, frames):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("astraea::group_attention", mutates_args=())

@@ -113,6 +113,27 @@ def test_group_attention_decomposes_for_compilers_and_names_bad_input():
         ops.group_attention(args[0], args[1], args[2], args[3], 5, False)
 
 
+def test_the_varlen_form_reaches_compilers_as_one_op(monkeypatch):
+    """Where the varlen flash form is chosen (CUDA, forced here), the decomposition keeps it as
+    astraea::varlen_group_attention, no flash call and no view of its outputs for Inductor to
+    lower (torch 2.11's Inductor failed on those on the H100)."""
+    from astraea.plugins import group_attention as ga
+
+    monkeypatch.setattr(ga, "backend", lambda q, n, temporal: "varlen")
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v, idx):
+            return ops.group_attention(q, k, v, idx, 4, False)[0] * 2
+
+    b, h, n, d, k = 1, 2, 24, 16, 7
+    args = (torch.randn(b, h, k, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d),
+            torch.sort(torch.randperm(n)[:k]).values[None])
+    flat = astraea.plugins.decompose(torch.export.export(Block(), args))
+    targets = [str(node.target) for node in flat.graph.nodes if node.op == "call_function"]
+    assert "astraea.varlen_group_attention.default" in targets
+    assert not any("flash" in t or t.startswith("astraea.group_attention") for t in targets)
+
+
 @pytest.mark.skipif(sa._kernels is None, reason="triton is not installed")
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
