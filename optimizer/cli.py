@@ -274,10 +274,13 @@ def _rewrite(cfg, model, layout, out: Path, dump: bool, progress: bool) -> tuple
                                                     "blocks": program.blocks, "passes": program.stats})
         with atomic_file(out / "graphs" / f"k{k}.txt") as fh:
             fh.write(program.graph.code)
-    some = programs[max(programs)]
+    # what a sparse program holds (the dense one keeps every attention as it is)
+    sparse = [k for k in programs if k < layout.video_tokens]
+    some = programs[min(sparse)] if sparse else programs[max(programs)]
     attention = some.stats["replace_attention"]
+    grouped = "query-only factored" if sparse else "factored on every row"
     kinds = f"{attention['sparse_attention']} query-only attentions" + (
-        f", {attention['factored_attention']} factored on every row" if attention.get("factored_attention") else "")
+        f", {attention['factored_attention']} {grouped}" if attention.get("factored_attention") else "")
     return programs, (f"{len(programs)} programs (k = {min(programs)} .. {max(programs)} of {layout.video_tokens} rows), "
                       f"{some.blocks} blocks, {kinds} each: {out / 'graphs'}")
 

@@ -8,10 +8,9 @@ and length transform (ratio = sqrt(H W / 512^2) x sqrt(latent frames), t' = rati
 half of the output's channels. The frame rate and the pixel size are model inputs.
 
 STDiT3's factored attention (within a frame, or across the frames at a position) is one op on
-token-ordered tensors, `astraea::factored_attention`, which the rewrite keeps on every row
-(the selected rows are gathered after it): oracle-exact like the other families. Query-only
-grouped attention (the selected rows' queries against their group's keys) is not yet: at
-480p spatial attention is about a fifth of a spatial block's FLOPs.
+token-ordered tensors, `astraea::factored_attention`; below the dense budget the rewrite makes
+it query-only, `astraea::group_attention` (the selected rows' queries against their own
+group's keys; passes/replace_attention.py), oracle-exact like the other families.
 """
 
 from __future__ import annotations
