@@ -6,6 +6,9 @@ frames). Writes frames_p<i>.png and frames.json (PSNR per method and prompt).
     python tools/compare_frames.py --out docs/results/compare-frames --steps 50 \\
         --schedules docs/results/search-cpu-50steps/searched-schedules.json \\
         --peers toca "pab skip=2 cross=6" --prompts 0 3
+
+`--family opensora` does the same on the bundled STDiT3 model (ToCa only: PAB is a diffusers
+hook, which our STDiT3 is not).
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ def main() -> None:
     p.add_argument("--peers", nargs="*", default=["toca", "pab skip=2 cross=6"])
     p.add_argument("--prompts", type=int, nargs="+", default=[0, 3], help="indices into the bundled bench's 4 prompts")
     p.add_argument("--frames", type=int, default=5, help="frames shown a row, evenly spaced")
+    p.add_argument("--family", default="wan", choices=("wan", "opensora"), help="which bundled model")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = config.bundled_config([PROMPTS[i] for i in args.prompts], steps=args.steps)
+    cfg = config.bundled_config([PROMPTS[i] for i in args.prompts], steps=args.steps, family=args.family)
     model = loader.load_model(cfg)
     n = model.layout(cfg.video).video_tokens
     schedules = read_schedules(args.schedules, args.steps, n)
