@@ -12,6 +12,7 @@ non-tensor inputs bound, the function of tensors that engines (backends) export.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,8 +88,6 @@ def build_programs(model: LoadedModel, cfg: RunConfig, tokens: list[int], progre
 def compiled(programs: dict[int, TokenwiseProgram]) -> dict[int, TokenwiseProgram]:
     """The same programs with their graphs compiled by torch.compile (Inductor, static shapes)
     at their first call; the programs' other attributes and the GraphModule's are kept."""
-    import dataclasses
-
     return {k: dataclasses.replace(tp, graph=torch.compile(tp.graph, dynamic=False)) for k, tp in programs.items()}
 
 

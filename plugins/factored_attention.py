@@ -52,9 +52,15 @@ def factored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames
     return out.contiguous(), lse.contiguous()
 
 
+def outputs_like(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out, lse) an attention op over the rows of q returns, for its fake (meta) form:
+    out contiguous in q's shape and dtype, the row LSE (B, H, M) in float32."""
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 @factored_attention.register_fake
 def _(q, k, v, frames, temporal):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return outputs_like(q)
 
 
 def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -35,7 +35,7 @@ import os
 
 import torch
 
-from . import factored_attention  # noqa: F401  (astraea::factored_attention, the scatter form's op)
+from .factored_attention import outputs_like  # (and astraea::factored_attention, the scatter form's op)
 
 VARLEN_BELOW = 0.6  # the fraction of rows under which the variable-length kernel pays (docs/benchmarks.md)
 
@@ -125,7 +125,7 @@ def varlen_group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in
 
 @varlen_group_attention.register_fake
 def _(q, k, v, index, frames):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return outputs_like(q)
 
 
 @torch.library.custom_op("astraea::group_attention", mutates_args=())
@@ -137,7 +137,7 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: to
 
 @group_attention.register_fake
 def _(q, k, v, index, frames, temporal):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return outputs_like(q)
 
 
 def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -15,6 +15,7 @@ from astraea.bundled.text import TextEncoder
 from astraea.sampling import denoise, prompt_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
+WEIGHTS = {"wan": bundled.WEIGHTS, "opensora": bundled.STDIT3_WEIGHTS}  # the shipped file of each family
 GOLDEN = {"wan": Path(__file__).with_name("golden_p0_s0_4steps.safetensors"),
           "opensora": Path(__file__).with_name("golden_stdit3_p0_s0_4steps.safetensors")}
 PROMPT = "a red circle moving left over a striped background"
@@ -85,7 +86,7 @@ def test_bundled_preset_samples_the_golden_output(family):
 
 @pytest.mark.parametrize("family", ["wan", "opensora"])
 def test_bundled_weights_are_small_and_complete(family):
-    weights = bundled.STDIT3_WEIGHTS if family == "opensora" else bundled.WEIGHTS
+    weights = WEIGHTS[family]
     assert weights.stat().st_size < 25 * 2**20
     tstate, xstate = bundled.split_state(load_file(str(weights)))
     assert set(xstate) == {"embed.weight", "position"}
@@ -104,7 +105,7 @@ def test_training_resumes_to_the_same_weights(tmp_path, family):
     spec.loader.exec_module(train)
     args = ["--device", "cpu", "--batch", "1", "--pool", "2", "--log-every", "1", "--warmup", "2", "--decay-steps", "4",
             "--family", family]
-    weights = (bundled.STDIT3_WEIGHTS if family == "opensora" else bundled.WEIGHTS).name
+    weights = WEIGHTS[family].name
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main([*args, "--out", str(straight), "--steps", "3"])
     train.main([*args, "--out", str(resumed), "--steps", "2"])

@@ -91,21 +91,29 @@ def test_group_attention_is_the_factored_rows(frames, s, k, temporal, backend, m
     torch.testing.assert_close(full.double(), ref, atol=2e-6, rtol=1e-5)
 
 
+class GroupBlock(torch.nn.Module):
+    """Spatial query-only attention over 4 frames inside a module, for export."""
+
+    def forward(self, q, k, v, idx):
+        return ops.group_attention(q, k, v, idx, 4, False)[0] * 2
+
+
+def _group_args(b=1, h=2, n=24, d=16, k=7):
+    """q of k selected rows (ascending indices) and k, v of all n rows."""
+    return (torch.randn(b, h, k, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d),
+            torch.sort(torch.randperm(n)[:k]).values[None])
+
+
 def test_group_attention_decomposes_for_compilers_and_names_bad_input():
     from astraea.plugins import group_attention as ga
 
-    class Block(torch.nn.Module):
-        def forward(self, q, k, v, idx):
-            return ops.group_attention(q, k, v, idx, 4, False)[0] * 2
-
-    b, h, n, d, k = 1, 2, 24, 16, 7
-    args = (torch.randn(b, h, k, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d),
-            torch.sort(torch.randperm(n)[:k]).values[None])
-    ep = torch.export.export(Block(), args)
+    args = _group_args()
+    n = args[1].shape[2]
+    ep = torch.export.export(GroupBlock(), args)
     flat = astraea.plugins.decompose(ep)
     left = {str(node.target) for node in flat.graph.nodes if str(node.target).startswith("astraea.")}
     assert left == {"astraea.sparse_attention.default"}  # the scatter form, down to the attention kernel
-    torch.testing.assert_close(flat.module()(*args), Block()(*args), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(flat.module()(*args), GroupBlock()(*args), atol=1e-6, rtol=1e-6)
     assert ga.backend(args[0], n, False) == "scatter"  # varlen is CUDA-only
     with pytest.raises(ValueError, match="index"):
         ops.group_attention(args[0], args[1], args[2], args[3][:, :3], 4, False)
@@ -121,14 +129,8 @@ def test_the_varlen_form_reaches_compilers_as_one_op(monkeypatch):
 
     monkeypatch.setattr(ga, "backend", lambda q, n, temporal: "varlen")
 
-    class Block(torch.nn.Module):
-        def forward(self, q, k, v, idx):
-            return ops.group_attention(q, k, v, idx, 4, False)[0] * 2
-
-    b, h, n, d, k = 1, 2, 24, 16, 7
-    args = (torch.randn(b, h, k, d), torch.randn(b, h, n, d), torch.randn(b, h, n, d),
-            torch.sort(torch.randperm(n)[:k]).values[None])
-    flat = astraea.plugins.decompose(torch.export.export(Block(), args))
+    args = _group_args()
+    flat = astraea.plugins.decompose(torch.export.export(GroupBlock(), args))
     targets = [str(node.target) for node in flat.graph.nodes if node.op == "call_function"]
     assert "astraea.varlen_group_attention.default" in targets
     assert not any("flash" in t or t.startswith("astraea.group_attention") for t in targets)
