@@ -196,6 +196,9 @@ class Search:
             return own
         if self.extends and own is not None and own.generation < spec.generations:
             resume = True
+        # a refinement asked for fewer generations than its checkpoint holds runs them again
+        # from the start over the checkpoint's evaluations (the same children: nothing is lost)
+        longer = own if self.extends and own is not None and own.generation > spec.generations else None
         if resume and ckpt.is_file():
             st = SearchState.from_json(read_json(ckpt, "delete it, or drop --resume, to search from the start"),
                                        self.state_key)
@@ -221,6 +224,8 @@ class Search:
                 order = sorted(range(self.n), key=lambda i: (-means[i], i))
                 st.memo = {s: [v[i] for i in order] for s, v in st.memo.items()}
                 st.sample_order = order
+                if longer is not None and longer.sample_order == order:
+                    st.memo = {**longer.memo, **st.memo}
                 self._select(st, pop)
                 st.rng = rng.bit_generator.state
                 self._record(st, len(pop))

@@ -403,6 +403,10 @@ def test_a_refined_proxy_search_evolves_on_at_the_full_video(tiny, tmp_path):
     assert straight["budget_per_step"] == longer["budget_per_step"] and straight["mse"] == longer["mse"]
     assert [h["best_mse"] for h in straight["proxy"]["refine"]["history"]] == \
         [h["best_mse"] for h in longer["proxy"]["refine"]["history"]]
+    # fewer generations than the checkpoint holds: run again over its evaluations (none new)
+    shorter = plan(refined_cfg, model, ref, straight_dir, progress=False, programs=programs).to_json()
+    assert shorter["budget_per_step"] == result["budget_per_step"] and shorter["mse"] == result["mse"]
+    assert shorter["proxy"]["refine"]["candidates"] == 0
 
 
 def test_samples_in_one_batch_give_the_separate_runs_fitness(tiny):
