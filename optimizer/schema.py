@@ -89,6 +89,9 @@ class SearchSpec:
     compile: bool = spec(False, doc="the fitness programs compiled with torch.compile (Inductor) at their first call: "
                          "fewer, fused kernels a step (on the CPU 1.2-1.3x a bundled-model step after about 30 s a "
                          "budget); fitness then differs from the eager programs' by float rounding")
+    cuda_graphs: bool = spec(False, doc="the fitness programs replayed as CUDA graphs (a CUDA device): one launch a "
+                             "step instead of one a kernel, for small models whose steps are launch-bound; holds "
+                             "a copy of the step's inputs and one of each program's outputs on the device")
     rescore: int = spec(6, lo=1, hi=10000, doc="with proxy_video: the proxy's best candidates re-evaluated at the full "
                                               "video; the schedule chosen is the best of them there")
     validate: int = spec(6, lo=0, hi=10000, doc="with proxy_video: more candidates, spread over the proxy's ranking, "
@@ -311,6 +314,8 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         m.device.startswith("cuda:") and m.device[5:].isdigit()
     ):
         raise ConfigError("model.device", f"{m.device!r} is not one of auto, cpu, cuda, cuda:N, meta")
+    if cfg.search.cuda_graphs and not (m.device == "auto" or m.device.startswith("cuda")):
+        raise ConfigError("search.cuda_graphs", f"needs a CUDA device (model.device is {m.device})")
     if cfg.bench.cuda_graphs and not (m.device == "auto" or m.device.startswith("cuda")):
         raise ConfigError("bench.cuda_graphs", f"needs a CUDA device (model.device is {m.device})")
     if m.checkpoint is not None:

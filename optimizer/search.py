@@ -64,7 +64,7 @@ from .metrics import psnr
 from .proxy import Rescored, rescore
 from .schedule import Quality, Schedule, SearchRecord, level_tokens
 from .schema import RunConfig
-from .tokenwise import TokenwiseProgram, build_programs, compiled
+from .tokenwise import TokenwiseProgram, build_programs, compiled, graphed
 
 log = logging.getLogger("astraea")
 STATE_VERSION = 1
@@ -322,8 +322,9 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     settings = asdict(cfg.search)
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
-    if not settings["compile"]:  # keys of searches before the setting existed stay valid
-        settings.pop("compile")
+    for late in ("compile", "cuda_graphs"):  # off: keys of searches before the setting existed stay valid
+        if not settings[late]:
+            settings.pop(late)
     refine = [settings.pop("refine_generations"), settings.pop("refine_children") or cfg.search.children]
     settings["cost_from"] = cost_from
     base = stable_hash({"reference": reference_key, "model": model_identity, "search": settings,
@@ -333,6 +334,12 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
                                        list(constraint.step_ms)]})
     # the proxy stage's key is the same with or without a refinement, so that one reuses its checkpoint
     return base if not refine[0] else stable_hash({"search": base, "refine": refine})
+
+
+def faster(programs: dict[int, TokenwiseProgram], spec) -> dict[int, TokenwiseProgram]:
+    """The fitness programs as search.compile and search.cuda_graphs ask (compiled, then replayed)."""
+    programs = compiled(programs) if spec.compile else programs
+    return graphed(programs) if spec.cuda_graphs else programs
 
 
 def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, progress: bool = True,
@@ -373,7 +380,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     batched = _batches(spec, model, samples) and torch.device(model.device).type != "cpu"
     fitness_programs = build_programs(model, cfg, tokens, progress, example=batched_example(model, cfg, samples)) \
         if batched else programs
-    fitness_programs = compiled(fitness_programs) if spec.compile else fitness_programs
+    fitness_programs = faster(fitness_programs, spec)
     full = Evaluator(model, cfg, fitness_programs, samples, spec.levels, n, cache, spec.share_prefixes,
                      batch_samples=batched)
     ev = full
@@ -388,7 +395,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         batched = _batches(spec, model, small_samples)
         example = batched_example(model, small, small_samples) if batched else None
         small_programs = build_programs(model, small, level_tokens(spec.levels, small_n), progress, example=example)
-        small_programs = compiled(small_programs) if spec.compile else small_programs
+        small_programs = faster(small_programs, spec)
         ev = Evaluator(model, small, small_programs, small_samples, spec.levels, small_n, cache, spec.share_prefixes,
                        batch_samples=batched)
         log.info("search: candidates at the proxy video %s (%d tokens against %d%s); the best %d and %d more re-scored "

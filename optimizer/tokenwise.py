@@ -91,6 +91,70 @@ def compiled(programs: dict[int, TokenwiseProgram]) -> dict[int, TokenwiseProgra
     return {k: dataclasses.replace(tp, graph=torch.compile(tp.graph, dynamic=False)) for k, tp in programs.items()}
 
 
+def graphed(programs: dict[int, TokenwiseProgram]) -> dict[int, TokenwiseProgram]:
+    """The same programs replayed as CUDA graphs (`GraphReplay`), their captures in one memory pool."""
+    pool = torch.cuda.graph_pool_handle()
+    return {k: dataclasses.replace(tp, graph=GraphReplay(tp.graph, pool)) for k, tp in programs.items()}
+
+
+class GraphReplay:
+    """A program's graph as CUDA graphs, one an input signature (shapes, dtypes, non-tensor
+    values): the first call runs eagerly (warm-up: Triton autotuning, cuDNN plans), the
+    second captures, every later call copies its tensors into the capture's inputs and
+    replays. Tensors passed at the same address on both first calls (the weights) are used
+    in place, not copied; a later call that moves one runs eagerly. The outputs are copied
+    out, as the next replay overwrites the capture's own. Attributes other than the call are
+    the wrapped graph's (`.graph.nodes`)."""
+
+    def __init__(self, fn, pool):
+        self.fn, self.pool = fn, pool
+        self.captures: dict[tuple, tuple] = {}  # signature -> ("warm", addresses) | (graph, inputs, fixed, outputs)
+        self.replays = 0
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["fn"], name)
+
+    def __call__(self, *args):
+        sig = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", repr(a))
+                    for a in args)
+        where = [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args]
+        entry = self.captures.get(sig)
+        if entry is None:
+            self.captures[sig] = ("warm", where)
+            return self.fn(*args)
+        if entry[0] == "warm":
+            entry = self.captures[sig] = self._capture(args, [w is not None and w == v for w, v in zip(where, entry[1])])
+        graph, inputs, fixed, outputs = entry
+        if any(f is not None and f != w for f, w in zip(fixed, where)):
+            return self.fn(*args)
+        for static, a in zip(inputs, args):
+            if static is not None:
+                static.copy_(a)
+        graph.replay()
+        self.replays += 1
+        return tuple(o.clone() for o in outputs)
+
+    def _capture(self, args, same: list[bool]) -> tuple:
+        from .errors import AstraeaError
+
+        inputs = [a.clone() if isinstance(a, torch.Tensor) and not keep else None for a, keep in zip(args, same)]
+        fixed = [a.data_ptr() if keep else None for a, keep in zip(args, same)]
+        call = [a if s is None else s for s, a in zip(inputs, args)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a warm-up on a side stream, as capture wants
+            self.fn(*call)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(*call)
+        except RuntimeError as e:
+            raise AstraeaError(f"search.cuda_graphs: a fitness program cannot be captured as a CUDA graph "
+                               f"({str(e).splitlines()[0]}): turn search.cuda_graphs off") from None
+        return graph, inputs, fixed, tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
 @dataclass(frozen=True)
 class Signature:
     """A rewritten program as a function of tensors: (weights..., tensor inputs..., block

@@ -342,3 +342,39 @@ def test_fp8_engines_on_cuda(backend, tmp_path):
     graphs = runtime.load(tmp_path / "engines", cuda_graphs=True)
     for _ in range(2):
         torch.testing.assert_close(denoise(model, cfg.video, cfg.sampling, inputs, graphs), once, atol=1e-6, rtol=1e-6)
+
+
+def test_fitness_programs_replay_as_cuda_graphs(tmp_path):
+    """search.cuda_graphs: each schedule's per-sample MSE from the programs replayed as CUDA
+    graphs is the eager programs' (two samples a batch, shared prefixes restored from
+    snapshots), and the graphs were replayed, not run eagerly."""
+    import math
+
+    import numpy as np
+
+    from astraea import reference
+    from astraea.evolution import Constraint, random_schedule, repair
+    from astraea.fitness import Counters, Evaluator, batched_example, calibration_samples
+    from astraea.schedule import level_tokens
+    from astraea.tokenwise import build_programs, graphed
+
+    steps, levels = 8, 5
+    cfg = tiny_config("wan", "tiny", model={"device": "cuda"}, sampling={"steps": steps, "seeds": [0, 1]})
+    model = loader.load_model(cfg)
+    samples = calibration_samples(model, cfg, reference.run(cfg, model, tmp_path, progress=False), tmp_path / "emb")
+    n = model.layout(cfg.video).video_tokens
+    programs = build_programs(model, cfg, level_tokens(levels, n), progress=False,
+                              example=batched_example(model, cfg, samples))
+    rng = np.random.default_rng(0)
+    c = Constraint("budget", 0.5, 0.8, 1.2, levels)
+    batch = [repair(random_schedule(steps, levels, rng), c, rng) for _ in range(8)]
+
+    def fitness(progs):
+        ev = Evaluator(model, cfg, progs, samples, levels, n, 2**30, True, batch_samples=True)
+        return ev.evaluate(batch, math.inf, Counters())
+
+    want, replayed = fitness(programs), graphed(programs)
+    got = fitness(replayed)
+    for s in batch:
+        np.testing.assert_allclose(got[s], want[s], rtol=1e-4)
+    assert sum(tp.graph.replays for tp in replayed.values()) > len(batch)

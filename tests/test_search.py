@@ -444,6 +444,19 @@ def test_compiled_fitness_programs_give_the_eager_fitness(tiny):
     assert search_key("r", on, c, "eager") != search_key("r", cfg, c, "eager")
 
 
+def test_cuda_graph_fitness_is_refused_on_the_cpu_and_keyed_when_on(tiny):
+    """search.cuda_graphs (tests/test_gpu.py replays them): a CPU model's config is refused in
+    one line naming the key; the setting enters the search key only when on."""
+    from astraea.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="search.cuda_graphs"):
+        tiny_config("wan", "tiny", search={"cuda_graphs": True})
+    cfg = tiny[0]
+    c = Constraint("budget", 0.5, 0.8, 1.2, LEVELS)
+    on = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, cuda_graphs=True))
+    assert search_key("r", on, c, "eager") != search_key("r", cfg, c, "eager")
+
+
 H100_BENCH = ROOT / "docs/results/bench-h100/searched-schedules/bench.json"
 
 
