@@ -102,7 +102,8 @@ class GraphReplay:
     values): the first call runs eagerly (warm-up: Triton autotuning, cuDNN plans), the
     second captures, every later call copies its tensors into the capture's inputs and
     replays. Tensors passed at the same address on both first calls (the weights) are used
-    in place, not copied; a later call that moves one runs eagerly. The outputs are copied
+    in place, not copied (the same tensor object at the same address); a later call that
+    passes another address there runs eagerly. The outputs are copied
     out, as the next replay overwrites the capture's own. Attributes other than the call are
     the wrapped graph's (`.graph.nodes`)."""
 
@@ -117,13 +118,14 @@ class GraphReplay:
     def __call__(self, *args):
         sig = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", repr(a))
                     for a in args)
-        where = [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args]
+        where = [(id(a), a.data_ptr()) if isinstance(a, torch.Tensor) else None for a in args]
         entry = self.captures.get(sig)
         if entry is None:
             self.captures[sig] = ("warm", where)
             return self.fn(*args)
         if entry[0] == "warm":
             entry = self.captures[sig] = self._capture(args, [w is not None and w == v for w, v in zip(where, entry[1])])
+        where = [None if w is None else w[1] for w in where]
         graph, inputs, fixed, outputs = entry
         if any(f is not None and f != w for f, w in zip(fixed, where)):
             return self.fn(*args)
@@ -140,19 +142,24 @@ class GraphReplay:
         inputs = [a.clone() if isinstance(a, torch.Tensor) and not keep else None for a, keep in zip(args, same)]
         fixed = [a.data_ptr() if keep else None for a, keep in zip(args, same)]
         call = [a if s is None else s for s, a in zip(inputs, args)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # a warm-up on a side stream, as capture wants
-            self.fn(*call)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.fn(*call)
+            graph, out = self._record(call)
         except RuntimeError as e:
             raise AstraeaError(f"search.cuda_graphs: a fitness program cannot be captured as a CUDA graph "
                                f"({str(e).splitlines()[0]}): turn search.cuda_graphs off") from None
         return graph, inputs, fixed, tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def _record(self, call: list) -> tuple:
+        """(a CUDA graph of fn(*call), its outputs): a warm-up on a side stream, then the capture."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.fn(*call)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(*call)
+        return graph, out
 
 
 @dataclass(frozen=True)

@@ -457,6 +457,40 @@ def test_cuda_graph_fitness_is_refused_on_the_cpu_and_keyed_when_on(tiny):
     assert search_key("r", on, c, "eager") != search_key("r", cfg, c, "eager")
 
 
+def test_graph_replay_bookkeeping_gives_the_eager_fitness(tiny):
+    """GraphReplay's own logic on the CPU, its CUDA graph replaced by one that runs the
+    program again on the captured inputs into the captured outputs (what a replay does):
+    the step's tensors copied in, the weights read in place, so every schedule's MSE is the
+    eager programs'. (The real capture: tests/test_gpu.py.)"""
+    from astraea import tokenwise
+
+    class Rerun:
+        def __init__(self, fn, call, out):
+            self.fn, self.call, self.out = fn, call, out
+
+        def replay(self):
+            for dst, new in zip(self.out, self.fn(*self.call)):
+                dst.copy_(new)
+
+    class OnCpu(tokenwise.GraphReplay):
+        def _record(self, call):
+            out = self.fn(*call)
+            return Rerun(self.fn, call, out), out
+
+    cfg, model, n, programs, samples, _ = tiny
+    replayed = {k: dataclasses.replace(tp, graph=OnCpu(tp.graph, None)) for k, tp in programs.items()}
+    rng = np.random.default_rng(6)
+    c = Constraint("budget", 0.5, 0.8, 1.2, LEVELS)
+    batch = [repair(random_schedule(STEPS, LEVELS, rng), c, rng) for _ in range(6)]
+    got = Evaluator(model, cfg, replayed, samples, LEVELS, n, 2**30, True).evaluate(batch, math.inf, Counters())
+    want = _evaluator(tiny).evaluate(batch, math.inf, Counters())
+    assert got == want
+    graphs = [tp.graph for tp in replayed.values()]
+    assert sum(g.replays for g in graphs) > len(batch)
+    fixed = [f for g in graphs for entry in g.captures.values() if entry[0] != "warm" for f in entry[2]]
+    assert any(f is not None for f in fixed) and any(f is None for f in fixed)  # weights in place, the rest copied
+
+
 H100_BENCH = ROOT / "docs/results/bench-h100/searched-schedules/bench.json"
 
 
