@@ -109,7 +109,7 @@ class GraphReplay:
 
     def __init__(self, fn, pool):
         self.fn, self.pool = fn, pool
-        self.captures: dict[tuple, tuple] = {}  # signature -> ("warm", addresses) | (graph, inputs, fixed, outputs)
+        self.captures: dict[tuple, tuple] = {}  # signature -> ("warm", ids, addresses) | (graph, inputs, fixed, outputs)
         self.replays = 0
 
     def __getattr__(self, name):
@@ -118,14 +118,15 @@ class GraphReplay:
     def __call__(self, *args):
         sig = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", repr(a))
                     for a in args)
-        where = [(id(a), a.data_ptr()) if isinstance(a, torch.Tensor) else None for a in args]
+        where = [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args]
         entry = self.captures.get(sig)
         if entry is None:
-            self.captures[sig] = ("warm", where)
+            self.captures[sig] = ("warm", [id(a) for a in args], where)
             return self.fn(*args)
         if entry[0] == "warm":
-            entry = self.captures[sig] = self._capture(args, [w is not None and w == v for w, v in zip(where, entry[1])])
-        where = [None if w is None else w[1] for w in where]
+            _, ids, first = entry
+            same = [w is not None and w == f and id(a) == i for a, w, f, i in zip(args, where, first, ids)]
+            entry = self.captures[sig] = self._capture(args, same)
         graph, inputs, fixed, outputs = entry
         if any(f is not None and f != w for f, w in zip(fixed, where)):
             return self.fn(*args)
