@@ -48,31 +48,53 @@ class Constraint:
                               f"(possible: {lo:.4g} .. {hi:.4g}; the first step is dense)")
 
 
-def repair(s: Candidate, c: Constraint, rng: np.random.Generator) -> Candidate:
-    """Move random steps one level down while over the band [low, high] x target, up while
-    under it (the first step stays dense): a move that lands inside the band if there is
-    one, else one that does not jump over it. Raises when every move would jump over the
-    band (it is narrower than one level's cost)."""
+def genes(steps: int, width: int = 1) -> list[range]:
+    """The steps that share one budget level (a gene), after the dense first step: runs of
+    `width` consecutive steps (the last may be shorter); width 1 is a level a step, the paper's."""
+    return [range(i, min(i + width, steps)) for i in range(1, steps, width)]
+
+
+def tie(s: Candidate, width: int) -> Candidate:
+    """s with every gene at the level of its first step (the first step dense as it was)."""
+    if width == 1:
+        return tuple(s)
     x = list(s)
+    for g in genes(len(s), width):
+        for i in g:
+            x[i] = s[g.start]
+    return tuple(x)
+
+
+def repair(s: Candidate, c: Constraint, rng: np.random.Generator, width: int = 1) -> Candidate:
+    """Move random genes (steps, with width 1) one level down while over the band [low, high]
+    x target, up while under it (the first step stays dense): a move that lands inside the
+    band if there is one, else one that does not jump over it. Raises when every move would
+    jump over the band (it is narrower than one gene's level step). `s` is tied (tie) first."""
+    x = list(tie(s, width))
     x[0] = c.levels - 1
+    units = genes(len(x), width)
     lo, hi = c.low * c.target, c.high * c.target + 1e-12
     for _ in range(4 * len(x) * c.levels + 8):
         v = c.value(tuple(x))
         if lo <= v <= hi:
             return tuple(x)
         step = -1 if v > hi else 1
-        moves = [(i, v + _delta(c, x[i], step, len(x))) for i in range(1, len(x)) if 0 <= x[i] + step < c.levels]
-        landing = [i for i, w in moves if lo <= w <= hi]
-        toward = [i for i, w in moves if (w > hi if step < 0 else w < lo)]
+        moves = [(u, v + sum(_delta(c, x[i], step, len(x)) for i in u)) for u in units
+                 if 0 <= x[u.start] + step < c.levels]
+        landing = [u for u, w in moves if lo <= w <= hi]
+        toward = [u for u, w in moves if (w > hi if step < 0 else w < lo)]
         pool = landing or toward
         if not pool:
             break
-        x[pool[int(rng.integers(len(pool)))]] += step
+        for i in pool[int(rng.integers(len(pool)))]:
+            x[i] += step
+    what = "level's" if width == 1 else f"{width}-step gene's level"
     raise SearchError(f"repair cannot bring a schedule into [{c.low}, {c.high}] x the target {c.target:.4g}: "
-                      "the band is narrower than one level's step; widen search.repair_low/high or use more levels")
+                      f"the band is narrower than one {what} step; widen search.repair_low/high, use more levels"
+                      + ("" if width == 1 else " or a smaller search.gene_steps"))
 
 
-def seed_schedules(c: Constraint, steps: int) -> list[Candidate]:
+def seed_schedules(c: Constraint, steps: int, width: int = 1) -> list[Candidate]:
     """The hand-made schedules a search starts from, before repair, best guesses first: the
     uniform one (every step after the dense first at the level whose cost is nearest the
     target), then front-loaded ones (the first d steps dense, the rest at one lower level,
@@ -87,7 +109,8 @@ def seed_schedules(c: Constraint, steps: int) -> list[Candidate]:
     uniform = nearest([(top,) + (lv,) * (steps - 1) for lv in range(c.levels)])
     u = uniform[-1]
     tails = [*range(min(u, top - 1), -1, -1), *range(u + 1, top)]  # every level under the top
-    front = [nearest([(top,) * d + (lv,) * (steps - d) for d in range(1, steps + 1)]) for lv in tails]
+    prefixes = [1] + [g.stop for g in genes(steps, width)]  # dense prefixes that end at a gene's end
+    front = [nearest([(top,) * d + (lv,) * (steps - d) for d in prefixes]) for lv in tails]
     return list(dict.fromkeys([uniform, *front]))
 
 
@@ -99,23 +122,51 @@ def _delta(c: Constraint, level: int, step: int, steps: int) -> float:
 
 # ---- the evolutionary operators ---------------------------------------------------------
 
-def random_schedule(steps: int, levels: int, rng: np.random.Generator) -> Candidate:
-    return (levels - 1,) + tuple(int(v) for v in rng.integers(0, levels, steps - 1))
+# Each operator works gene by gene (`width` steps share a level; genes()) and keeps tied
+# schedules tied; with width 1 it draws exactly the random numbers it always drew.
+
+def _expand(first: int, levels_by_gene, steps: int, width: int) -> Candidate:
+    x = [first] * steps
+    for g, v in zip(genes(steps, width), levels_by_gene):
+        for i in g:
+            x[i] = int(v)
+    return tuple(x)
 
 
-def crossover(a: Candidate, b: Candidate, rng: np.random.Generator) -> Candidate:
-    """Uniform (each step from either parent) or block (a contiguous range from the second)."""
+def random_schedule(steps: int, levels: int, rng: np.random.Generator, width: int = 1) -> Candidate:
+    if width == 1:
+        return (levels - 1,) + tuple(int(v) for v in rng.integers(0, levels, steps - 1))
+    return _expand(levels - 1, rng.integers(0, levels, len(genes(steps, width))), steps, width)
+
+
+def crossover(a: Candidate, b: Candidate, rng: np.random.Generator, width: int = 1) -> Candidate:
+    """Uniform (each gene from either parent) or block (a contiguous range of genes from the second)."""
+    if width == 1:
+        if rng.random() < 0.5:
+            take = rng.random(len(a)) < 0.5
+            return tuple(bv if t else av for av, bv, t in zip(a, b, take))
+        i, j = sorted(int(v) for v in rng.integers(1, len(a) + 1, 2))
+        return a[:i] + b[i:j] + a[j:]
+    units = genes(len(a), width)
     if rng.random() < 0.5:
-        take = rng.random(len(a)) < 0.5
-        return tuple(bv if t else av for av, bv, t in zip(a, b, take))
-    i, j = sorted(int(v) for v in rng.integers(1, len(a) + 1, 2))
-    return a[:i] + b[i:j] + a[j:]
+        take = rng.random(len(units)) < 0.5
+    else:
+        i, j = sorted(int(v) for v in rng.integers(0, len(units) + 1, 2))
+        take = np.arange(len(units)) >= i
+        take &= np.arange(len(units)) < j
+    return _expand(a[0], [(b if t else a)[g.start] for g, t in zip(units, take)], len(a), width)
 
 
-def mutate(s: Candidate, p: float, levels: int, rng: np.random.Generator) -> Candidate:
-    hit = rng.random(len(s)) < p
-    new = rng.integers(0, levels, len(s))
-    return tuple(int(n) if h and i > 0 else v for i, (v, h, n) in enumerate(zip(s, hit, new)))
+def mutate(s: Candidate, p: float, levels: int, rng: np.random.Generator, width: int = 1) -> Candidate:
+    """Each gene (after the dense first step) redrawn at random with probability p."""
+    if width == 1:
+        hit = rng.random(len(s)) < p
+        new = rng.integers(0, levels, len(s))
+        return tuple(int(n) if h and i > 0 else v for i, (v, h, n) in enumerate(zip(s, hit, new)))
+    units = genes(len(s), width)
+    hit = rng.random(len(units)) < p
+    new = rng.integers(0, levels, len(units))
+    return _expand(s[0], [n if h else s[g.start] for g, h, n in zip(units, hit, new)], len(s), width)
 
 
 def mutation_rate(spec, generation: int) -> float:

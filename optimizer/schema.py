@@ -73,6 +73,9 @@ class SearchSpec:
     children: int = spec(30, lo=1, hi=10000, doc="children a generation")
     generations: int = spec(30, lo=0, hi=10000)
     levels: int = spec(11, lo=2, hi=101, doc="budget levels 0, 1/(levels-1), ..., 1")
+    gene_steps: int = spec(1, lo=1, hi=10000, doc="consecutive steps that share one budget level (a gene; the dense "
+                           "first step stays alone): 1 = a level a step, the paper's; 5 = 10 genes for 50 steps, "
+                           "fewer degrees of freedom to fit the search's own samples with")
     mutation_start: float = spec(0.1, lo=0.0, hi=1.0)
     mutation_end: float = spec(0.01, lo=0.0, hi=1.0)
     repair_low: float = spec(0.9, lo=0.0, hi=1.0, doc="repair into [low, high] x target")

@@ -155,11 +155,11 @@ class Search:
     def _initial(self, rng: np.random.Generator) -> list[Candidate]:
         """The hand-made seeds (seed_schedules, repaired into the band; at most half the
         population, so that random schedules keep it diverse), then random repaired ones."""
-        steps, levels = self.cfg.sampling.steps, self.spec.levels
-        seeds = list(dict.fromkeys(repair(s, self.c, rng) for s in seed_schedules(self.c, steps)))
+        steps, levels, w = self.cfg.sampling.steps, self.spec.levels, self.spec.gene_steps
+        seeds = list(dict.fromkeys(repair(s, self.c, rng, w) for s in seed_schedules(self.c, steps, w)))
         pop = seeds[: max(1, self.spec.population // 2)]
         while len(pop) < self.spec.population * 4 and len(set(pop)) < self.spec.population:
-            pop.append(repair(random_schedule(steps, levels, rng), self.c, rng))
+            pop.append(repair(random_schedule(steps, levels, rng, w), self.c, rng, w))
         return list(dict.fromkeys(pop))[: self.spec.population]
 
     def _checkpoint(self, st: SearchState) -> None:
@@ -236,8 +236,9 @@ class Search:
                 children = []
                 for _ in range(spec.children):
                     a, b = self._tournament(st, rng), self._tournament(st, rng)
-                    child = mutate(crossover(a, b, rng), p, spec.levels, rng)
-                    children.append(repair(child, self.c, rng))
+                    w = spec.gene_steps
+                    child = mutate(crossover(a, b, rng, w), p, spec.levels, rng, w)
+                    children.append(repair(child, self.c, rng, w))
                 self._evaluate(st, children, self._threshold(st), bar)
                 self._select(st, children)
                 st.generation = gen
@@ -322,8 +323,8 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     settings = asdict(cfg.search)
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
-    for late in ("compile", "cuda_graphs"):  # off: keys of searches before the setting existed stay valid
-        if not settings[late]:
+    for late, off in (("compile", False), ("cuda_graphs", False), ("gene_steps", 1)):
+        if settings[late] == off:  # keys of searches before the setting existed stay valid
             settings.pop(late)
     refine = [settings.pop("refine_generations"), settings.pop("refine_children") or cfg.search.children]
     settings["cost_from"] = cost_from

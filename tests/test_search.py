@@ -15,6 +15,7 @@ import torch
 from astraea import config, loader, reference
 from astraea.fitness import Counters, Evaluator, batched_example, calibration_samples
 from astraea.schedule import level_tokens
+from astraea.evolution import crossover, genes, tie
 from astraea.search import (
     Constraint,
     Search,
@@ -114,6 +115,74 @@ def test_seed_schedules_are_uniform_then_front_loaded(kind):
         c = Constraint("latency", 0.45 * steps * ms[-1], 0.9, 1.0, top + 1, ms)
         want = [(5,) + (2,) * 11, (5,) * 3 + (1,) * 9, (5,) * 5 + (0,) * 7, (5,) + (3,) * 11, (5,) + (4,) * 11]
     assert seed_schedules(c, steps) == want
+
+
+def _paper_operators(s, a, b, p, levels, rng):
+    """The paper's per-step operators written out (a level a step): mutate(crossover(a, b)), then s's random schedule."""
+    if rng.random() < 0.5:
+        take = rng.random(len(a)) < 0.5
+        child = [bv if t else av for av, bv, t in zip(a, b, take)]
+    else:
+        i, j = sorted(int(v) for v in rng.integers(1, len(a) + 1, 2))
+        child = list(a[:i] + b[i:j] + a[j:])
+    hit, new = rng.random(len(child)) < p, rng.integers(0, levels, len(child))
+    child = [int(n) if h and i > 0 else v for i, (v, h, n) in enumerate(zip(child, hit, new))]
+    return tuple(child), (levels - 1,) + tuple(int(v) for v in rng.integers(0, levels, len(s) - 1))
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5])
+def test_genes_of_several_steps_stay_tied_through_every_operator(width):
+    """search.gene_steps: random schedules, crossover, mutation and repair keep every gene's
+    steps at one level (the first step dense and alone), repair still meets the band, and
+    width 1 draws what the paper's per-step operators draw, number for number."""
+    rng = np.random.default_rng(width)
+    failed = 0
+    for trial in range(200):
+        steps, levels = int(rng.integers(4, 40)), int(rng.integers(3, 8))
+        c = Constraint("budget", float(rng.uniform(0.3, 0.8)), 0.85, 1.1, levels)
+        a, b = random_schedule(steps, levels, rng, width), random_schedule(steps, levels, rng, width)
+        if width == 1:
+            state = rng.bit_generator.state
+            want = _paper_operators(a, a, b, 0.3, levels, rng)
+            rng.bit_generator.state = state
+        child = mutate(crossover(a, b, rng, width), 0.3, levels, rng, width)
+        fresh = random_schedule(steps, levels, rng, width)
+        if width == 1:
+            assert (child, fresh) == want, trial
+        for s in (a, b, child, fresh):
+            assert tie(s, width) == s and s[0] == levels - 1 and len(s) == steps, (trial, s)
+            assert all(len({s[i] for i in g}) == 1 for g in genes(steps, width))
+        assert all(v in (a[i], b[i]) for i, v in enumerate(crossover(a, b, rng, width)))
+        try:
+            fixed = repair(child, c, rng, width)
+        except SearchError:  # only where one gene's level step is wider than the band
+            widest = max(len(g) for g in genes(steps, width)) / ((levels - 1) * steps)
+            assert widest > (c.high - c.low) * c.target, trial
+            failed += 1
+            continue
+        assert c.ok(fixed) and tie(fixed, width) == fixed, (trial, fixed)
+    assert failed < 40
+
+
+def test_tied_seed_schedules_end_their_dense_prefix_at_a_gene_end():
+    """Worked by hand: 12 steps, 6 levels, 45%, genes of 4 steps (1-4, 5-8, 9-11): dense
+    prefixes of 1, 5, 9 or 12 steps only (value = (5 d + tail (12 - d)) / 60)."""
+    c = Constraint("budget", 0.45, 0.9, 1.0, 6)
+    want = [(5,) + (2,) * 11, (5,) * 5 + (1,) * 7, (5,) * 5 + (0,) * 7, (5,) + (3,) * 11, (5,) + (4,) * 11]
+    assert seed_schedules(c, 12, 4) == want
+    assert genes(12, 4) == [range(1, 5), range(5, 9), range(9, 12)]
+
+
+def test_a_search_of_tied_genes_evaluates_only_tied_schedules(tiny, tmp_path):
+    """gene_steps 2 on 6 steps (genes 1-2, 3-4, 5): every candidate evaluated is tied, the
+    chosen one meets the band, and the setting enters the search key only when not 1."""
+    st = _search(tiny, tmp_path, gene_steps=2).run(progress=False)
+    assert st.memo and all(tie(s, 2) == s for s in st.memo)
+    c = Constraint("budget", 0.5, tiny[0].search.repair_low, tiny[0].search.repair_high, LEVELS)
+    assert c.ok(st.population[0][0])
+    cfg = tiny[0]
+    tied = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, gene_steps=2))
+    assert search_key("r", tied, c, "eager") != search_key("r", cfg, c, "eager")
 
 
 def test_a_search_never_ends_worse_than_its_hand_made_seeds(tiny, tmp_path):
