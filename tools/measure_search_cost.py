@@ -10,9 +10,14 @@ The projection of the paper's search (population + children x generations candid
 `--samples` prompts) with a proxy: every candidate at the proxy, less the share of steps
 that shared prefixes saved (`--prefix-saving`, measured on the bundled model), plus
 `search.rescore + search.validate` candidates at the full video.
-Writes search_cost.json and search_cost.md under --out.
+`--fitness` times the proxies' evaluations with the search's faster programs
+(search.compile, search.cuda_graphs: compiled, replayed as CUDA graphs, or both; the first
+evaluation compiles or captures, the second is reported). Writes search_cost.json and
+search_cost.md under --out.
 
     python tools/measure_search_cost.py tools/configs/wan-1.3b-search-cost.yaml --proxy 33 240 416 --out runs/cost
+    python3 tools/measure_search_cost.py tools/configs/wan-1.3b-search-cost.yaml --full-from FULL.json \
+        --proxy 5 480 832 --fitness compile cuda_graphs --out $OUT/cost-graphs     (on the GPU)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch  # noqa: E402
 from astraea import config, loader, reference  # noqa: E402
 from astraea.families import get_family  # noqa: E402
 from astraea.fitness import Counters, Evaluator, batched_example, calibration_samples  # noqa: E402
+from astraea.search import faster  # noqa: E402
 from astraea.schedule import level_tokens  # noqa: E402
 from astraea.timing import Clock, device_name  # noqa: E402
 from astraea.tokenwise import build_programs  # noqa: E402
@@ -39,7 +45,8 @@ from astraea.tokenwise import build_programs  # noqa: E402
 
 def time_video(cfg: config.RunConfig, model, work: Path, samples: int = 1) -> dict:
     """One fitness evaluation of the uniform schedule at the target, timed warm; with
-    `samples` > 1, that many seeds of the first prompt in one batch (search.batch_samples)."""
+    `samples` > 1, that many seeds of the first prompt in one batch (search.batch_samples);
+    the programs as cfg.search's compile and cuda_graphs make them."""
     spec, steps = cfg.search, cfg.sampling.steps
     top = spec.levels - 1
     level = min(top, max(1, round(cfg.target.budget * top)))
@@ -57,6 +64,7 @@ def time_video(cfg: config.RunConfig, model, work: Path, samples: int = 1) -> di
     programs = build_programs(model, cfg, [tokens[v] for v in set(schedule)], progress=False,
                               example=batched_example(model, cfg, cal) if batched else None)
     rewrite_s = time.perf_counter() - t0
+    programs = faster(programs, spec)
     ev = Evaluator(model, cfg, programs, cal, spec.levels, n, 0, share_prefixes=False, batch_samples=batched)
     seconds, mse = [], None
     for _ in range(2):
@@ -66,7 +74,9 @@ def time_video(cfg: config.RunConfig, model, work: Path, samples: int = 1) -> di
         end.record()
         seconds.append(start.until(end) / 1e3)
     peak = torch.cuda.max_memory_allocated(model.device) / 2**30 if model.device.type == "cuda" else None
+    fitness = "+".join(k for k in ("compile", "cuda_graphs") if getattr(spec, k)) or "eager"
     return {"video": [cfg.video.frames, cfg.video.height, cfg.video.width], "tokens": n, "samples_a_batch": samples,
+            "fitness": fitness,
             "schedule_level": level, "evaluation_s": seconds[1], "first_evaluation_s": seconds[0],
             "per_sample_s": seconds[1] / samples, "step_ms": 1000 * seconds[1] / steps, "reference_s": ref_s,
             "rewrite_s": rewrite_s, "mse": mse, "peak_gib_so_far": peak}
@@ -83,6 +93,9 @@ def main() -> None:
                    "with --report-only: the report's own unless given, e.g. measured by a paper-size search)")
     p.add_argument("--full-from", type=Path, help="a search_cost.json of an earlier run on the same machine: take its "
                    "full-video row instead of timing it again")
+    p.add_argument("--fitness", nargs="+", choices=("eager", "compile", "cuda_graphs"), default=["eager"],
+                   help="the proxies' fitness programs: eager, or compiled and/or replayed as CUDA graphs "
+                        "(search.compile, search.cuda_graphs)")
     p.add_argument("--report-only", type=Path, metavar="JSON", help="no timing: the projection and table of an earlier "
                    "search_cost.json (one cut short included), written under --out")
     args = p.parse_args()
@@ -119,8 +132,13 @@ def main() -> None:
         save({**earlier["videos"][0], "from": str(args.full_from)})
     else:
         save(time_video(cfg, model, work))
+    fast = {k: k in args.fitness for k in ("compile", "cuda_graphs")}
+    if "eager" in args.fitness and any(fast.values()):
+        p.error("--fitness: eager, or compile and/or cuda_graphs")
+    if fast["cuda_graphs"] and model.device.type != "cuda":
+        p.error(f"--fitness cuda_graphs: the model is on {model.device}; CUDA graphs need model.device cuda")
     for video in args.proxy:
-        c = dataclasses.replace(cfg, video=config.VideoSpec(*video))
+        c = dataclasses.replace(cfg, video=config.VideoSpec(*video), search=dataclasses.replace(cfg.search, **fast))
         get_family(cfg.model.family).validate(c)  # a video the family can sample, or a one-line error
         for samples in sorted({1, args.samples}):
             save(time_video(c, model, work, samples))
@@ -146,10 +164,11 @@ def finish(report: dict, out: Path) -> None:
     lines = [f"{report['device']}, torch {report['torch']}, {report['steps']} steps, target {report['target']:.0%}; "
              f"projection: {candidates} candidates x {samples} samples (shared prefixes saving {saving:.0%} of the "
              f"steps at every video), {report['rescored']} re-scored at the full video.",
-             "", "| video | tokens | samples a batch | one evaluation (s) | a sample (s) | ms a step | rewrite (s) |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| video | tokens | samples a batch | fitness programs | one evaluation (s) | a sample (s) | ms a step "
+             "| rewrite (s) |", "|---|---|---|---|---|---|---|---|"]
     for row in report["videos"]:
         lines.append(f"| {'x'.join(map(str, row['video']))} | {row['tokens']} | {row['samples_a_batch']} | "
+                     f"{row.get('fitness', 'eager')} | "
                      f"{row['evaluation_s']:.1f} | {row['per_sample_s']:.2f} | {row['step_ms']:.0f} | {row['rewrite_s']:.0f} |")
     lines += ["", "| search at | samples a batch | GPU-hours | of which re-scoring | cheaper than at the full video |",
               "|---|---|---|---|---|"]
