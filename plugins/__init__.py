@@ -14,10 +14,20 @@ works in eager mode, under torch.compile and through torch.export. Kernels live 
 `kernels/`, free of registration side effects. Importing this package registers the ops.
 """
 
+import torch
+
 from . import cache_update, factored_attention, fp8_linear, group_attention, sparse_attention, token_mark, token_select  # noqa: F401,E501
 
 __all__ = ["cache_update", "factored_attention", "fp8_linear", "group_attention", "sparse_attention", "token_mark",
            "token_select"]  # the op modules; call torch.ops.astraea.*
+
+
+def decompositions() -> dict:
+    """{op: its implementation in ATen and the kernel ops} for every astraea op a compiler
+    should see through, in the order decompose applies them (a function can emit a later one)."""
+    return {torch.ops.astraea.fp8_linear.default: fp8_linear._math,
+            torch.ops.astraea.group_attention.default: group_attention._math,
+            torch.ops.astraea.factored_attention.default: factored_attention._math}
 
 
 def decompose(ep):

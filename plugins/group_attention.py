@@ -19,7 +19,8 @@ Implementations, chosen per call by `backend()`:
   `astraea::varlen_group_attention` (Inductor in torch 2.11 fails to lower the flash call's
   outputs viewed back to (B, H, M, D): "NotImplementedError: View", found on the H100).
 - `scatter`: the selected queries scattered into an N-row query (zeros elsewhere),
-  astraea::factored_attention on every row, the selected rows gathered back: exact, and
+  factored attention on every row (its body, so that an export traces through both in one
+  pass), the selected rows gathered back: exact, and
   the cheaper form for the temporal groups (`frames` keys a row) and for large budgets,
   where the dense kernel on every row beats the variable-length one on fewer.
 - `reference`: float32 math, each query against its own group's keys gathered (the
@@ -35,7 +36,8 @@ import os
 
 import torch
 
-from .factored_attention import outputs_like  # (and astraea::factored_attention, the scatter form's op)
+from . import factored_attention  # the scatter form's body (and astraea::factored_attention registered)
+from .factored_attention import outputs_like
 
 VARLEN_BELOW = 0.95  # under this fraction of the rows the variable-length kernel beats scatter (H100: up to 90%)
 
@@ -82,7 +84,7 @@ def _scatter(q, k, v, index, frames: int, temporal: bool):
     n = k.shape[2]
     at = index[:, None, :, None].expand(b, h, m, d)
     full = q.new_zeros((b, h, n, d)).scatter(2, at, q)
-    out, lse = torch.ops.astraea.factored_attention(full, k, v, frames, temporal)
+    out, lse = factored_attention._math(full, k, v, frames, temporal)  # the op's body: traced through in one pass
     return out.gather(2, at), lse.gather(2, index[:, None, :].expand(b, h, m))
 
 

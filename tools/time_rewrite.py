@@ -6,7 +6,8 @@ Prints the seconds of each part (weights, export + functionalisation, passes) an
 graph's node count; JSON with --out. --engine-export also times what every engine of a
 build adds before its compiler runs: the rewritten step exported again as a function of
 tensors (tokenwise.TensorStep, the state updated in place) and its decomposition for
-Inductor / AOTInductor (plugins.decompose), as engines.build does for each budget.
+Inductor / AOTInductor (plugins.decompose), as engines.build did for each budget, and the
+one pass engines.build makes now (the ops' implementations traced in: engines.inlined).
 
     python tools/time_rewrite.py --family opensora --preset stdit3-xl-2 --frames 51 --height 480 --width 848 --engine-export
 """
@@ -65,8 +66,9 @@ def main() -> None:
 
 def engine_export(model, cfg, cap, gm, ctx) -> dict:
     """Seconds of the engine's own export (TensorStep over the rewritten graph) and of its
-    decomposition, with the rewritten graph's node count."""
-    from astraea import plugins, runtime
+    decomposition, then of the one export with the ops inlined (and whether it left any op
+    for plugins.decompose), with the rewritten graph's node count."""
+    from astraea import engines, plugins, runtime
     from astraea.manifest import input_value
     from astraea.sampling import first_step_kwargs
     from astraea.tokenwise import TensorStep, TokenwiseProgram, signature, weight_tensors
@@ -82,7 +84,11 @@ def engine_export(model, cfg, cap, gm, ctx) -> dict:
     t1 = time.perf_counter()
     plugins.decompose(ep)
     t2 = time.perf_counter()
-    return {"rewritten_nodes": len(gm.graph.nodes), "engine_export_s": t1 - t0, "engine_decompose_s": t2 - t1}
+    flat = torch.export.export(TensorStep(engines.inlined(gm), sig.layout, in_place=True), tuple(args + state), strict=False)
+    left = plugins.decompose(flat) is not flat
+    t3 = time.perf_counter()
+    return {"rewritten_nodes": len(gm.graph.nodes), "engine_export_s": t1 - t0, "engine_decompose_s": t2 - t1,
+            "engine_export_inlined_s": t3 - t2, "inlined_left_ops": left}
 
 
 if __name__ == "__main__":

@@ -109,6 +109,42 @@ def test_the_rewritten_programs_sample_and_decompose_for_compilers():
         torch.testing.assert_close(flat.module()(**kwargs)[0], model.transformer(**kwargs)[0], atol=1e-5, rtol=1e-5)
 
 
+def test_an_engine_export_traces_the_ops_implementations_in_one_pass():
+    """engines.inlined: the rewritten STDiT3 program (query-only group attention in every
+    block) exported once with the ops' implementations traced in has none of the ops a
+    compiler must see through, computes what the program computes (output and the state it
+    updates, from a state left by a dense step), and leaves the program itself as it was."""
+    from astraea import engines, plugins, runtime
+    from astraea.manifest import input_value
+    from astraea.tokenwise import TensorStep, build_programs, signature, weight_tensors
+
+    cfg = _cfg()
+    model = loader.load_model(cfg)
+    n = model.layout(cfg.video).video_tokens
+    programs = build_programs(model, cfg, [n, n // 2], progress=False)
+    kwargs = first_step_kwargs(model, cfg.video, cfg.sampling)
+    table = plugins.decompositions()
+    tp = programs[n // 2]
+    before = tp.graph.code
+    sig = signature(tp, kwargs)
+    weights = weight_tensors(tp, sig.weights)
+    args = [weights[k] for k in sig.weights] + [input_value(kwargs, s.name) for s in sig.inputs]
+    state = runtime.empty_state(sig.state, model.device)
+    with torch.no_grad():
+        TensorStep(programs[n].graph, sig.layout)(*args, *state)  # the dense step fills the state
+        graph = engines.inlined(tp.graph)
+        assert sum(node.target in table for node in tp.graph.graph.nodes) >= 4 and tp.graph.code == before
+        ep = torch.export.export(TensorStep(graph, sig.layout), tuple(args + [t.clone() for t in state]), strict=False)
+        assert not any(node.target in table for node in ep.graph.nodes)
+        mine, want = [t.clone() for t in state], [t.clone() for t in state]
+        got = ep.module()(*args, *mine)[0]
+        ref = TensorStep(tp.graph, sig.layout)(*args, *want)[0]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(mine, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert any((a != s).any() for a, s in zip(mine, state))  # the step updated the state
+
+
 def test_the_bench_runs_toca_and_leaves_diffusers_hooks_out(tmp_path):
     """astraea-bench's default peers on opensora: ToCa's two settings, no diffusers hook (which
     needs a diffusers model); one given explicitly is refused at validation."""
