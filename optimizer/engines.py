@@ -91,8 +91,9 @@ class Job:
 def inlined(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of gm calling the Python implementation of every op plugins.decompose writes out
     (plugins.decompositions), so that exporting it traces them in the same pass: one trace of
-    the graph instead of an export and then ExportedProgram.run_decompositions over it (on
-    STDiT3-XL/2, 19 s and then 69 s an engine on this CPU). gm itself if it has none."""
+    the graph instead of an export and then ExportedProgram.run_decompositions over it (half
+    the time an STDiT3-XL/2 engine spends before its compiler: docs/benchmarks.md). gm itself
+    if it has none."""
     table = plugins.decompositions()
     if not any(n.op == "call_function" and n.target in table for n in gm.graph.nodes):
         return gm
