@@ -130,7 +130,7 @@ def test_a_forward_is_the_architecture_in_float64():
     torch.manual_seed(0)
     model = STDiT3(TINY).eval()
     for p in model.parameters():  # random everything (the released init zeroes some projections)
-        torch.nn.init.normal_(p, std=0.3)
+        torch.nn.init.normal_(p, std=0.1)  # at 0.3 the outputs reach 70 and float32 rounding hides a missing rotary
     x = torch.randn(2, 4, 3, 8, 12)  # a 4 x 6 patch grid: rows and columns differ
     y = torch.randn(2, TINY.model_max_length, TINY.caption_channels)
     mask = torch.ones(2, TINY.model_max_length, dtype=torch.bool)
@@ -141,4 +141,9 @@ def test_a_forward_is_the_architecture_in_float64():
         (got,) = model(x, timestep, y, mask, fps, height, width)
     want = _reference(model.state_dict(), TINY, x, timestep, y, mask, fps, height, width)
     assert got.shape == (2, 8, 3, 8, 12) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=5e-4)  # float32 against float64
+    # float32 against float64 (outputs up to about 4): 5e-6 relative L2 and 3e-5 at worst on this
+    # CPU (the float32 sin/cos of t = 800 round differently from one CPU's math library to
+    # another's); without the temporal rotary 1.4e-4 and 1.8e-3
+    err = got.double() - want
+    assert (err.norm() / want.norm()).item() < 4e-5
+    torch.testing.assert_close(got.double(), want, atol=3e-4, rtol=1e-4)
