@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from astraea import config, loader, reference
+from astraea.evolution import crossover, genes, tie
 from astraea.fitness import Counters, Evaluator, batched_example, calibration_samples
 from astraea.schedule import level_tokens
-from astraea.evolution import crossover, genes, tie
 from astraea.search import (
     Constraint,
     Search,

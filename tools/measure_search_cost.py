@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from astraea import config, loader, reference  # noqa: E402
 from astraea.families import get_family  # noqa: E402
 from astraea.fitness import Counters, Evaluator, batched_example, calibration_samples  # noqa: E402
-from astraea.search import faster  # noqa: E402
 from astraea.schedule import level_tokens  # noqa: E402
+from astraea.search import faster  # noqa: E402
 from astraea.timing import Clock, device_name  # noqa: E402
 from astraea.tokenwise import build_programs  # noqa: E402
 
