@@ -32,8 +32,12 @@ def decompositions() -> dict:
 
 def decompose(ep):
     """ep (a torch.export ExportedProgram) with every astraea op a compiler should see through
-    written out: FP8 Linear layers in ATen ops (fp8_linear.decompose), query-only factored
-    attention as its implementation for the device (group_attention.decompose), factored
-    attention as its grouping around astraea::sparse_attention (factored_attention.decompose).
-    What Inductor and AOTInductor compile; a program without those ops comes back unchanged."""
-    return factored_attention.decompose(group_attention.decompose(fp8_linear.decompose(ep)))
+    written out (decompositions(): FP8 Linear layers in ATen ops, query-only factored attention
+    as its implementation for the device, factored attention as its grouping around
+    astraea::sparse_attention), each by ExportedProgram.run_decompositions where the program
+    holds it. What Inductor and AOTInductor compile; a program without those ops comes back
+    unchanged (the same object)."""
+    for op, body in decompositions().items():
+        if any(n.target is op for n in ep.graph.nodes):
+            ep = ep.run_decompositions({op: body})
+    return ep

@@ -62,11 +62,3 @@ def outputs_like(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _(q, k, v, frames, temporal):
     return outputs_like(q)
 
-
-def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """ep with every astraea::factored_attention written as its grouping around
-    astraea::sparse_attention (for Inductor and AOTInductor); unchanged without one."""
-    op = torch.ops.astraea.factored_attention.default
-    if not any(n.target is op for n in ep.graph.nodes):
-        return ep
-    return ep.run_decompositions({op: _math})

@@ -122,10 +122,3 @@ def _math(x, weight, w_scale, x_scale, bias):
         return _scaled_mm(x, weight, w_scale, x_scale, bias)
     return reference(x, weight, w_scale, x_scale, bias)
 
-
-def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """ep with every astraea::fp8_linear written out in ATen operations (unchanged without one)."""
-    op = torch.ops.astraea.fp8_linear.default
-    if not any(n.target is op for n in ep.graph.nodes):
-        return ep
-    return ep.run_decompositions({op: _math})

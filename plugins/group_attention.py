@@ -141,11 +141,3 @@ def group_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: to
 def _(q, k, v, index, frames, temporal):
     return outputs_like(q)
 
-
-def decompose(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """ep with every astraea::group_attention written as its implementation for the program's
-    device (for Inductor and AOTInductor); unchanged without one."""
-    op = torch.ops.astraea.group_attention.default
-    if not any(n.target is op for n in ep.graph.nodes):
-        return ep
-    return ep.run_decompositions({op: _math})

@@ -86,7 +86,7 @@ def test_the_rewritten_programs_sample_and_decompose_for_compilers():
     is tests/passes/test_rewrite.py's): at 100% the whole sampling equals dense, at 50% it stays
     close; the decomposition engines compile (factored attention as its grouping around
     astraea::sparse_attention) computes what the op does."""
-    from astraea.plugins import factored_attention
+    from astraea import plugins
     from astraea.tokenwise import TokenwiseTransformer, build_programs
 
     cfg = _cfg()
@@ -103,7 +103,7 @@ def test_the_rewritten_programs_sample_and_decompose_for_compilers():
     ep = torch.export.export(model.transformer, (), kwargs, strict=False)
     op = torch.ops.astraea.factored_attention.default
     assert sum(node.target is op for node in ep.graph.nodes) == 4  # 2 spatial + 2 temporal blocks
-    flat = factored_attention.decompose(ep)
+    flat = plugins.decompose(ep)
     assert not any(node.target is op for node in flat.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(flat.module()(**kwargs)[0], model.transformer(**kwargs)[0], atol=1e-5, rtol=1e-5)
