@@ -233,10 +233,9 @@ class Search:
             while st.generation < spec.generations:
                 gen = st.generation + 1
                 p = mutation_rate(spec, gen)
-                children = []
+                children, w = [], spec.gene_steps
                 for _ in range(spec.children):
                     a, b = self._tournament(st, rng), self._tournament(st, rng)
-                    w = spec.gene_steps
                     child = mutate(crossover(a, b, rng, w), p, spec.levels, rng, w)
                     children.append(repair(child, self.c, rng, w))
                 self._evaluate(st, children, self._threshold(st), bar)
