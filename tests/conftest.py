@@ -155,20 +155,21 @@ def fixed_schedule(model, cfg, tokens: list[int], key: str = "test"):
     return Schedule.from_tokens(tokens, n, timesteps=tuple(timesteps(model, cfg.sampling.steps)), key=key)
 
 
-def engine_case(device: str, steps: int = 4, **sections):
-    """A tiny Wan run for the engine tests: (cfg, model, programs, schedule, inputs, want),
-    the schedule dense, a small budget twice (one engine), a skipped step; `want` sampled
-    with the rewritten graphs."""
+def engine_case(device: str, steps: int = 4, family: str = "wan", rows: int = 3, **sections):
+    """A tiny run of family (Wan unless named) for the engine tests: (cfg, model, programs,
+    schedule, inputs, want), the schedule dense, `rows` rows twice (one engine), a skipped
+    step; `want` sampled with the rewritten graphs."""
     from astraea import loader
     from astraea.sampling import denoise, prompt_inputs
     from astraea.tokenwise import TokenwiseTransformer, build_programs
 
-    cfg = tiny_config("wan", "tiny", model={"device": device}, sampling={"steps": steps}, build={"cfg": "batched"},
+    model_section = {"device": device, **sections.pop("model", {})}
+    cfg = tiny_config(family, "tiny", model=model_section, sampling={"steps": steps}, build={"cfg": "batched"},
                       **sections)
     model = loader.load_model(cfg)
     n = model.layout(cfg.video).video_tokens
-    programs = build_programs(model, cfg, [n, 3], progress=False)
-    tokens = [n, 3, 0, 3] + [3] * (steps - 4)
+    programs = build_programs(model, cfg, [n, rows], progress=False)
+    tokens = [n, rows, 0, rows] + [rows] * (steps - 4)
     schedule = fixed_schedule(model, cfg, tokens)
     inputs = prompt_inputs(model, cfg.video, cfg.sampling, cfg.sampling.prompts[0], 0)
     want = denoise(model, cfg.video, cfg.sampling, inputs, TokenwiseTransformer(programs, tokens))

@@ -263,6 +263,22 @@ def test_engines_on_cuda(backend, tmp_path):
         pytest.xfail(f"inductor engines did not start warm on CUDA: {counters['aot_autograd']}")
 
 
+@pytest.mark.parametrize("backend", ["aoti", "inductor"])
+def test_stdit3_engines_in_bf16_with_the_varlen_op(backend, tmp_path, monkeypatch):
+    """Open-Sora's factored attention in bf16 engines: query-only spatial attention as the
+    opaque variable-length flash op (AOTInductor calls it through its proxy executor), temporal
+    as the scatter form; the sample equals the rewritten graphs' within bf16's rounding."""
+    from astraea import engines, runtime
+
+    monkeypatch.setenv("ASTRAEA_GROUP_ATTENTION", "varlen")
+    cfg, model, programs, schedule, inputs, want = engine_case(
+        "cuda", family="opensora", rows=12, model={"dtype": "bf16"}, video={"frames": 17, "height": 32, "width": 32})
+    engines.build(cfg, model, programs, schedule, tmp_path, backend=backend, progress=False)
+    got = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines"))
+    rel = (got.float() - want.float()).norm() / want.float().norm()
+    assert rel < 2e-2, f"relative L2 error {rel:.2e}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("scheme", ["tensor", "channel"])
 def test_fp8_linear_runs_scaled_mm_like_its_definition(scheme):
