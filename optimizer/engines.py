@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,9 @@ class Builder:
         """Write job.tmp; False defers it to finish()."""
         raise NotImplementedError
 
-    def finish(self) -> list[tuple[Job, float]]:
-        """Complete deferred jobs: (job, seconds) with job.tmp written."""
+    def finish(self) -> Iterable[tuple[Job, float]]:
+        """Complete deferred jobs: (job, seconds) with job.tmp written, each as it finishes
+        (build moves it into place before the next: a build stopped midway keeps it)."""
         return []
 
     def files(self, folder: Path, built: list[str]) -> list[str]:
@@ -176,7 +178,7 @@ class AotiBuilder(Builder):
         _aoti_compile(ep, str(job.tmp), _cxx_patch(job.device))
         return True
 
-    def finish(self) -> list[tuple[Job, float]]:
+    def finish(self) -> Iterable[tuple[Job, float]]:
         if len(self.pool) == 1:  # one program: no worker to start
             (job, ep), = self.pool
             t0 = time.perf_counter()
@@ -248,15 +250,15 @@ def _aoti_worker(export_path: str, package_path: str, device: str, patch: dict) 
     return time.perf_counter() - t0
 
 
-def _compile_aoti_in_workers(pool: list, jobs: int, progress: bool) -> list[tuple[Job, float]]:
+def _compile_aoti_in_workers(pool: list, jobs: int, progress: bool) -> Iterator[tuple[Job, float]]:
     """AOTInductor on the exported programs, `jobs` worker processes at once: each program is
-    saved beside its package's temp path and compiled in a worker. Returns (job, compile
-    seconds) in the order they finished."""
+    saved beside its package's temp path and compiled in a worker. Yields (job, compile
+    seconds) as each finishes, so that the build keeps the packages done before a stop (a
+    device call's time limit) and the next build skips them."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     jobs = min(jobs, len(pool))
-    done = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as workers:
         futures = {}
         for job, ep in pool:
@@ -274,8 +276,7 @@ def _compile_aoti_in_workers(pool: list, jobs: int, progress: bool) -> list[tupl
                 last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                 raise EngineError(f"AOTInductor failed for the {job.tokens}-row engine in a build worker: {last} "
                                   "(build.jobs: 1 builds in this process)") from e
-            done.append((job, seconds))
-    return done
+            yield job, seconds
 
 
 def _programs(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], wanted: list[int], per_branch: bool,

@@ -174,6 +174,39 @@ def test_aoti_engines_compiled_in_worker_processes_are_kept_and_completed(setup,
                                atol=1e-5, rtol=1e-5)
 
 
+def test_a_build_stopped_midway_keeps_the_packages_its_workers_finished(setup, built, tmp_path, monkeypatch):
+    """build.jobs 2: each package goes into place as its worker finishes, so a build that stops
+    before the last one (a failure here; a device call's time limit there) keeps the finished
+    ones, writes no manifest, and the next build compiles only the rest."""
+    folder, manifest = built("aoti")
+    packages = {e.tokens: (folder / e.file).read_bytes() for e in manifest.engines.values()}
+    first, second = sorted(packages)
+
+    def stopped(pool, jobs, progress):  # the workers as they would finish: one package, then a stop
+        for job, _ in pool:
+            if job.tokens == first:
+                job.tmp.write_bytes(packages[first])
+                yield job, 1.0
+        raise engines.EngineError("stopped")
+
+    monkeypatch.setattr(engines, "_compile_aoti_in_workers", stopped)
+    with pytest.raises(engines.EngineError, match="stopped"):
+        _build(setup, tmp_path, "aoti", jobs=2)
+    out = tmp_path / "engines"
+    kept = {e.tokens: out / e.file for e in manifest.engines.values()}
+    assert kept[first].read_bytes() == packages[first] and not kept[second].exists()
+    assert not (out / "manifest.json").exists()
+    compiled = []
+
+    def compile_here(ep, package_path, patch):  # the one package left: in this process, as the compiler made it
+        compiled.append(package_path)
+        Path(package_path).write_bytes(packages[second])
+
+    monkeypatch.setattr(engines, "_aoti_compile", compile_here)
+    _, again = _build(setup, tmp_path, "aoti", jobs=2)
+    assert len(compiled) == 1 and [again.engines[k].tokens for k in again.build["rebuilt"]] == [second]
+
+
 def test_float8_cache_engines_keep_their_state_in_float8_near_the_model_dtype_cache(setup, float8_setup, built, tmp_path):
     """selection.cache float8: the Inductor engines above run over a float8 block state (the
     state's dtype in the manifest) and sample near the model-dtype cache's sample; TensorRT
