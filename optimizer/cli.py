@@ -445,7 +445,8 @@ def _bench(args) -> None:
             line[0] = f"{len(manifest.engines)} engine(s), {len(manifest.build['rebuilt'])} built: {out / 'bench' / 'engines'}"
         built = set(manifest.build["rebuilt"])
         for key, e in sorted(manifest.engines.items(), key=lambda item: -item[1].tokens):
-            print(f"{out / 'bench' / 'engines' / e.file}: {e.tokens} rows, {'built' if key in built else 'kept'}")
+            how = f"built in {manifest.build['seconds'][key]:.0f} s" if key in built else "kept"
+            print(f"{out / 'bench' / 'engines' / e.file}: {e.tokens} rows, {how}")
         return
     with stage("bench") as line:
         result = bench.run(cfg, model, out, extra_schedules=extra, engine_folder=engine_folder, progress=not args.quiet)

@@ -360,6 +360,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         job = Job(key, k, tp, sig, flat_weights, tensor_inputs, folder / ".partial" / name, folder, model.device)
         done = builder.build(job)  # the tmp file keeps the engine's name: it names the archive's inner folder
         timings[key] = time.perf_counter() - t0  # deferred: its export; the compile is added below
+        log.debug("engine %s (%d rows): %s in %.1f s", key, k, "built" if done else "exported", timings[key])
         if done:
             os.replace(job.tmp, folder / name)
             built.append(key)
@@ -367,6 +368,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         os.replace(job.tmp, folder / engines[job.key].file)
         timings[job.key] += seconds
         built.append(job.key)
+        log.debug("engine %s (%d rows): compiled in %.1f s", job.key, job.tokens, seconds)
     shutil.rmtree(folder / ".partial", ignore_errors=True)
     extra = builder.files(folder, built)
     if prune:  # engines of earlier builds that this schedule no longer uses

@@ -13,6 +13,8 @@ non-tensor inputs bound, the function of tensors that engines (backends) export.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from .capture import Captured, capture
 from .families import LoadedModel
 from .manifest import TensorSpec
 from .schema import RunConfig
+
+log = logging.getLogger("astraea")
 
 EXPORTED = torch.export.graph_signature.InputKind
 
@@ -79,10 +83,14 @@ def build_programs(model: LoadedModel, cfg: RunConfig, tokens: list[int], progre
     """One rewritten program per distinct non-zero row count, from a single capture
     (`dump_root`: every pass's graphs under <dump_root>/k<k>-passes; `example`: capture
     at these transformer inputs instead of the first step's)."""
+    t0 = time.perf_counter()
     cap = capture(model, cfg, example)
+    t1 = time.perf_counter()
     wanted = sorted({k for k in tokens if k > 0})
-    return {k: rewrite(model, cfg, k, captured=cap, dump_dir=None if dump_root is None else dump_root / f"k{k}-passes")
-            for k in tqdm(wanted, desc="rewrite", unit="budget", disable=not progress, leave=False)}
+    programs = {k: rewrite(model, cfg, k, captured=cap, dump_dir=None if dump_root is None else dump_root / f"k{k}-passes")
+                for k in tqdm(wanted, desc="rewrite", unit="budget", disable=not progress, leave=False)}
+    log.debug("programs: capture %.1f s, %d rewrite(s) %.1f s", t1 - t0, len(wanted), time.perf_counter() - t1)
+    return programs
 
 
 def compiled(programs: dict[int, TokenwiseProgram]) -> dict[int, TokenwiseProgram]:
