@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import os
 
-# Inductor's CPU kernels without SIMD intrinsics: g++ compiles them a quarter faster (an
-# Inductor engine build of the tiny Wan 60 -> 46 s, AOTInductor 63 -> 53 s) and the tests
-# compare compiled against eager output either way; set before torch reads its config, and
-# inherited by the processes the tests start (fresh-process loads, build workers, ranks)
+# Inductor's CPU kernels without SIMD intrinsics: g++ compiles them faster, the compile tests
+# a quarter faster (docs/benchmarks.md, "On the CPU"), and the tests compare compiled against
+# eager output either way; set before torch reads its config, and inherited by the processes
+# the tests start (fresh-process loads, build workers, ranks)
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 if not __import__("torch").cuda.is_available():
