@@ -168,23 +168,25 @@ class AotiBuilder(Builder):
 
     def __init__(self, cfg: RunConfig, progress: bool):
         super().__init__(cfg, progress)
-        self.pool: list[tuple[Job, torch.export.ExportedProgram]] = []
+        self.pool: list[tuple[Job, Path]] = []  # with build.jobs > 1: the programs saved for finish()
 
     def build(self, job: Job) -> bool:
         ep = job.exported(decompose=True)
         if self.cfg.build.jobs > 1:  # compiled with the others in finish()
-            self.pool.append((job, ep))
+            self.pool.append((job, _save_for_worker(job, ep)))
             return False
         _aoti_compile(ep, str(job.tmp), _cxx_patch(job.device))
         return True
 
     def finish(self) -> Iterable[tuple[Job, float]]:
+        if not self.pool:
+            return []
+        if self.pool[0][0].device.type == "cuda":
+            torch.cuda.empty_cache()  # the exports' example tensors: the workers need the memory
         if len(self.pool) == 1:  # one program: no worker to start
-            (job, ep), = self.pool
-            t0 = time.perf_counter()
-            _aoti_compile(ep, str(job.tmp), _cxx_patch(job.device))
-            return [(job, time.perf_counter() - t0)]
-        return _compile_aoti_in_workers(self.pool, self.cfg.build.jobs, self.progress) if self.pool else []
+            (job, exported), = self.pool
+            return [(job, _aoti_worker(str(exported), str(job.tmp), str(job.device), _cxx_patch(job.device)))]
+        return _compile_aoti_in_workers(self.pool, self.cfg.build.jobs, self.progress)
 
 
 class TensorRTBuilder(Builder):
@@ -236,8 +238,9 @@ def _aoti_compile(ep: torch.export.ExportedProgram, package_path: str, patch: di
 
 
 def _aoti_worker(export_path: str, package_path: str, device: str, patch: dict) -> float:
-    """In a spawned worker: AOTInductor on an exported program saved without example
-    inputs; zero tensors of its placeholders' shapes, strides and dtypes stand in for them."""
+    """AOTInductor on an exported program saved without example inputs (in a spawned worker,
+    or in the build's process for a single package); zero tensors of its placeholders' shapes,
+    strides and dtypes stand in for them."""
     t0 = time.perf_counter()
     import astraea.plugins  # noqa: F401  (the astraea:: ops the program calls)
 
@@ -250,23 +253,27 @@ def _aoti_worker(export_path: str, package_path: str, device: str, patch: dict) 
     return time.perf_counter() - t0
 
 
-def _compile_aoti_in_workers(pool: list, jobs: int, progress: bool) -> Iterator[tuple[Job, float]]:
-    """AOTInductor on the exported programs, `jobs` worker processes at once: each program is
-    saved beside its package's temp path and compiled in a worker. Yields (job, compile
-    seconds) as each finishes, so that the build keeps the packages done before a stop (a
+def _save_for_worker(job: Job, ep: torch.export.ExportedProgram) -> Path:
+    """ep saved beside its package's temp path without its example inputs (the weights and the
+    block state: 12 GB a program for STDiT3-XL/2 at 23,850 tokens, which held by every program
+    of a build filled the H100 before its workers started)."""
+    exported = job.tmp.with_name(f"{job.key}.export.pt2")
+    ep.example_inputs = None
+    torch.export.save(ep, str(exported))
+    return exported
+
+
+def _compile_aoti_in_workers(pool: list[tuple[Job, Path]], jobs: int, progress: bool) -> Iterator[tuple[Job, float]]:
+    """AOTInductor on the saved exported programs, `jobs` worker processes at once. Yields (job,
+    compile seconds) as each finishes, so that the build keeps the packages done before a stop (a
     device call's time limit) and the next build skips them."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     jobs = min(jobs, len(pool))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as workers:
-        futures = {}
-        for job, ep in pool:
-            exported = job.tmp.with_name(f"{job.key}.export.pt2")
-            ep.example_inputs = None  # the weights and the state: the worker makes zeros of their shapes
-            torch.export.save(ep, str(exported))
-            futures[workers.submit(_aoti_worker, str(exported), str(job.tmp), str(job.device),
-                                   _cxx_patch(job.device))] = job
+        futures = {workers.submit(_aoti_worker, str(exported), str(job.tmp), str(job.device), _cxx_patch(job.device)): job
+                   for job, exported in pool}
         for future in tqdm(as_completed(futures), total=len(futures), desc=f"engines (aoti, {jobs} at once)",
                            unit="engine", disable=not progress, leave=False):
             job = futures[future]

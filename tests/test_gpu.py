@@ -267,16 +267,23 @@ def test_engines_on_cuda(backend, tmp_path):
 def test_stdit3_engines_in_bf16_with_the_varlen_op(backend, tmp_path, monkeypatch):
     """Open-Sora's factored attention in bf16 engines: query-only spatial attention as the
     opaque variable-length flash op (AOTInductor calls it through its proxy executor), temporal
-    as the scatter form; the sample equals the rewritten graphs' within bf16's rounding."""
+    as the scatter form. Against the same rewritten graphs in float32 (the same weights), the
+    engines' sample is off by at most twice what the rewritten graphs' own bf16 sample is: the
+    compiler adds no more than bf16's rounding (4 steps of bf16 on tiny random weights: about
+    2% relative L2 either way, the H100 2026-12-07)."""
     from astraea import engines, runtime
 
     monkeypatch.setenv("ASTRAEA_GROUP_ATTENTION", "varlen")
-    cfg, model, programs, schedule, inputs, want = engine_case(
-        "cuda", family="opensora", rows=12, model={"dtype": "bf16"}, video={"frames": 17, "height": 32, "width": 32})
+    case = {"family": "opensora", "rows": 12, "video": {"frames": 17, "height": 32, "width": 32}}
+    *_, want32 = engine_case("cuda", model={"dtype": "fp32"}, **case)
+    cfg, model, programs, schedule, inputs, want = engine_case("cuda", model={"dtype": "bf16"}, **case)
     engines.build(cfg, model, programs, schedule, tmp_path, backend=backend, progress=False)
     got = denoise(model, cfg.video, cfg.sampling, inputs, runtime.load(tmp_path / "engines"))
-    rel = (got.float() - want.float()).norm() / want.float().norm()
-    assert rel < 2e-2, f"relative L2 error {rel:.2e}"
+
+    def off(x):
+        return ((x.float() - want32.float()).norm() / want32.float().norm()).item()
+
+    assert off(want) < 0.1 and off(got) <= 2 * off(want), f"engines {off(got):.2e}, rewritten bf16 graphs {off(want):.2e}"
 
 
 @pytest.mark.gpu
