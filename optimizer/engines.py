@@ -168,25 +168,22 @@ class AotiBuilder(Builder):
 
     def __init__(self, cfg: RunConfig, progress: bool):
         super().__init__(cfg, progress)
-        self.pool: list[tuple[Job, Path]] = []  # with build.jobs > 1: the programs saved for finish()
+        self.pool: list[Job] = []  # with build.jobs > 1: exported and compiled in finish()
 
     def build(self, job: Job) -> bool:
-        ep = job.exported(decompose=True)
-        if self.cfg.build.jobs > 1:  # compiled with the others in finish()
-            self.pool.append((job, _save_for_worker(job, ep)))
+        if self.cfg.build.jobs > 1:
+            self.pool.append(job)
             return False
-        _aoti_compile(ep, str(job.tmp), _cxx_patch(job.device))
+        _aoti_compile(job.exported(decompose=True), str(job.tmp), _cxx_patch(job.device))
         return True
 
     def finish(self) -> Iterable[tuple[Job, float]]:
-        if not self.pool:
-            return []
-        if self.pool[0][0].device.type == "cuda":
-            torch.cuda.empty_cache()  # the exports' example tensors: the workers need the memory
         if len(self.pool) == 1:  # one program: no worker to start
-            (job, exported), = self.pool
-            return [(job, _aoti_worker(str(exported), str(job.tmp), str(job.device), _cxx_patch(job.device)))]
-        return _compile_aoti_in_workers(self.pool, self.cfg.build.jobs, self.progress)
+            job, = self.pool
+            t0 = time.perf_counter()
+            _aoti_compile(job.exported(decompose=True), str(job.tmp), _cxx_patch(job.device))
+            return [(job, time.perf_counter() - t0)]
+        return _compile_aoti_in_workers(self.pool, self.cfg.build.jobs, self.progress) if self.pool else []
 
 
 class TensorRTBuilder(Builder):
@@ -253,37 +250,62 @@ def _aoti_worker(export_path: str, package_path: str, device: str, patch: dict) 
     return time.perf_counter() - t0
 
 
-def _save_for_worker(job: Job, ep: torch.export.ExportedProgram) -> Path:
-    """ep saved beside its package's temp path without its example inputs (the weights and the
-    block state: 12 GB a program for STDiT3-XL/2 at 23,850 tokens, which held by every program
-    of a build filled the H100 before its workers started)."""
+def _save_for_worker(job: Job) -> Path:
+    """job's program exported and saved beside its package's temp path without its example
+    inputs (the weights and the block state: 12 GB a program for STDiT3-XL/2 at 23,850 tokens;
+    held by every program of a build, they filled the H100 before its workers started)."""
+    ep = job.exported(decompose=True)
     exported = job.tmp.with_name(f"{job.key}.export.pt2")
     ep.example_inputs = None
     torch.export.save(ep, str(exported))
     return exported
 
 
-def _compile_aoti_in_workers(pool: list[tuple[Job, Path]], jobs: int, progress: bool) -> Iterator[tuple[Job, float]]:
-    """AOTInductor on the saved exported programs, `jobs` worker processes at once. Yields (job,
-    compile seconds) as each finishes, so that the build keeps the packages done before a stop (a
-    device call's time limit) and the next build skips them."""
+def _compile_aoti_in_workers(pool: list[Job], jobs: int, progress: bool) -> Iterator[tuple[Job, float]]:
+    """AOTInductor on the jobs' programs, `jobs` worker processes at once: this process exports
+    each program and hands it to a worker straight away, so the next export overlaps the
+    compiles (an STDiT3-XL/2 export takes 17 s on the H100's host, a compile 2-4 min). Yields
+    (job, export and compile seconds) as each package is done, also between exports, so
+    that the build keeps the packages done before a stop (a device call's time limit) and the
+    next build skips them."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     jobs = min(jobs, len(pool))
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as workers:
-        futures = {workers.submit(_aoti_worker, str(exported), str(job.tmp), str(job.device), _cxx_patch(job.device)): job
-                   for job, exported in pool}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=f"engines (aoti, {jobs} at once)",
-                           unit="engine", disable=not progress, leave=False):
-            job = futures[future]
+    bar = tqdm(total=len(pool), desc=f"engines (aoti, {jobs} at once)", unit="engine", disable=not progress,
+               leave=False)
+    with bar, ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as workers:
+        futures, exported_s = {}, {}
+
+        def done(future) -> tuple[Job, float]:
+            job = futures.pop(future)
             try:
                 seconds = future.result()
             except Exception as e:  # noqa: BLE001  (the worker's error, on one line, with the engine it was for)
                 last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
                 raise EngineError(f"AOTInductor failed for the {job.tokens}-row engine in a build worker: {last} "
                                   "(build.jobs: 1 builds in this process)") from e
-            yield job, seconds
+            bar.update()
+            return job, exported_s[job.key] + seconds
+
+        try:
+            for job in pool:
+                t0 = time.perf_counter()
+                path = _save_for_worker(job)
+                exported_s[job.key] = time.perf_counter() - t0
+                log.debug("engine %s (%d rows): exported in %.1f s", job.key, job.tokens, exported_s[job.key])
+                futures[workers.submit(_aoti_worker, str(path), str(job.tmp), str(job.device),
+                                       _cxx_patch(job.device))] = job
+                for future in [f for f in futures if f.done()]:
+                    yield done(future)
+            if pool[0].device.type == "cuda":
+                torch.cuda.empty_cache()  # the last export's example tensors: the workers need the memory
+            while futures:
+                for future in wait(futures, return_when=FIRST_COMPLETED).done:
+                    yield done(future)
+        except BaseException:
+            workers.shutdown(wait=True, cancel_futures=True)  # the running compiles end; none starts
+            raise
 
 
 def _programs(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], wanted: list[int], per_branch: bool,
@@ -366,16 +388,16 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         t0 = time.perf_counter()
         job = Job(key, k, tp, sig, flat_weights, tensor_inputs, folder / ".partial" / name, folder, model.device)
         done = builder.build(job)  # the tmp file keeps the engine's name: it names the archive's inner folder
-        timings[key] = time.perf_counter() - t0  # deferred: its export; the compile is added below
-        log.debug("engine %s (%d rows): %s in %.1f s", key, k, "built" if done else "exported", timings[key])
+        timings[key] = time.perf_counter() - t0  # deferred: the time finish() reports is added below
         if done:
+            log.debug("engine %s (%d rows): built in %.1f s", key, k, timings[key])
             os.replace(job.tmp, folder / name)
             built.append(key)
     for job, seconds in builder.finish():
         os.replace(job.tmp, folder / engines[job.key].file)
         timings[job.key] += seconds
         built.append(job.key)
-        log.debug("engine %s (%d rows): compiled in %.1f s", job.key, job.tokens, seconds)
+        log.debug("engine %s (%d rows): built in %.1f s", job.key, job.tokens, timings[job.key])
     shutil.rmtree(folder / ".partial", ignore_errors=True)
     extra = builder.files(folder, built)
     if prune:  # engines of earlier builds that this schedule no longer uses

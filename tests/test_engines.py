@@ -183,7 +183,7 @@ def test_a_build_stopped_midway_keeps_the_packages_its_workers_finished(setup, b
     first, second = sorted(packages)
 
     def stopped(pool, jobs, progress):  # the workers as they would finish: one package, then a stop
-        for job, _ in pool:
+        for job in pool:
             if job.tokens == first:
                 job.tmp.write_bytes(packages[first])
                 yield job, 1.0
