@@ -190,6 +190,9 @@ def _build(args) -> None:
         why = engines.refusal(cfg)
         if why is not None:
             raise AstraeaError(why)
+        if cfg.search.precision == "joint" and args.until not in ("reference", "rewrite", "search"):
+            raise AstraeaError("search.precision joint: a schedule that mixes precisions has no engines in this "
+                               "release; run astraea-build --until search (or build.precision fp8 or model alone)")
         t = cfg.target
         goal = f"target budget {t.budget}" if t.budget is not None else (
             f"target {t.speedup}x" if t.speedup is not None else "no target (dense reference only)")
@@ -221,14 +224,22 @@ def _build(args) -> None:
     # ranks do (selection.shards = parallel.ulysses), its candidates spread over the ranks; the
     # engines are each rank's own program
     one = dataclasses.replace(cfg, parallel=ParallelSpec()) if cfg.parallel.ulysses > 1 else cfg
+    joint = cfg.search.precision == "joint"  # the model-dtype programs beside the FP8 ones, a precision a step
     with stage("rewrite") as line:
-        programs, line[0] = _rewrite(one, model, layout, out, args.dump_graphs, not args.quiet)
+        programs, line[0] = _rewrite(one, dense if joint else model, layout, out, args.dump_graphs, not args.quiet)
+        fp8 = None
+        if joint:
+            from .tokenwise import build_programs
+
+            fp8 = (model, build_programs(model, one, sorted(programs), not args.quiet))
+            line[0] += f"; and the FP8 model's {len(fp8[1])}"
     from . import search
 
     if args.until == "rewrite":
         return
     with stage("search") as line:
-        schedule = search.plan(one, model, ref, out, resume=args.resume, progress=not args.quiet, programs=programs)
+        schedule = search.plan(one, dense if joint else model, ref, out, resume=args.resume, progress=not args.quiet,
+                               programs=programs, fp8=fp8)
         line[0] = _search_line(schedule, out)
     if args.until == "search":
         return
@@ -306,8 +317,11 @@ def _search_line(schedule, out: Path) -> str:
                 log.info("refined at the full video: %d generations, %d candidates in %.0f s, %.2f -> %.2f dB",
                          f["generations"], f["candidates"], f["seconds"], f["start_psnr"], f["psnr"])
     psnr = schedule.quality.psnr if schedule.quality else float("nan")
-    return (f"mean budget {schedule.mean_budget:.3f}, {schedule.skipped} skipped step(s), PSNR {psnr:.2f} dB against "
-            f"dense{speed}: {out / 'search' / schedule.key / 'schedule.json'}")
+    if schedule.precisions:
+        log.info("precision per step: %s", " ".join("f" if p == "fp8" else "m" for p in schedule.precisions))
+    fp8 = f", {schedule.fp8_steps} in FP8" if schedule.precisions else ""
+    return (f"mean budget {schedule.mean_budget:.3f}, {schedule.skipped} skipped step(s){fp8}, PSNR {psnr:.2f} dB "
+            f"against dense{speed}: {out / 'search' / schedule.key / 'schedule.json'}")
 
 
 def _check(cfg, model, schedule, ref, out: Path) -> str:

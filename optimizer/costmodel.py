@@ -87,9 +87,11 @@ def measure(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], tokens
     return cm
 
 
-def from_bench(path: str | Path, levels: int, tokens: list[int]) -> CostModel:
+def from_bench(path: str | Path, levels: int, tokens: list[int], precision: str = "model") -> CostModel:
     """The cost model of `levels` budget levels (`tokens` rows each, for the model searched)
-    from an astraea-bench report; raises AstraeaError naming what is missing."""
+    from an astraea-bench report; raises AstraeaError naming what is missing. precision: the
+    compiled rows of the model's dtype, or ("fp8") those of FP8 engines (their setting marked
+    ", fp8": astraea-bench with build.precision fp8)."""
     path = Path(path)
     try:
         report = json.loads(path.read_text())
@@ -98,10 +100,14 @@ def from_bench(path: str | Path, levels: int, tokens: list[int]) -> CostModel:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise AstraeaError(f"search.cost_from: {path} is not an astraea-bench bench.json ({type(e).__name__}: {e})") from None
     dense = [r["step_ms"]["dense"] for r in rows if r.get("method") == "dense" and "dense" in r.get("step_ms", {})]
-    compiled = [r for r in rows if r.get("method") == "astraea-compiled" and r.get("tokens_per_step")]
+    fp8 = precision == "fp8"
+    what = "search.fp8_cost_from" if fp8 else "search.cost_from"
+    compiled = [r for r in rows if r.get("method") == "astraea-compiled" and r.get("tokens_per_step")
+                and str(r.get("setting", "")).endswith(", fp8") == fp8]
     compiled = [r for r in compiled if r.get("cuda_graphs")] or compiled
     if not dense or not compiled:
-        raise AstraeaError(f"search.cost_from: {path} needs a dense row and astraea-compiled rows "
+        kind = "FP8 astraea-compiled rows (build.precision fp8)" if fp8 else "astraea-compiled rows of the model's dtype"
+        raise AstraeaError(f"{what}: {path} needs a dense row and {kind} "
                            f"(it has {sorted({r.get('method') for r in rows})})")
     calls: dict[int, list[float]] = {}
     for r in compiled:
@@ -114,8 +120,8 @@ def from_bench(path: str | Path, levels: int, tokens: list[int]) -> CostModel:
         k = budget_rows(level / (levels - 1), n)
         if k not in calls:
             have = ", ".join(call_label(c, n) for c in sorted(calls))
-            raise AstraeaError(f"search.cost_from: {path} has no compiled call at {level / (levels - 1):.0%} "
+            raise AstraeaError(f"{what}: {path} has no compiled call at {level / (levels - 1):.0%} "
                                f"(search.levels {levels}; it has {have}): time a schedule that uses every level")
         level_ms.append(statistics.median(calls[k]))
-    key = stable_hash({"cost_from": [dense, level_ms], "levels": levels})
+    key = stable_hash({"cost_from": [dense, level_ms], "levels": levels} | ({"precision": "fp8"} if fp8 else {}))
     return CostModel(key, str(setup.get("device", "?")), statistics.median(dense), level_ms, list(tokens), str(path))

@@ -26,7 +26,7 @@ import torch
 
 from .metrics import psnr
 from .sampling import SampleInputs, Sampler, denoise
-from .schedule import level_tokens
+from .schedule import Choices, level_tokens
 from .schema import RunConfig
 from .tokenwise import TokenwiseProgram, TokenwiseTransformer, build_programs
 
@@ -73,11 +73,18 @@ class Evaluator:
 
     def __init__(self, model, cfg: RunConfig, programs: dict[int, TokenwiseProgram], samples: list[Sample],
                  levels: int, tokens: int, prefix_cache_bytes: int, share_prefixes: bool = True,
-                 batch_samples: bool = False):
+                 batch_samples: bool = False, choices: Choices | None = None,
+                 fp8_programs: dict[int, TokenwiseProgram] | None = None):
+        """choices: what a gene's value means (default: level v in the model's dtype); with FP8
+        choices, fp8_programs runs the steps they mark (the FP8 model's, the same row counts)."""
         from .sampling import batch_inputs
 
         self.model, self.cfg, self.programs, self.samples = model, cfg, programs, samples
         self.levels, self.tokens = levels, tokens
+        self.choices = choices or Choices.budgets(levels)
+        if self.choices.mixed and not fp8_programs:
+            raise ValueError("FP8 choices need the FP8 model's programs")
+        self.fp8_programs = fp8_programs
         self.level_rows = level_tokens(levels, tokens)  # the rows each level computes: what build_programs built
         self.cache_bytes, self.share = prefix_cache_bytes, share_prefixes
         if batch_samples and len(samples) > 1:
@@ -89,7 +96,12 @@ class Evaluator:
         self.samplers = [Sampler(model, cfg.video, cfg.sampling, x) for x in inputs]
 
     def budgets(self, s: Candidate) -> list[int]:
-        return [self.level_rows[v] for v in s]
+        return [self.level_rows[self.choices.level(g)] for g in s]
+
+    def runner(self, s: Candidate) -> TokenwiseTransformer:
+        """The rewritten programs running schedule s (each step at its value's rows and precision)."""
+        precisions = [self.choices.precision(g) for g in s] if self.choices.mixed else None
+        return TokenwiseTransformer(self.programs, self.budgets(s), precisions, self.fp8_programs)
 
     def evaluate(self, batch: list[Candidate], threshold: float, counters: Counters,
                  order: list[int] | None = None, tick: Callable[[int], None] | None = None) -> dict[Candidate, list]:
@@ -126,7 +138,7 @@ class Evaluator:
                 shared = lcp(prev, s)
                 while stack and stack[-1][0] > shared:
                     held -= stack.pop()[3]
-            runner = TokenwiseTransformer(self.programs, self.budgets(s))
+            runner = self.runner(s)
             if stack:
                 depth, traj, snap, _ = stack[-1]
                 traj = traj.copy()

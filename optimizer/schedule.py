@@ -34,6 +34,52 @@ def level_tokens(levels: int, tokens: int) -> list[int]:
     return [budget_rows(v / top, tokens) for v in range(levels)]
 
 
+PRECISIONS = ("model", "fp8")
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What one gene of the search can take: (budget level, precision) pairs, a gene's value
+    an index into `options`. Budgets alone (`Choices.budgets`): value v is level v in the
+    model's dtype, the paper's search. Joint precision (`Choices.joint`): every level in the
+    model's dtype and every level above 0 in FP8 (a skipped step runs nothing), ordered by
+    the cost model's step time with the dense model-dtype step last (the first step's), so
+    that the evolution's operators (values drawn in range(len), repair moving one value up
+    or down) work on them unchanged."""
+
+    levels: int
+    options: tuple[tuple[int, str], ...]
+
+    @classmethod
+    def budgets(cls, levels: int) -> Choices:
+        return cls(levels, tuple((v, "model") for v in range(levels)))
+
+    @classmethod
+    def joint(cls, levels: int, model_ms, fp8_ms) -> Choices:
+        """model_ms, fp8_ms: a step's time at each level (fp8_ms[0] unused)."""
+        ms = {(v, "model"): model_ms[v] for v in range(levels)} | {(v, "fp8"): fp8_ms[v] for v in range(1, levels)}
+        dense = (levels - 1, "model")
+        rest = sorted((p for p in ms if p != dense), key=lambda p: (ms[p], p[1] != "model", p[0]))
+        return cls(levels, tuple(rest) + (dense,))
+
+    def __len__(self) -> int:
+        return len(self.options)
+
+    @property
+    def mixed(self) -> bool:
+        return any(p != "model" for _, p in self.options)
+
+    def level(self, g: int) -> int:
+        return self.options[g][0]
+
+    def precision(self, g: int) -> str:
+        return self.options[g][1]
+
+    def step_ms(self, model_ms, fp8_ms=None) -> tuple[float, ...]:
+        """Each value's step time (the latency constraint's table)."""
+        return tuple((model_ms if p == "model" else fp8_ms)[v] for v, p in self.options)
+
+
 def call_label(k: int, n: int) -> str:
     """How a report names a call of k of n rows ("40%", "skip"): the key of a bench row's
     step_ms by budget, which costmodel.from_bench reads back."""
@@ -64,6 +110,7 @@ class SearchRecord:
     cost_source: str = "eager"  # "eager": measured on the rewritten programs; else the bench.json read
     proxy: dict | None = None  # a proxy-video search's re-scoring report
     holdout: dict | None = None  # the chosen schedule on prompts and seeds the search never saw (search.holdout_*)
+    fp8_level_ms: tuple[float | None, ...] = ()  # search.precision joint: the FP8 step time at each level
 
     @property
     def predicted_speedup(self) -> float | None:
@@ -80,6 +127,7 @@ class Schedule:
     key: str = ""  # the search's key, or a name for a fixed schedule
     levels: int | None = None  # the search's budget grid
     search: SearchRecord | None = None
+    precisions: tuple[str, ...] = ()  # each step's precision ("model" | "fp8"); (): every step in the engines' one
 
     def __post_init__(self):
         if len(self.tokens) != len(self.budgets) or not self.tokens:
@@ -87,6 +135,8 @@ class Schedule:
                              f"{len(self.tokens)})")
         if self.tokens[0] != self.video_tokens:
             raise ValueError(f"the first step must be dense ({self.video_tokens} rows): the caches are empty before it")
+        if self.precisions and (len(self.precisions) != len(self.tokens) or not set(self.precisions) <= set(PRECISIONS)):
+            raise ValueError(f"precision_per_step: one of {', '.join(PRECISIONS)} a step ({len(self.tokens)} steps)")
 
     # ---- how it is made --------------------------------------------------------------------
     @classmethod
@@ -100,6 +150,14 @@ class Schedule:
         table = level_tokens(levels, n)
         return cls(tuple(table[v] for v in levels_per_step), tuple(v / top for v in levels_per_step), n,
                    levels=levels, **kw)
+
+    @classmethod
+    def from_choices(cls, values, choices: Choices, n: int, **kw) -> Schedule:
+        """A searched schedule: each step's gene value in `choices` (its level and precision;
+        no precisions kept when every step is in the model's dtype)."""
+        precisions = tuple(choices.precision(g) for g in values)
+        return cls.from_levels([choices.level(g) for g in values], choices.levels, n,
+                               precisions=precisions if "fp8" in precisions else (), **kw)
 
     @classmethod
     def from_tokens(cls, tokens, n: int, **kw) -> Schedule:
@@ -134,6 +192,15 @@ class Schedule:
     def skipped(self) -> int:
         return sum(k == 0 for k in self.tokens)
 
+    @property
+    def fp8_steps(self) -> int:
+        """Steps that compute in FP8 (a skipped step computes nothing)."""
+        return sum(p == "fp8" and k > 0 for p, k in zip(self.precisions, self.tokens))
+
+    def precision_list(self) -> list[str] | None:
+        """Each step's precision, or None when every step is in the engines' one."""
+        return list(self.precisions) if self.precisions else None
+
     def name(self, prefix: str = "searched") -> str:
         return f"{prefix} {self.mean_budget:.0%}"
 
@@ -145,11 +212,16 @@ class Schedule:
                "mse": None if self.quality is None else self.quality.mse,
                "psnr": None if self.quality is None else self.quality.psnr,
                "per_sample": {} if self.quality is None else self.quality.per_sample}
+        if self.precisions:  # newer than the format: written only for a schedule that mixes precisions
+            raw["precision_per_step"] = list(self.precisions)
         if self.search is not None:
             raw |= {f.name: getattr(self.search, f.name) for f in fields(SearchRecord)}
             raw["level_ms"] = list(self.search.level_ms)
-            if self.search.holdout is None:  # newer than the format: written only when measured
-                del raw["holdout"]
+            for late in ("holdout", "fp8_level_ms"):  # newer than the format: written only when there is one
+                if not raw[late]:
+                    del raw[late]
+            if "fp8_level_ms" in raw:
+                raw["fp8_level_ms"] = list(raw["fp8_level_ms"])
         return raw
 
     @classmethod
@@ -162,10 +234,11 @@ class Schedule:
         if raw.get("constraint") is not None:
             known = {f.name for f in fields(SearchRecord)}
             record = {k: v for k, v in raw.items() if k in known}
-            search = SearchRecord(**record | {"level_ms": tuple(record.get("level_ms") or ())})
+            search = SearchRecord(**record | {"level_ms": tuple(record.get("level_ms") or ()),
+                                              "fp8_level_ms": tuple(record.get("fp8_level_ms") or ())})
         return cls(tuple(int(k) for k in raw["tokens_per_step"]), tuple(float(b) for b in raw["budget_per_step"]), n,
                    tuple(float(t) for t in raw.get("timesteps") or ()), quality, str(raw.get("key", "")),
-                   raw.get("levels"), search)
+                   raw.get("levels"), search, tuple(str(p) for p in raw.get("precision_per_step") or ()))
 
     @classmethod
     def read(cls, path: str | Path) -> Schedule:
@@ -185,6 +258,9 @@ def read_schedules(path: str | Path, steps: int, n: int) -> dict[str, Schedule]:
         raise AstraeaError(f"--schedules {path}: {e}") from None
     if not isinstance(raw, dict):
         raise AstraeaError(f"--schedules {path}: give a schedule.json or a JSON object {{name: [budget per step]}}")
+    if "fp8" in (raw.get("precision_per_step") or ()):
+        raise AstraeaError(f"--schedules {path}: a schedule that mixes precisions (search.precision joint) has no "
+                           "engines or bench rows in this release: give a model-dtype schedule")
     named = {f"searched {raw.get('mean_budget', 0):.0%}": raw["budget_per_step"]} if "budget_per_step" in raw else raw
     out = {}
     for name, budgets in named.items():

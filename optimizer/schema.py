@@ -111,6 +111,13 @@ class SearchSpec:
     cost_from: str | None = spec(None, doc="an astraea-bench bench.json measured on the deployment card, relative to "
                                  "model.yaml: the schedule's time is predicted from its compiled calls by budget and "
                                  "its dense eager step (a speedup target is then that card's), not measured here")
+    precision: str = spec("model", choices=("model", "joint"),
+                          doc="joint (with build.precision fp8 and a speedup target): each step's precision searched "
+                              "with its budget, a gene either a budget level in model.dtype or one in FP8 (a level "
+                              "skipped needs none), timed by the cost model of each; model: every step in the "
+                              "engines' one precision")
+    fp8_cost_from: str | None = spec(None, doc="with precision joint and cost_from: the bench.json of FP8 engines "
+                                     "(build.precision fp8) on the same card, whose compiled rows time the FP8 levels")
 
 
 @dataclass(frozen=True)
@@ -355,11 +362,24 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         raise ConfigError("search.mutation_end", "must not exceed search.mutation_start")
     if se.children > se.population:
         raise ConfigError("search.children", "must not exceed search.population")
-    if se.cost_from is not None:
-        cf = (base / se.cost_from).expanduser()
-        if not cf.is_file():
-            raise ConfigError("search.cost_from", f"{cf} does not exist (give an astraea-bench bench.json)")
-        se = dataclasses.replace(se, cost_from=str(cf.resolve()))
+    for name in ("cost_from", "fp8_cost_from"):
+        if getattr(se, name) is not None:
+            cf = (base / getattr(se, name)).expanduser()
+            if not cf.is_file():
+                raise ConfigError(f"search.{name}", f"{cf} does not exist (give an astraea-bench bench.json)")
+            se = dataclasses.replace(se, **{name: str(cf.resolve())})
+    if se.precision == "joint":
+        if b.precision != "fp8":
+            raise ConfigError("search.precision", "joint searches FP8 steps beside model-dtype ones: set build.precision: "
+                              "fp8 (the FP8 model is calibrated from it)")
+        if t.speedup is None:
+            raise ConfigError("search.precision", "joint needs target.speedup: at a mean budget FP8 saves nothing the "
+                              "target counts and only costs quality")
+        if (se.cost_from is None) != (se.fp8_cost_from is None):
+            raise ConfigError("search.fp8_cost_from", "with precision joint give both cost_from (model dtype) and "
+                              "fp8_cost_from (FP8 engines), or neither (both measured here)")
+    elif se.fp8_cost_from is not None:
+        raise ConfigError("search.fp8_cost_from", "only with search.precision: joint")
     pa, sel = cfg.parallel, cfg.selection
     if pa.ring > 1:
         raise ConfigError("parallel.ring", "ring attention around the query-only op is not built: set 1 and use "

@@ -62,7 +62,7 @@ from .fitness import (
 from .io import read_json, source_hash, stable_hash, write_json
 from .metrics import psnr
 from .proxy import Rescored, rescore
-from .schedule import Quality, Schedule, SearchRecord, level_tokens
+from .schedule import Choices, Quality, Schedule, SearchRecord, level_tokens
 from .schema import RunConfig
 from .tokenwise import TokenwiseProgram, build_programs, compiled, graphed
 
@@ -155,7 +155,7 @@ class Search:
     def _initial(self, rng: np.random.Generator) -> list[Candidate]:
         """The hand-made seeds (seed_schedules, repaired into the band; at most half the
         population, so that random schedules keep it diverse), then random repaired ones."""
-        steps, levels, w = self.cfg.sampling.steps, self.spec.levels, self.spec.gene_steps
+        steps, levels, w = self.cfg.sampling.steps, self.c.levels, self.spec.gene_steps  # c.levels: a gene's values
         seeds = list(dict.fromkeys(repair(s, self.c, rng, w) for s in seed_schedules(self.c, steps, w)))
         pop = seeds[: max(1, self.spec.population // 2)]
         while len(pop) < self.spec.population * 4 and len(set(pop)) < self.spec.population:
@@ -236,7 +236,7 @@ class Search:
                 children, w = [], spec.gene_steps
                 for _ in range(spec.children):
                     a, b = self._tournament(st, rng), self._tournament(st, rng)
-                    child = mutate(crossover(a, b, rng, w), p, spec.levels, rng, w)
+                    child = mutate(crossover(a, b, rng, w), p, self.c.levels, rng, w)
                     children.append(repair(child, self.c, rng, w))
                 self._evaluate(st, children, self._threshold(st), bar)
                 self._select(st, children)
@@ -261,7 +261,7 @@ class Search:
 
     # ---- outputs --------------------------------------------------------------------------
     def write_outputs(self, st: SearchState, cost, timesteps: list[float], rescored: Rescored | None = None,
-                      refined: SearchState | None = None) -> Schedule:
+                      refined: SearchState | None = None, fp8_cost=None) -> Schedule:
         """schedule.json, search.png and schedule.png. With a proxy (`rescored`), the schedule,
         its tokens, MSE and PSNR are the full video's, and the cost adds the re-scoring; with
         a refinement (`refined`, the evolution at the full video after it) the schedule is
@@ -293,17 +293,23 @@ class Search:
         per_sample = {sample.name: {"mse": v, "psnr": psnr(v, sample.peak)} for sample, v in named}
         gpus = max(1, world()) if self.ev.model.device.type == "cuda" else 0
         steps = len(best)
+        choices = self.ev.choices
+        if choices.mixed:  # joint precision: each step at its value's time, of either cost model
+            predicted = sum(choices.step_ms(cost.level_ms, fp8_cost.level_ms)[g] for g in best)
+        else:
+            predicted = cost.schedule_ms(best)
         record = SearchRecord(
             constraint={"kind": self.c.kind, "target": self.c.target, "value": self.c.value(best),
                         "bounds": [self.c.low * self.c.target, self.c.high * self.c.target]},
             cost={"generations": st.generation, "candidates_evaluated": c.candidates, "stopped_early": c.stopped,
                   "steps_executed": c.steps, "transformer_calls": c.transformer_calls, "naive_steps": c.naive_steps,
                   "wall_seconds": c.seconds, "gpus": gpus, "gpu_hours": c.seconds * gpus / 3600},
-            predicted_ms=cost.schedule_ms(best), dense_ms=steps * cost.dense_ms, dense_step_ms=cost.dense_ms,
-            level_ms=tuple(cost.level_ms), device=cost.device, cost_model=cost.key, cost_source=cost.source, proxy=proxy)
+            predicted_ms=predicted, dense_ms=steps * cost.dense_ms, dense_step_ms=cost.dense_ms,
+            level_ms=tuple(cost.level_ms), device=cost.device, cost_model=cost.key, cost_source=cost.source, proxy=proxy,
+            fp8_level_ms=tuple(fp8_cost.level_ms) if choices.mixed else ())
         quality = Quality(fit, float(np.mean([p["psnr"] for p in per_sample.values()])), per_sample)
-        schedule = Schedule.from_levels(best, self.spec.levels, n, timesteps=tuple(timesteps), quality=quality,
-                                        key=self.key, search=record)
+        schedule = Schedule.from_choices(best, choices, n, timesteps=tuple(timesteps), quality=quality,
+                                         key=self.key, search=record)
         if is_main():
             write_json(self.folder / "schedule.json", schedule.to_json())
             full = [(self.c.value(s), self.mean_psnr(s, st)) for s, v in st.memo.items() if len(v) == self.n]
@@ -322,7 +328,8 @@ def search_key(reference_key: str, cfg: RunConfig, constraint: Constraint, backe
     settings = asdict(cfg.search)
     for exact in ("early_stop", "share_prefixes", "prefix_cache_gb", "proxy_min_spearman"):  # not the result
         settings.pop(exact)
-    for late, off in (("compile", False), ("cuda_graphs", False), ("gene_steps", 1)):
+    for late, off in (("compile", False), ("cuda_graphs", False), ("gene_steps", 1), ("precision", "model"),
+                      ("fp8_cost_from", None)):
         if settings[late] == off:  # keys of searches before the setting existed stay valid
             settings.pop(late)
     refine = [settings.pop("refine_generations"), settings.pop("refine_children") or cfg.search.children]
@@ -343,26 +350,35 @@ def faster(programs: dict[int, TokenwiseProgram], spec) -> dict[int, TokenwisePr
 
 
 def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, progress: bool = True,
-         programs: dict[int, TokenwiseProgram] | None = None) -> Schedule:
-    """Search the schedule for cfg.target (or reuse the finished search with the same key)."""
+         programs: dict[int, TokenwiseProgram] | None = None, fp8=None) -> Schedule:
+    """Search the schedule for cfg.target (or reuse the finished search with the same key).
+    fp8: with search.precision joint, the FP8 model (astraea.quantize) and optionally its
+    rewritten programs; each step's precision is then searched with its budget."""
     spec, target = cfg.search, cfg.target
     n = model.layout(cfg.video).video_tokens
     tokens = level_tokens(spec.levels, n)
     programs = programs or build_programs(model, cfg, tokens, progress)
+    joint = spec.precision == "joint"
+    if joint and fp8 is None:
+        raise SearchError("search.precision joint needs the FP8 model (build.precision: fp8)")
+    fp8_model, fp8_programs = (fp8[0], fp8[1] or build_programs(fp8[0], cfg, tokens, progress)) if joint else (None, None)
     # a speedup target searches in milliseconds: every level's cost first; a budget target
     # needs only the chosen schedule's levels, for its predicted time (measured after the search)
     cost = measure_cost(cfg, model, programs, tokens, out_dir, progress) if (
         target.speedup is not None or spec.cost_from) else None
+    fp8_cost = measure_cost(cfg, fp8_model, fp8_programs, tokens, out_dir, progress, fp8=True) if joint else None
+    choices = Choices.joint(spec.levels, cost.level_ms, fp8_cost.level_ms) if joint else Choices.budgets(spec.levels)
     steps = cfg.sampling.steps
     if target.budget is not None:
         c = Constraint("budget", target.budget, spec.repair_low, spec.repair_high, spec.levels)
     elif target.speedup is not None:
         c = Constraint("latency", steps * cost.dense_ms / target.speedup, spec.repair_low, spec.repair_high,
-                       spec.levels, tuple(cost.level_ms))
+                       len(choices), choices.step_ms(cost.level_ms, fp8_cost.level_ms if joint else None))
     else:
         raise SearchError("target: set target.budget (mean budget) or target.speedup for the search")
     c.check_feasible(steps)
-    key_args = (c, "eager", cost.key if spec.cost_from else None, model.identity)
+    cost_keys = None if not spec.cost_from else cost.key if not joint else f"{cost.key}+{fp8_cost.key}"
+    key_args = (c, "eager", cost_keys, model.identity if not joint else model.identity | {"fp8": fp8_model.identity})
     key = search_key(reference.key, cfg, *key_args)
     folder = out_dir / "search" / key
     done = folder / "schedule.json"
@@ -381,8 +397,12 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     fitness_programs = build_programs(model, cfg, tokens, progress, example=batched_example(model, cfg, samples)) \
         if batched else programs
     fitness_programs = faster(fitness_programs, spec)
+    fitness_fp8 = None
+    if joint:
+        fitness_fp8 = faster(build_programs(fp8_model, cfg, tokens, progress, example=batched_example(model, cfg, samples))
+                             if batched else fp8_programs, spec)
     full = Evaluator(model, cfg, fitness_programs, samples, spec.levels, n, cache, spec.share_prefixes,
-                     batch_samples=batched)
+                     batch_samples=batched, choices=choices, fp8_programs=fitness_fp8)
     ev = full
     if spec.proxy_video:  # candidates evaluated at the smaller video, the best re-scored at the full one
         from . import reference as dense
@@ -396,8 +416,10 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         example = batched_example(model, small, small_samples) if batched else None
         small_programs = build_programs(model, small, level_tokens(spec.levels, small_n), progress, example=example)
         small_programs = faster(small_programs, spec)
+        small_fp8 = faster(build_programs(fp8_model, small, level_tokens(spec.levels, small_n), progress,
+                                          example=example), spec) if joint else None
         ev = Evaluator(model, small, small_programs, small_samples, spec.levels, small_n, cache, spec.share_prefixes,
-                       batch_samples=batched)
+                       batch_samples=batched, choices=choices, fp8_programs=small_fp8)
         log.info("search: candidates at the proxy video %s (%d tokens against %d%s); the best %d and %d more re-scored "
                  "at the full video", list(spec.proxy_video), small_n, n,
                  f", {len(small_samples)} samples a batch" if batched else "", spec.rescore, spec.validate)
@@ -411,9 +433,10 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     chosen = refined.population[0][0] if refined else rescored.chosen if rescored else st.population[0][0]
     if cost is None:
         cost = measure_cost(cfg, model, programs, tokens, out_dir, progress, only=set(chosen))
-    schedule = search.write_outputs(st, cost, [float(t) for t in full.samplers[0].timesteps.cpu()], rescored, refined)
+    schedule = search.write_outputs(st, cost, [float(t) for t in full.samplers[0].timesteps.cpu()], rescored, refined,
+                                    fp8_cost)
     if spec.holdout_prompts or spec.holdout_seeds:
-        report = holdout(cfg, model, programs, chosen, out_dir, schedule.quality.psnr, progress)
+        report = holdout(cfg, model, programs, chosen, out_dir, schedule.quality.psnr, progress, choices, fp8_programs)
         schedule = dataclasses.replace(schedule, search=dataclasses.replace(schedule.search, holdout=report))
         if is_main():
             write_json(done, schedule.to_json())
@@ -445,7 +468,7 @@ def _batches(spec, model, samples) -> bool:
 
 
 def holdout(cfg: RunConfig, model, programs, chosen: Candidate, out_dir: Path, search_psnr: float,
-            progress: bool = True) -> dict:
+            progress: bool = True, choices: Choices | None = None, fp8_programs=None) -> dict:
     """The chosen schedule sampled on every (prompt, seed) pair of search.holdout_* that the
     search did not see, against their dense samples: PSNR per sample and the drop from the
     search's own samples."""
@@ -465,7 +488,7 @@ def holdout(cfg: RunConfig, model, programs, chosen: Candidate, out_dir: Path, s
         found = calibration_samples(model, part, dense.run(part, model, out_dir, progress=progress), out_dir / "embeddings")
         samples += [dataclasses.replace(x, name=name) for x, name in zip(found, names, strict=True)]
     n = model.layout(cfg.video).video_tokens
-    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, 0, False)
+    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, 0, False, choices=choices, fp8_programs=fp8_programs)
     mse = ev.evaluate([chosen], math.inf, Counters())[chosen]
     per_sample = {x.name: psnr(v, x.peak) for x, v in zip(samples, mse)}
     mean = float(np.mean(list(per_sample.values())))
@@ -474,11 +497,12 @@ def holdout(cfg: RunConfig, model, programs, chosen: Candidate, out_dir: Path, s
             "per_sample": per_sample, "search_psnr": search_psnr, "drop_db": search_psnr - mean}
 
 
-def measure_cost(cfg, model, programs, tokens, out_dir, progress, only: set[int] | None = None):
-    """The step-latency model: search.cost_from's measured engines, or measured here (`only`
-    these levels)."""
+def measure_cost(cfg, model, programs, tokens, out_dir, progress, only: set[int] | None = None, fp8: bool = False):
+    """The step-latency model: search.cost_from's measured engines (fp8: search.fp8_cost_from's
+    FP8 ones), or measured here on `programs` (`only` these levels)."""
     from .costmodel import from_bench, measure
 
-    if cfg.search.cost_from:
-        return from_bench(cfg.search.cost_from, cfg.search.levels, tokens)
+    path = cfg.search.fp8_cost_from if fp8 else cfg.search.cost_from
+    if path:
+        return from_bench(path, cfg.search.levels, tokens, precision="fp8" if fp8 else "model")
     return measure(cfg, model, programs, tokens, out_dir / "costmodel", progress=progress, only=only)

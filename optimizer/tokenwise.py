@@ -235,15 +235,23 @@ class TensorStep(torch.nn.Module):
 
 
 class TokenwiseTransformer:
-    """Runs `schedule[step]` rows per block at each call; owns the block state."""
+    """Runs `schedule[step]` rows per block at each call; owns the block state. With
+    `precisions` (one a step, "model" or "fp8") a step marked fp8 runs `fp8`'s program of its
+    row count instead: the FP8 model's, whose block state is the same tensors (its Linear
+    layers alone differ), so the steps of both share one state."""
 
-    def __init__(self, programs: dict[int, TokenwiseProgram], schedule: list[int]):
+    def __init__(self, programs: dict[int, TokenwiseProgram], schedule: list[int],
+                 precisions: list[str] | None = None, fp8: dict[int, TokenwiseProgram] | None = None):
         if not schedule or schedule[0] != max(programs):
             raise ValueError("the first step must be dense (budget N): the caches are empty before it")
-        missing = {k for k in schedule if k} - set(programs)
-        if missing:
-            raise ValueError(f"no program for budgets {sorted(missing)}")
-        self.programs, self.schedule = programs, schedule
+        if precisions is not None and len(precisions) != len(schedule):
+            raise ValueError(f"{len(precisions)} precisions for {len(schedule)} steps")
+        marked = precisions or ["model"] * len(schedule)
+        for name, table in (("model", programs), ("fp8", fp8 or {})):
+            missing = {k for k, p in zip(schedule, marked) if k and p == name} - set(table)
+            if missing:
+                raise ValueError(f"no {name} program for budgets {sorted(missing)}")
+        self.programs, self.schedule, self.fp8, self.precisions = programs, schedule, fp8 or {}, marked
         self.step, self.state, self.last = 0, None, None
 
     def reset(self) -> None:
@@ -267,11 +275,11 @@ class TokenwiseTransformer:
 
     @torch.no_grad()
     def __call__(self, **kwargs):
-        k = self.schedule[self.step]
+        k, precision = self.schedule[self.step], self.precisions[self.step]
         self.step += 1
         if k == 0:
             return (self.last,)
-        tp = self.programs[k]
+        tp = (self.fp8 if precision == "fp8" else self.programs)[k]
         flat = tp.flat_inputs(kwargs)
         if self.state is None:
             self.state = self._empty_state(tp, flat)

@@ -169,3 +169,27 @@ def test_the_bundled_models_fp8_is_near_fp32():
     value = psnr(float(((got - want) ** 2).mean()), peak)
     assert 30 < value < 80, value
 
+
+
+def test_a_joint_precision_build_searches_with_both_programs_and_stops_before_engines(tmp_path, capsys):
+    """astraea-build with search.precision joint: refused in one line unless it stops at the
+    search (a schedule mixing precisions has no engines yet); with --until search the FP8
+    model is calibrated, both program sets rewritten, both cost models measured here and
+    recorded with the schedule."""
+    raw = tiny_raw(target={"speedup": 1.5}, sampling={"steps": 4},
+                   search={"levels": 3, "population": 3, "children": 1, "generations": 1, "precision": "joint",
+                           "repair_low": 0.5},
+                   build={"backend": "eager", "precision": "fp8", "fp8_keep": ["proj_out"]})
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    assert build_main([str(path), "--out", str(out), "--quiet"]) == 2
+    assert "search.precision joint: a schedule that mixes precisions has no engines" in capsys.readouterr().err
+    assert not out.exists()
+    assert build_main([str(path), "--out", str(out), "--quiet", "--until", "search"]) == 0
+    assert "and the FP8 model's 2" in capsys.readouterr().err
+    (folder,) = (out / "search").iterdir()
+    schedule = json.loads((folder / "schedule.json").read_text())
+    assert len(schedule["fp8_level_ms"]) == 3 and schedule["fp8_level_ms"][1] > 0
+    assert schedule["predicted_ms"] <= schedule["dense_ms"] / 1.5 * schedule["constraint"]["bounds"][1] / \
+        schedule["constraint"]["target"] + 1e-6

@@ -15,7 +15,7 @@ import torch
 from astraea import config, loader, reference
 from astraea.evolution import crossover, genes, tie
 from astraea.fitness import Counters, Evaluator, batched_example, calibration_samples
-from astraea.schedule import level_tokens
+from astraea.schedule import Schedule, level_tokens, read_schedules
 from astraea.search import (
     Constraint,
     Search,
@@ -27,8 +27,8 @@ from astraea.search import (
     search_key,
     seed_schedules,
 )
-from astraea.tokenwise import build_programs, compiled
-from conftest import interrupt_search_after, tiny_config
+from astraea.tokenwise import TokenwiseTransformer, build_programs, compiled
+from conftest import interrupt_search_after, tiny_config, tiny_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -618,4 +618,140 @@ def test_a_speedup_target_searches_against_the_deployment_cards_calls(tiny, tmp_
     assert plan(speed, model, ref, out, progress=False, programs=programs).key != result["key"]
     raw["search"]["cost_from"] = "missing.json"
     with pytest.raises(config.ConfigError, match="search.cost_from"):
+        config.from_dict(raw, base=tmp_path)
+
+
+# ---- search.precision joint: FP8 steps beside model-dtype ones ---------------------------
+
+def _fp8_model(model):
+    """The tiny model with every block's Linear layers in FP8 (channel scales from the weights
+    themselves, as modelopt's channel calibration takes them; no calibration run needed)."""
+    from astraea import quantize
+
+    names = {n: m for n, m in quantize.candidates(model.transformer).items() if n.startswith("blocks.")}
+    amax = {f"{n}.weight_amax": m.weight.detach().abs().amax(dim=1) for n, m in names.items()}
+    transformer = quantize.convert(model.transformer, amax, set(names))
+    return dataclasses.replace(model, transformer=transformer, identity=model.identity | {"precision": "fp8"})
+
+
+@pytest.fixture(scope="module")
+def fp8_tiny(tiny):
+    """The FP8 model of `tiny` and its programs at every level."""
+    cfg, model, n, *_ = tiny
+    fp8 = _fp8_model(model)
+    return fp8, build_programs(fp8, cfg, level_tokens(LEVELS, n), progress=False)
+
+
+class _Handoff:
+    """The oracle of a mixed-precision run: two plain runners, one a precision, the block state
+    handed from one to the other (snapshot, restore) at every step that changes precision."""
+
+    def __init__(self, programs, fp8_programs, tokens, precisions):
+        self.runners = {"model": TokenwiseTransformer(programs, tokens), "fp8": TokenwiseTransformer(fp8_programs, tokens)}
+        self.precisions, self.step, self.holder = precisions, 0, self.runners["model"]
+
+    def __call__(self, **kwargs):
+        runner = self.runners[self.precisions[self.step]]
+        if runner is not self.holder:
+            runner.restore(self.holder.snapshot())
+        self.step, self.holder = self.step + 1, runner
+        return runner(**kwargs)
+
+
+def test_a_mixed_precision_run_hands_one_block_state_between_its_program_sets(tiny, fp8_tiny):
+    """TokenwiseTransformer with a precision a step runs the FP8 programs where marked over
+    the same block state: it equals two plain runners handing the state over, and differs
+    from both single-precision runs (the marks are not ignored)."""
+    from astraea.sampling import denoise
+
+    cfg, model, n, programs, samples, _ = tiny
+    _, fp8_programs = fp8_tiny
+    k = level_tokens(LEVELS, n)[2]
+    tokens, precisions = [n, k, k, n, 0, k], ["model", "fp8", "model", "fp8", "fp8", "fp8"]
+    assert len(tokens) == STEPS
+    inputs = samples[0].inputs
+
+    def run(runner):
+        return denoise(model, cfg.video, cfg.sampling, inputs, runner)
+
+    got = run(TokenwiseTransformer(programs, tokens, precisions, fp8_programs))
+    torch.testing.assert_close(got, run(_Handoff(programs, fp8_programs, tokens, precisions)), atol=0, rtol=0)
+    for plain in (TokenwiseTransformer(programs, tokens), TokenwiseTransformer(fp8_programs, tokens)):
+        assert (got - run(plain)).abs().max() > 1e-6
+    with pytest.raises(ValueError, match=r"no fp8 program for budgets"):
+        TokenwiseTransformer(programs, tokens, precisions, {n: fp8_programs[n]})
+
+
+def test_a_joint_search_picks_precision_and_budget_per_step_against_both_cost_models(tiny, fp8_tiny, tmp_path):
+    """search.precision joint with a speedup target: each gene a level in the model's dtype or
+    in FP8, timed by cost_from and fp8_cost_from (a card whose FP8 calls are 30% cheaper).
+    The schedule's predicted time is the sum of its steps' times by (level, precision) from
+    the two files and meets the target; its PSNR is the mixed run's against dense; the values
+    are ordered by time with the dense model-dtype step last."""
+    from astraea.metrics import psnr
+    from astraea.sampling import denoise
+    from astraea.schedule import Choices
+
+    cfg, model, n, programs, samples, out = tiny
+    ref = reference.run(cfg, model, out, progress=False)
+    model_ms, big = [1.0, 300.0, 480.0, 640.0, 800.0], 1000
+    fp8_ms = [1.0] + [0.7 * v for v in model_ms[1:]]
+
+    def bench_file(path, ms, tag):
+        rows = [{"method": "dense", "step_ms": {"dense": 1000.0}}]
+        for lv in range(1, LEVELS):
+            k = lv * big // (LEVELS - 1)
+            rows.append({"method": "astraea-compiled", "setting": f"searched{tag}", "cuda_graphs": True,
+                         "tokens_per_step": [big, k, 0],
+                         "step_ms": {"100%": ms[-1], f"{k / big:.0%}": ms[lv], "skip": ms[0]}})
+        path.write_text(json.dumps({"setup": {"video_tokens": big, "device": "H100"}, "rows": rows}))
+
+    bench_file(tmp_path / "bf16.json", model_ms, "")
+    bench_file(tmp_path / "fp8.json", fp8_ms, ", fp8")
+    raw = {k: v for k, v in json.loads(json.dumps(config.to_dict(cfg))).items() if k in config.SECTIONS}
+    raw["target"] = {"speedup": 2.5}
+    raw["build"] = {**raw["build"], "precision": "fp8"}
+    raw["search"] = {**raw["search"], "precision": "joint", "cost_from": "bf16.json", "fp8_cost_from": "fp8.json",
+                     "repair_high": 1.0, "population": 6, "children": 4, "generations": 2}
+    joint = config.from_dict(raw, base=tmp_path)
+    fp8, fp8_programs = fp8_tiny
+    s = plan(joint, model, ref, out, progress=False, programs=programs, fp8=(fp8, fp8_programs))
+    raw_s = s.to_json()
+    assert len(s.precisions) == STEPS and s.precisions[0] == "model" and raw_s["precision_per_step"] == list(s.precisions)
+    levels = [round(b * (LEVELS - 1)) for b in s.budgets]
+    want_ms = sum((fp8_ms if p == "fp8" else model_ms)[v] for v, p in zip(levels, s.precisions))
+    assert s.search.predicted_ms == pytest.approx(want_ms) and want_ms <= STEPS * 1000.0 / 2.5 + 1e-6
+    assert list(s.search.fp8_level_ms) == pytest.approx(fp8_ms)
+    runner = TokenwiseTransformer(programs, list(s.tokens), list(s.precisions), fp8_programs)
+    got = denoise(model, cfg.video, cfg.sampling, samples[0].inputs, runner)
+    value = psnr(float(((got.float() - samples[0].reference) ** 2).mean()), samples[0].peak)
+    assert value == pytest.approx(s.quality.per_sample[samples[0].name]["psnr"], abs=1e-4)
+    choices = Choices.joint(LEVELS, model_ms, fp8_ms)
+    assert choices.options[-1] == (LEVELS - 1, "model") and len(choices) == 2 * LEVELS - 1
+    ms = choices.step_ms(model_ms, fp8_ms)
+    assert list(ms[:-1]) == sorted(ms[:-1]) and choices.options[0] == (0, "model")
+    assert Schedule.from_json(raw_s) == s  # schedule.json keeps the precisions and the FP8 times
+    with pytest.raises(Exception, match="mixes precisions"):
+        (tmp_path / "s.json").write_text(json.dumps(raw_s))
+        read_schedules(tmp_path / "s.json", STEPS, n)
+
+
+def test_joint_precision_is_refused_where_it_cannot_mean_anything(tmp_path):
+    base = {"target": {"speedup": 2.0}, "build": {"precision": "fp8"}, "search": {"precision": "joint"}}
+    tiny_config("wan", "tiny", **base)
+    cases = [({"build": {"precision": "model"}}, "search.precision: joint searches FP8 steps"),
+             ({"target": {"budget": 0.5, "speedup": None}}, "search.precision: joint needs target.speedup"),
+             ({"search": {"precision": "joint", "cost_from": "x.json"}}, "search.cost_from: .* does not exist"),
+             ({"search": {"precision": "model", "fp8_cost_from": str(tmp_path)}}, "search.fp8_cost_from")]
+    for change, message in cases:
+        raw = tiny_raw(**base)
+        for section, values in change.items():
+            raw[section].update(values)
+        raw["target"] = {k: v for k, v in raw["target"].items() if v is not None}
+        with pytest.raises(config.ConfigError, match=message):
+            config.from_dict(raw, base=tmp_path)
+    (tmp_path / "b.json").write_text("{}")
+    raw = tiny_raw(**base)
+    raw["search"]["cost_from"] = "b.json"
+    with pytest.raises(config.ConfigError, match="search.fp8_cost_from: with precision joint give both"):
         config.from_dict(raw, base=tmp_path)
