@@ -190,9 +190,6 @@ def _build(args) -> None:
         why = engines.refusal(cfg)
         if why is not None:
             raise AstraeaError(why)
-        if cfg.search.precision == "joint" and args.until not in ("reference", "rewrite", "search"):
-            raise AstraeaError("search.precision joint: a schedule that mixes precisions has no engines in this "
-                               "release; run astraea-build --until search (or build.precision fp8 or model alone)")
         t = cfg.target
         goal = f"target budget {t.budget}" if t.budget is not None else (
             f"target {t.speedup}x" if t.speedup is not None else "no target (dense reference only)")
@@ -244,7 +241,10 @@ def _build(args) -> None:
     if args.until == "search":
         return
     with stage("engines") as line:
-        manifest = engines.build(cfg, model, programs if one is cfg else {}, schedule, out, progress=not args.quiet)
+        # joint: the model dtype's engines, and the FP8 model's for the steps the search put in FP8
+        mixed = "fp8" in schedule.precisions
+        manifest = engines.build(cfg, dense if joint else model, programs if one is cfg else {}, schedule, out,
+                                 progress=not args.quiet, fp8=(model, fp8[1] if one is cfg else {}) if mixed else None)
         folder = out / "engines"
         par = manifest.build.get("parallel")
         size = sum((folder / (f"rank{par['rank']}" if par else "") / f).stat().st_size for f in manifest.files)

@@ -330,13 +330,15 @@ def _weights_file(folder: Path, weights: dict[str, torch.Tensor], identity: dict
 
 
 def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule: Schedule, out: Path,
-          backend: str | None = None, progress: bool = True, prune: bool = True) -> Manifest:
+          backend: str | None = None, progress: bool = True, prune: bool = True, fp8=None) -> Manifest:
     """Engines for every distinct non-zero budget of `schedule` under <out>/engines, then the
     manifest (under parallel: this rank's, in <out>/engines/rank<r>, the manifest's
     build.parallel recording the world size and mesh; the programs are the rank's).
     prune=False keeps the engine files of earlier builds that this schedule does not use (a
     benchmark's folder, built a schedule at a time: a later schedule finds them by key instead
-    of rebuilding)."""
+    of rebuilding). A schedule that mixes precisions (search.precision joint) needs `fp8`, the
+    FP8 model and its programs ({} to rewrite them): its FP8 steps get the FP8 model's
+    engines, on a weights file of their own (fp8_weights in the manifest)."""
     backend = backend or cfg.build.backend
     why = refusal(cfg, backend)
     if why is not None:
@@ -358,8 +360,12 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         cfg.build.cfg == "auto" and model.family.pipeline_cfg_per_branch))  # CFG parallelism: a branch a rank group
     if per_branch:
         kwargs = one_branch(kwargs)
-    wanted = schedule.row_counts
-    programs = _programs(cfg, model, programs, wanted, per_branch, kwargs, progress)
+    mixed = "fp8" in schedule.precisions
+    if mixed and fp8 is None:
+        raise EngineError("this schedule runs some steps in FP8 (precision_per_step): its engines need the FP8 model")
+    marks = schedule.precisions or ("model",) * schedule.steps
+    wanted = {p: sorted({k for k, m in zip(schedule.tokens, marks) if k and m == p}) for p in ("model", "fp8")}
+    programs = _programs(cfg, model, programs, wanted["model"], per_branch, kwargs, progress)
     any_tp = programs[max(programs)]
     sig = signature(any_tp, kwargs)
     tc = toolchain(model.device)
@@ -367,26 +373,45 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
     weights_file = _weights_file(folder, weights, model.identity)
     flat_weights = [weights[n] for n in sig.weights]
     tensor_inputs = [input_value(kwargs, s.name) for s in sig.inputs]
+    # each call: (rows, precision, its program, its weights in order); the model's own precision:
+    # fp8 for the FP8 model (astraea.quantize marks its identity), else the model dtype
+    own = "fp8" if model.identity.get("precision") == "fp8" else "model"
+    if mixed and own == "fp8":
+        raise EngineError("a schedule that mixes precisions takes the model-dtype model, its FP8 one as fp8")
+    calls = [(k, own, programs[k], sig, flat_weights) for k in wanted["model"]]
+    fp8_weights = None
+    if mixed:
+        fp8_model, fp8_programs = fp8
+        fp8_programs = _programs(cfg, fp8_model, fp8_programs, wanted["fp8"], per_branch, kwargs, progress)
+        fp8_sig = signature(fp8_programs[wanted["fp8"][0]], kwargs)
+        if (fp8_sig.inputs, fp8_sig.state, fp8_sig.constants) != (sig.inputs, sig.state, sig.constants):
+            raise EngineError("the FP8 model's programs take other inputs or block state than the model's: "
+                              "one schedule cannot run both")
+        named = weight_tensors(fp8_programs[wanted["fp8"][0]], fp8_sig.weights)
+        fp8_weights = {"file": _weights_file(folder, named, fp8_model.identity), "order": fp8_sig.weights}
+        calls += [(k, "fp8", fp8_programs[k], fp8_sig, [named[n] for n in fp8_sig.weights]) for k in wanted["fp8"]]
 
     engines, built, timings = {}, [], {}
+    by_call = {}
     (folder / ".partial").mkdir(exist_ok=True)
-    for k in tqdm(wanted, desc=f"engines ({backend})", unit="engine", disable=not progress, leave=False):
-        tp = programs[k]
+    for k, precision, tp, call_sig, call_weights in tqdm(calls, desc=f"engines ({backend})", unit="engine",
+                                                         disable=not progress, leave=False):
         key = stable_hash({"graph": tp.graph.code, "inputs": [s.to_json() for s in sig.inputs],
                            "state": [s.to_json() for s in sig.state], "backend": backend,
-                           "precision": cfg.build.precision, "selection": dataclasses.asdict(cfg.selection),
+                           "precision": precision, "selection": dataclasses.asdict(cfg.selection),
                            "source": source_hash(), "toolchain": tc})
+        by_call[(k, precision)] = key
         name = f"{key}{builder.suffix}"
         io = None
         if backend == "tensorrt":
             from . import onnx_export
 
             io = {"inputs": onnx_export.input_names(sig), "outputs": onnx_export.output_names(sig)}
-        engines[key] = Engine(backend, name, k, io)
+        engines[key] = Engine(backend, name, k, io, "fp8" if precision == "fp8" else "model")
         if (folder / name).is_file():
             continue
         t0 = time.perf_counter()
-        job = Job(key, k, tp, sig, flat_weights, tensor_inputs, folder / ".partial" / name, folder, model.device)
+        job = Job(key, k, tp, call_sig, call_weights, tensor_inputs, folder / ".partial" / name, folder, model.device)
         done = builder.build(job)  # the tmp file keeps the engine's name: it names the archive's inner folder
         timings[key] = time.perf_counter() - t0  # deferred: the time finish() reports is added below
         if done:
@@ -404,8 +429,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         for f in folder.iterdir():
             if f.name.endswith((".pt2", ".plan")) and f.name not in {e.file for e in engines.values()}:
                 f.unlink()
-    by_tokens = {e.tokens: key for key, e in engines.items()}
-    files = [weights_file] + [e.file for e in engines.values()] + extra
+    files = [weights_file] + ([fp8_weights["file"]] if fp8_weights else []) + [e.file for e in engines.values()] + extra
     quality = schedule.quality
     manifest = Manifest(
         model={"family": cfg.model.family, "identity": model.identity,
@@ -413,16 +437,18 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         video={"frames": cfg.video.frames, "height": cfg.video.height, "width": cfg.video.width},
         inputs=sig.inputs, state=sig.state, weights_file=weights_file, weights_order=sig.weights,
         timesteps=schedule.timesteps,
-        steps=tuple(Step(b, k, by_tokens.get(k) if k else None) for b, k in zip(schedule.budgets, schedule.tokens)),
+        steps=tuple(Step(b, k, by_call[(k, own if m == "model" else "fp8")] if k else None)
+                    for b, k, m in zip(schedule.budgets, schedule.tokens, marks)),
         engines=engines, files={f: sha256(folder / f) for f in files}, toolchain=tc | {"source": source_hash()},
-        build={"backend": backend, "precision": cfg.build.precision, "dtype": cfg.model.dtype, "cfg": cfg.build.cfg,
+        build={"backend": backend, "precision": "fp8" if own == "fp8" or mixed else "model", "dtype": cfg.model.dtype,
+               "cfg": cfg.build.cfg,
                "seconds": timings, "rebuilt": built} | ({"parallel": parallel} if parallel else {}),
         constants=sig.constants, state_update=builder.state_update, per_branch=per_branch,
         quality={"mse": None if quality is None else quality.mse, "psnr": None if quality is None else quality.psnr,
                  "mean_budget": schedule.mean_budget, "per_sample": {} if quality is None else quality.per_sample,
                  "search": schedule.key},
         transformer_config={k: v for k, v in dict(model.transformer.config).items() if not k.startswith("_")},
-        schema=SCHEMA_VERSION,
+        schema=SCHEMA_VERSION, fp8_weights=fp8_weights,
     )
     manifest = Manifest.from_json(json.loads(json.dumps(manifest.to_json(), default=str)))  # as it reads back
     manifest.write(folder)

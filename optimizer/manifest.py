@@ -55,6 +55,7 @@ class Engine:
     file: str
     tokens: int  # the rows it computes
     io: dict | None = None  # tensorrt: the plan's input and output tensor names
+    precision: str = "model"  # "fp8": the FP8 model's (its weights: the manifest's fp8_weights where there are any)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Manifest:
     quality: dict = field(default_factory=dict)  # mse, psnr, mean_budget, per_sample, search
     transformer_config: dict = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
+    fp8_weights: dict | None = None  # a folder mixing precisions: {"file", "order"} of its FP8 engines' weights
 
     @property
     def backend(self) -> str:
@@ -95,8 +97,15 @@ class Manifest:
 
     @property
     def by_tokens(self) -> dict[int, str]:
-        """Engine key by the rows it computes."""
-        return {e.tokens: key for key, e in self.engines.items()}
+        """Engine key by the rows it computes (in a folder mixing precisions, the model dtype's)."""
+        return {e.tokens: key for key, e in sorted(self.engines.items(), key=lambda item: item[1].precision == "model")}
+
+    def engine_for(self, tokens: int, precision: str | None = None) -> str | None:
+        """The key of the engine computing `tokens` rows in `precision` (None: the folder's
+        own, the model dtype's where it mixes precisions); None if there is none."""
+        if precision is None or not self.fp8_weights:  # one precision in the folder: the rows alone decide
+            return self.by_tokens.get(tokens)
+        return next((key for key, e in self.engines.items() if e.tokens == tokens and e.precision == precision), None)
 
     def state_bytes(self) -> int:
         """Bytes of block state the runtime keeps (both CFG branches where per branch)."""
@@ -112,6 +121,8 @@ class Manifest:
         raw["steps"] = [dataclasses.asdict(s) for s in self.steps]
         raw["engines"] = {k: {n: v for n, v in dataclasses.asdict(e).items() if v is not None or n != "io"}
                           for k, e in self.engines.items()}
+        if self.fp8_weights is None:  # newer than the format: written only for a folder mixing precisions
+            del raw["fp8_weights"]
         return raw
 
     @classmethod
@@ -123,11 +134,14 @@ class Manifest:
             weights_file=raw["weights"]["file"], weights_order=tuple(raw["weights"]["order"]),
             timesteps=tuple(float(t) for t in raw["timesteps"]),
             steps=tuple(Step(float(s["budget"]), int(s["tokens"]), s["engine"]) for s in raw["steps"]),
-            engines={k: Engine(e["backend"], e["file"], int(e["tokens"]), e.get("io")) for k, e in raw["engines"].items()},
+            engines={k: Engine(e["backend"], e["file"], int(e["tokens"]), e.get("io"), str(e.get("precision", "model")))
+                     for k, e in raw["engines"].items()},
             files=dict(raw["files"]), toolchain=dict(raw["toolchain"]), build=dict(raw["build"]),
             constants=dict(raw.get("constants") or {}), state_update=raw.get("state_update", "functional"),
             per_branch=bool(raw.get("per_branch", False)), quality=dict(raw.get("quality") or {}),
-            transformer_config=dict(raw.get("transformer_config") or {}), schema=int(raw["schema"]))
+            transformer_config=dict(raw.get("transformer_config") or {}), schema=int(raw["schema"]),
+            fp8_weights=None if raw.get("fp8_weights") is None else {"file": raw["fp8_weights"]["file"],
+                                                                    "order": tuple(raw["fp8_weights"]["order"])})
 
     @classmethod
     def read(cls, folder: str | Path, verify: bool = True) -> Manifest:

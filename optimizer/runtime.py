@@ -143,6 +143,10 @@ class EngineTransformer(torch.nn.Module):
         self.steps = list(manifest.steps)
         weights = load_file(str(folder / manifest.weights_file), device=str(device))
         self.weights = [weights[name] for name in manifest.weights_order]
+        self.fp8_weights = None  # a folder mixing precisions: its FP8 engines' own weights (the same names, e4m3)
+        if manifest.fp8_weights:
+            weights = load_file(str(folder / manifest.fp8_weights["file"]), device=str(device))
+            self.fp8_weights = [weights[name] for name in manifest.fp8_weights["order"]]
         t1 = time.perf_counter()
         cache = folder / "inductor-cache.bin"
         if warm and cache.is_file() and "inductor-cache.bin" in manifest.files:
@@ -181,22 +185,26 @@ class EngineTransformer(torch.nn.Module):
         if self.cuda_graphs:  # the allocator forgets a pool once its last graph is gone: capturing
             self._graph_pool = torch.cuda.graph_pool_handle()  # into the old handle again would assert
 
-    def use_schedule(self, tokens: list[int]) -> None:
+    def use_schedule(self, tokens: list[int], precisions: list[str] | None = None) -> None:
         """Run another schedule over the same engines (one folder, several speed/quality
-        points): rows per step, the first dense, 0 reusing the last output. Every non-zero
-        row count needs an engine in the folder. Starts a new generation; in-place engines keep
-        their state buffers and CUDA graphs (an engine's graph does not depend on the schedule)."""
+        points): rows per step, the first dense, 0 reusing the last output; `precisions` (a
+        folder mixing them): "model" or "fp8" a step, else the model dtype's engines. Every
+        non-zero (row count, precision) needs an engine in the folder. Starts a new
+        generation; in-place engines keep their state buffers and CUDA graphs (an engine's
+        graph does not depend on the schedule)."""
         dense = self.manifest.dense_tokens
-        if len(tokens) != len(self.timesteps):
+        if len(tokens) != len(self.timesteps) or (precisions is not None and len(precisions) != len(tokens)):
             raise EngineError(f"a schedule of {len(tokens)} steps; the engines were built for {len(self.timesteps)}")
         if tokens[0] != dense:
             raise EngineError(f"the first step must be dense ({dense} rows): the caches are empty before it")
-        by_tokens = self.manifest.by_tokens
-        missing = sorted({k for k in tokens if k} - set(by_tokens))
+        marks = precisions or [None] * len(tokens)
+        keys = [self.manifest.engine_for(k, p) if k else None for k, p in zip(tokens, marks)]
+        missing = sorted({(k, p or "model") for k, p, key in zip(tokens, marks, keys) if k and key is None})
         if missing:
-            raise EngineError(f"no engine computes {missing} rows (this folder has {sorted(by_tokens)}): "
+            have = sorted((e.tokens, e.precision) for e in self.manifest.engines.values())
+            raise EngineError(f"no engine computes {missing} (rows, precision); this folder has {have}: "
                               "build a schedule that uses them")
-        self.steps = [Step(k / dense, k, by_tokens.get(k) if k else None) for k in tokens]
+        self.steps = [Step(k / dense, k, key) for k, key in zip(tokens, keys)]
         if not self.in_place:
             self.reset()
             return
@@ -291,17 +299,18 @@ class EngineTransformer(torch.nn.Module):
 
     def _call(self, key: str, branch: dict, flat: list) -> tuple:
         engine = self.engines[key]
+        weights = self.fp8_weights if self.fp8_weights and self.manifest.engines[key].precision == "fp8" else self.weights
         graph = branch["graphs"].get(key) if self.cuda_graphs else None
         if graph is None:  # without graphs; or an engine's first call: it compiles, autotunes, sets up cuBLAS and cuDNN
             if self.cuda_graphs:
                 branch["graphs"][key] = "warm"
-            return engine(*self.weights, *flat, *branch["state"])
+            return engine(*weights, *flat, *branch["state"])
         if graph == "warm":  # capture (nothing runs), then replay below
             static = [t.clone() for t in flat]
             cuda_graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize(self.device)
             with torch.cuda.graph(cuda_graph, pool=self._graph_pool):
-                out = engine(*self.weights, *static, *branch["state"])
+                out = engine(*weights, *static, *branch["state"])
             graph = branch["graphs"][key] = (cuda_graph, static, out[0])
         cuda_graph, static, out = graph
         for dst, src in zip(static, flat):

@@ -171,25 +171,49 @@ def test_the_bundled_models_fp8_is_near_fp32():
 
 
 
-def test_a_joint_precision_build_searches_with_both_programs_and_stops_before_engines(tmp_path, capsys):
-    """astraea-build with search.precision joint: refused in one line unless it stops at the
-    search (a schedule mixing precisions has no engines yet); with --until search the FP8
-    model is calibrated, both program sets rewritten, both cost models measured here and
-    recorded with the schedule."""
-    raw = tiny_raw(target={"speedup": 1.5}, sampling={"steps": 4},
-                   search={"levels": 3, "population": 3, "children": 1, "generations": 1, "precision": "joint",
-                           "repair_low": 0.5},
+def _bench_file(path, levels: int, ms: list[float], tag: str) -> str:
+    """An astraea-bench report of a card's compiled calls at every level (ms[level]), rows marked as tag."""
+    big, rows = 1000, [{"method": "dense", "step_ms": {"dense": 1000.0}}]
+    for lv in range(1, levels):
+        k = lv * big // (levels - 1)
+        rows.append({"method": "astraea-compiled", "setting": f"searched{tag}", "cuda_graphs": True,
+                     "tokens_per_step": [big, k, 0], "step_ms": {"100%": ms[-1], f"{k / big:.0%}": ms[lv], "skip": ms[0]}})
+    path.write_text(json.dumps({"setup": {"video_tokens": big, "device": "H100"}, "rows": rows}))
+    return path.name
+
+
+def test_a_joint_precision_build_runs_each_step_in_its_searched_precision(tmp_path, capsys):
+    """astraea-build with search.precision joint, priced by two reports of a card whose FP8
+    calls are 40% cheaper: the FP8 model is calibrated, both program sets rewritten, the
+    search puts some steps in FP8, and the engine folder holds engines of both precisions
+    (the FP8 ones on their own weights file). The runtime's sample is the search's: its PSNR
+    is the one the search measured on the mixed programs."""
+    levels = 3
+    raw = tiny_raw(target={"speedup": 2.0}, sampling={"steps": 4}, bench={"warmup": 0, "repeats": 1},
+                   search={"levels": levels, "population": 4, "children": 2, "generations": 1, "precision": "joint",
+                           "repair_low": 0.5, "cost_from": _bench_file(tmp_path / "bf16.json", levels, [1, 600, 1000], ""),
+                           "fp8_cost_from": _bench_file(tmp_path / "fp8.json", levels, [1, 360, 600], ", fp8")},
                    build={"backend": "eager", "precision": "fp8", "fp8_keep": ["proj_out"]})
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "run"
-    assert build_main([str(path), "--out", str(out), "--quiet"]) == 2
-    assert "search.precision joint: a schedule that mixes precisions has no engines" in capsys.readouterr().err
-    assert not out.exists()
-    assert build_main([str(path), "--out", str(out), "--quiet", "--until", "search"]) == 0
-    assert "and the FP8 model's 2" in capsys.readouterr().err
+    assert build_main([str(path), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "and the FP8 model's 2" in err and " in FP8, PSNR" in err
     (folder,) = (out / "search").iterdir()
     schedule = json.loads((folder / "schedule.json").read_text())
-    assert len(schedule["fp8_level_ms"]) == 3 and schedule["fp8_level_ms"][1] > 0
-    assert schedule["predicted_ms"] <= schedule["dense_ms"] / 1.5 * schedule["constraint"]["bounds"][1] / \
-        schedule["constraint"]["target"] + 1e-6
+    marks = schedule["precision_per_step"]
+    assert "fp8" in [p for p, k in zip(marks, schedule["tokens_per_step"]) if k] and marks[0] == "model"
+    assert schedule["fp8_level_ms"] == [1, 360, 600]
+    manifest = json.loads((out / "engines" / "manifest.json").read_text())
+    engines = manifest["engines"]
+    assert {e["precision"] for e in engines.values()} == {"model", "fp8"} and manifest["fp8_weights"]["file"] in manifest["files"]
+    assert manifest["fp8_weights"]["file"] != manifest["weights"]["file"]
+    steps = [engines[s["engine"]]["precision"] if s["engine"] else None for s in manifest["steps"]]
+    assert steps == [p if k else None for p, k in zip(marks, schedule["tokens_per_step"])]
+    check = json.loads((out / "engines-check.json").read_text())
+    assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-3)
+    have = {(e["tokens"], e["precision"]) for e in engines.values()}
+    k, p = next(c for c in [(9, "fp8"), (18, "fp8"), (9, "model")] if c not in have)
+    with pytest.raises(runtime.EngineError, match=rf"no engine computes \[\({k}, '{p}'\)\]"):
+        runtime.load(out / "engines").use_schedule([18, k, k, k], ["model", p, p, p])
