@@ -254,16 +254,23 @@ def _mean_quality(per_sample: dict) -> dict:
     return out
 
 
-def _share_weights(transformer, module: torch.nn.Module) -> bool:
+def _share_weights(transformer, module: torch.nn.Module, fp8_module: torch.nn.Module | None = None) -> bool:
     """Point the runtime's weights at the model's own tensors (same names, shapes, dtypes),
-    so a benchmark holding both counts the weights once."""
-    own = dict(module.state_dict(keep_vars=True))
-    names = transformer.manifest.weights_order
-    if not all(n in own and own[n].shape == w.shape and own[n].dtype == w.dtype
-               for n, w in zip(names, transformer.weights)):
-        return False
-    transformer.weights = [own[n].detach() for n in names]
-    return True
+    so a benchmark holding both counts the weights once; in a folder mixing precisions the FP8
+    engines' weights at fp8_module's."""
+
+    def point(attr: str, names, source: torch.nn.Module) -> bool:
+        own = dict(source.state_dict(keep_vars=True))
+        if not all(n in own and own[n].shape == w.shape and own[n].dtype == w.dtype
+                   for n, w in zip(names, getattr(transformer, attr))):
+            return False
+        setattr(transformer, attr, [own[n].detach() for n in names])
+        return True
+
+    shared = point("weights", transformer.manifest.weights_order, module)
+    if transformer.fp8_weights is not None and fp8_module is not None:
+        shared = point("fp8_weights", transformer.manifest.fp8_weights["order"], fp8_module) and shared
+    return shared
 
 
 def run_searched(out: Path, timesteps: list[float], n: int) -> dict[str, Schedule]:
@@ -305,14 +312,32 @@ def _dense_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
     torch._dynamo.reset()
 
 
+def _mixed(s: Schedule) -> bool:
+    return "fp8" in s.precisions
+
+
+def _label(bench: Bench, name: str, s: Schedule) -> tuple[str, dict]:
+    """A row's setting and extra fields: a schedule mixing precisions is marked by its FP8 steps
+    (not ", fp8": the FP8 cost model reads those rows) and records its precision a step."""
+    if _mixed(s):
+        return f"{name}, {s.fp8_steps} FP8 steps", {"precision_per_step": list(s.precisions)}
+    return bench.tag(name), {}
+
+
 def _astraea(bench: Bench, plan: Plan) -> Iterator[Method]:
     from .tokenwise import TokenwiseTransformer, build_programs
 
     wanted = sorted({k for s in plan.schedules.values() for k in s.row_counts})
-    programs = build_programs(bench.work, bench.cfg, wanted, bench.progress)
+    programs = build_programs(bench.work, bench.cfg, wanted, bench.progress)  # the FP8 model's with build.precision fp8
+    mixed = sorted({k for s in plan.schedules.values() if _mixed(s) for k in s.row_counts})
+    dense = build_programs(bench.model, bench.cfg, mixed, bench.progress) if mixed else {}  # their model-dtype steps
     for name, s in plan.schedules.items():
-        yield Method("astraea", bench.tag(name), lambda t=list(s.tokens): TokenwiseTransformer(programs, t),
-                     list(s.tokens))
+        label, info = _label(bench, name, s)
+        if _mixed(s):
+            make = lambda t=list(s.tokens), p=list(s.precisions): TokenwiseTransformer(dense, t, p, programs)  # noqa: E731
+        else:
+            make = lambda t=list(s.tokens): TokenwiseTransformer(programs, t)  # noqa: E731
+        yield Method("astraea", label, make, list(s.tokens), info=info)
 
 
 def _astraea_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
@@ -324,15 +349,19 @@ def _astraea_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
     if engines is None:
         from . import runtime
 
-        build_engines(cfg, model, bench.out, plan.schedules, bench.progress)
+        build_engines(cfg, model, bench.out, plan.schedules, bench.progress, dense=bench.model)
         engines = runtime.load(bench.out / "bench" / "engines", model.device, cuda_graphs=cfg.bench.cuda_graphs)
-    shared = _share_weights(engines, model.transformer)
+    mixed_folder = bool(engines.manifest.fp8_weights)  # the model dtype's engines beside the FP8 model's
+    shared = _share_weights(engines, (bench.model if mixed_folder else model).transformer,
+                            model.transformer if mixed_folder else None)
     for name, s in plan.schedules.items():
-        engines.use_schedule(list(s.tokens))
-        label = f"{name}, CUDA graphs" if engines.cuda_graphs else name  # its own row beside the plain one
-        yield Method("astraea-compiled", bench.tag(label), lambda: engines, list(s.tokens),
+        # in a folder mixing precisions a schedule of the FP8 bench's own runs every step in FP8
+        precisions = list(s.precisions) if _mixed(s) else ["fp8"] * s.steps if mixed_folder and bench.fp8 else None
+        engines.use_schedule(list(s.tokens), precisions)
+        label, info = _label(bench, f"{name}, CUDA graphs" if engines.cuda_graphs else name, s)  # beside the plain one
+        yield Method("astraea-compiled", label, lambda: engines, list(s.tokens),
                      info={"backend": engines.manifest.backend, "weights_shared": shared,
-                           "cuda_graphs": engines.cuda_graphs, "state_gib": engines.manifest.state_bytes() / 2**30})
+                           "cuda_graphs": engines.cuda_graphs, "state_gib": engines.manifest.state_bytes() / 2**30} | info)
 
 
 def _peers(bench: Bench, plan: Plan) -> Iterator[Method]:
@@ -438,11 +467,21 @@ def _plan(cfg: RunConfig, model: LoadedModel, out: Path, extra: dict[str, Schedu
         from . import runtime
 
         engines = runtime.load(engine_folder, model.device, cuda_graphs=cfg.bench.cuda_graphs)
-        return Plan({"engines": Schedule.from_tokens([s.tokens for s in engines.manifest.steps], n)}, engines)
+        m = engines.manifest
+        precisions = tuple(m.engines[s.engine].precision if s.engine else "model" for s in m.steps) \
+            if m.fp8_weights else ()
+        return Plan({"engines": Schedule.from_tokens([s.tokens for s in m.steps], n, precisions=precisions)}, engines)
     from .sampling import timesteps
 
     uniform = {f"uniform {b:.0%}": Schedule.uniform(b, steps, levels, n) for b in cfg.bench.budgets}
-    return Plan(uniform | run_searched(out, timesteps(model, steps), n) | (extra or {}))
+    schedules = uniform | run_searched(out, timesteps(model, steps), n) | (extra or {})
+    mixed = [name for name, s in schedules.items() if _mixed(s)]
+    if mixed and cfg.build.precision != "fp8":
+        from .errors import AstraeaError
+
+        raise AstraeaError(f"{mixed[0]!r} runs some steps in FP8 (search.precision joint): time it with build.precision: "
+                           "fp8, which makes the FP8 model")
+    return Plan(schedules)
 
 
 def plan_schedules(cfg: RunConfig, model: LoadedModel, out: Path, extra: dict[str, Schedule] | None = None):
@@ -450,23 +489,40 @@ def plan_schedules(cfg: RunConfig, model: LoadedModel, out: Path, extra: dict[st
     return _plan(cfg, model, out, extra, None).schedules
 
 
-def build_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dict[str, Schedule], progress: bool):
+def build_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dict[str, Schedule], progress: bool,
+                  dense: LoadedModel | None = None):
     """Build (or keep, where its file is there) the engine of every budget level the schedules
     use under <out>/bench/engines; returns the manifest. Engines of earlier invocations stay
     in the folder (one invocation a schedule reuses what another built): astraea-bench
-    --build-only, and the astraea-compiled rows."""
+    --build-only, and the astraea-compiled rows. Schedules that mix precisions (search.precision
+    joint) need `model` the FP8 one (build.precision fp8) and `dense` the model dtype's: the
+    folder then holds the engines of both, each schedule of the FP8 bench's own in FP8."""
     from . import engines
     from .errors import AstraeaError
     from .sampling import timesteps
 
     steps, n = cfg.sampling.steps, model.layout(cfg.video).video_tokens
-    ks = sorted({k for s in schedules.values() for k in s.tokens[1:] if k}, reverse=True) or [n]
-    if len(ks) > steps - 1:
-        raise AstraeaError(f"the schedules use {len(ks)} budget levels, more than one {steps}-step schedule holds "
+    mixed = any(_mixed(s) for s in schedules.values())
+    if mixed and (dense is None or model.identity.get("precision") != "fp8"):
+        raise AstraeaError("a schedule that mixes precisions (precision_per_step) is timed with build.precision: fp8, "
+                           "which makes its FP8 model")
+    own = "fp8" if mixed else "model"  # the precision of a schedule that gives none, in a mixed folder
+    calls = {(k, p) for s in schedules.values()
+             for k, p in zip(s.tokens[1:], (s.precisions or (own,) * s.steps)[1:]) if k}
+    if mixed and any(not _mixed(s) for s in schedules.values()):
+        calls.add((n, "fp8"))  # their dense first step, in FP8
+    calls = sorted(calls, key=lambda c: (-c[0], c[1])) or [(n, "model")]
+    if len(calls) > steps - 1:
+        raise AstraeaError(f"the schedules use {len(calls)} budget levels, more than one {steps}-step schedule holds "
                            "(sampling.steps - 1): time them in several invocations")
-    tokens = [n] + [ks[i % len(ks)] for i in range(steps - 1)]
-    schedule = Schedule.from_tokens(tokens, n, timesteps=tuple(timesteps(model, steps)), key="astraea-bench")
-    manifest = engines.build(cfg, model, {}, schedule, out / "bench", progress=progress, prune=False)
+    picked = [calls[i % len(calls)] for i in range(steps - 1)]
+    schedule = Schedule.from_tokens([n] + [k for k, _ in picked], n, timesteps=tuple(timesteps(model, steps)),
+                                    key="astraea-bench", precisions=("model", *(p for _, p in picked)) if mixed else ())
+    if mixed:
+        manifest = engines.build(cfg, dense, {}, schedule, out / "bench", progress=progress, prune=False,
+                                 fp8=(model, {}))
+    else:
+        manifest = engines.build(cfg, model, {}, schedule, out / "bench", progress=progress, prune=False)
     from .parallel import barrier
 
     barrier()  # under sequence parallelism: every rank's engines in place before any loads the folder

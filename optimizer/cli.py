@@ -452,15 +452,17 @@ def _bench(args) -> None:
                 ref = reference.run(cfg, model, out, progress=not args.quiet)
                 line[0] = f"{len(ref.latents)} sample(s) {'reused' if ref.reused else 'written'}: {ref.folder}"
             with stage("quantize") as line:
-                model, line[0] = _quantize(cfg, model, ref, out, not args.quiet)
+                dense, (model, line[0]) = model, _quantize(cfg, model, ref, out, not args.quiet)
         with stage("engines") as line:
             schedules = bench.plan_schedules(cfg, model, out, extra)
-            manifest = bench.build_engines(cfg, model, out, schedules, progress=not args.quiet)
+            manifest = bench.build_engines(cfg, model, out, schedules, progress=not args.quiet,
+                                           dense=dense if cfg.build.precision == "fp8" else None)
             line[0] = f"{len(manifest.engines)} engine(s), {len(manifest.build['rebuilt'])} built: {out / 'bench' / 'engines'}"
         built = set(manifest.build["rebuilt"])
         for key, e in sorted(manifest.engines.items(), key=lambda item: -item[1].tokens):
             how = f"built in {manifest.build['seconds'][key]:.0f} s" if key in built else "kept"
-            print(f"{out / 'bench' / 'engines' / e.file}: {e.tokens} rows, {how}")
+            fp8 = ", FP8" if manifest.fp8_weights and e.precision == "fp8" else ""  # a folder mixing precisions
+            print(f"{out / 'bench' / 'engines' / e.file}: {e.tokens} rows{fp8}, {how}")
         return
     with stage("bench") as line:
         result = bench.run(cfg, model, out, extra_schedules=extra, engine_folder=engine_folder, progress=not args.quiet)

@@ -91,7 +91,7 @@ def from_bench(path: str | Path, levels: int, tokens: list[int], precision: str 
     """The cost model of `levels` budget levels (`tokens` rows each, for the model searched)
     from an astraea-bench report; raises AstraeaError naming what is missing. precision: the
     compiled rows of the model's dtype, or ("fp8") those of FP8 engines (their setting marked
-    ", fp8": astraea-bench with build.precision fp8)."""
+    ", fp8": astraea-bench with build.precision fp8); rows of schedules mixing precisions are not read."""
     path = Path(path)
     try:
         report = json.loads(path.read_text())
@@ -103,7 +103,7 @@ def from_bench(path: str | Path, levels: int, tokens: list[int], precision: str 
     fp8 = precision == "fp8"
     what = "search.fp8_cost_from" if fp8 else "search.cost_from"
     compiled = [r for r in rows if r.get("method") == "astraea-compiled" and r.get("tokens_per_step")
-                and str(r.get("setting", "")).endswith(", fp8") == fp8]
+                and str(r.get("setting", "")).endswith(", fp8") == fp8 and not r.get("precision_per_step")]
     compiled = [r for r in compiled if r.get("cuda_graphs")] or compiled
     if not dense or not compiled:
         kind = "FP8 astraea-compiled rows (build.precision fp8)" if fp8 else "astraea-compiled rows of the model's dtype"

@@ -258,9 +258,7 @@ def read_schedules(path: str | Path, steps: int, n: int) -> dict[str, Schedule]:
         raise AstraeaError(f"--schedules {path}: {e}") from None
     if not isinstance(raw, dict):
         raise AstraeaError(f"--schedules {path}: give a schedule.json or a JSON object {{name: [budget per step]}}")
-    if "fp8" in (raw.get("precision_per_step") or ()):
-        raise AstraeaError(f"--schedules {path}: a schedule that mixes precisions (search.precision joint) has no "
-                           "engines or bench rows in this release: give a model-dtype schedule")
+    precisions = tuple(raw.get("precision_per_step") or ()) if "budget_per_step" in raw else ()  # joint: a step's
     named = {f"searched {raw.get('mean_budget', 0):.0%}": raw["budget_per_step"]} if "budget_per_step" in raw else raw
     out = {}
     for name, budgets in named.items():
@@ -269,5 +267,8 @@ def read_schedules(path: str | Path, steps: int, n: int) -> dict[str, Schedule]:
             raise AstraeaError(f"--schedules {path}: {name!r} must be {steps} budgets in [0, 1] (one a step)")
         if budgets[0] != 1:
             raise AstraeaError(f"--schedules {path}: {name!r} starts at {budgets[0]}: the first step must be dense (1.0)")
-        out[name] = Schedule.from_budgets(budgets, n, key=name)
+        try:
+            out[name] = Schedule.from_budgets(budgets, n, key=name, precisions=precisions if "fp8" in precisions else ())
+        except ValueError as e:
+            raise AstraeaError(f"--schedules {path}: {e}") from None
     return out

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from astraea import config, loader, plugins, quantize, reference, runtime
-from astraea.cli import build_main
+from astraea.cli import bench_main, build_main
 from astraea.plugins import fp8_linear as f8
 from conftest import tiny_config, tiny_raw
 
@@ -187,7 +187,8 @@ def test_a_joint_precision_build_runs_each_step_in_its_searched_precision(tmp_pa
     calls are 40% cheaper: the FP8 model is calibrated, both program sets rewritten, the
     search puts some steps in FP8, and the engine folder holds engines of both precisions
     (the FP8 ones on their own weights file). The runtime's sample is the search's: its PSNR
-    is the one the search measured on the mixed programs."""
+    is the one the search measured on the mixed programs, in the build's check and in
+    astraea-bench's row of the folder (marked by its FP8 steps, its precision a step recorded)."""
     levels = 3
     raw = tiny_raw(target={"speedup": 2.0}, sampling={"steps": 4}, bench={"warmup": 0, "repeats": 1},
                    search={"levels": levels, "population": 4, "children": 2, "generations": 1, "precision": "joint",
@@ -213,6 +214,10 @@ def test_a_joint_precision_build_runs_each_step_in_its_searched_precision(tmp_pa
     assert steps == [p if k else None for p, k in zip(marks, schedule["tokens_per_step"])]
     check = json.loads((out / "engines-check.json").read_text())
     assert check["psnr"] == pytest.approx(schedule["per_sample"]["p0_s0"]["psnr"], abs=1e-3)
+    assert bench_main([str(out / "engines"), "--methods", "dense", "astraea-compiled", "--quiet"]) == 0
+    (row,) = [r for r in json.loads((out / "bench" / "bench.json").read_text())["rows"] if r["method"] == "astraea-compiled"]
+    assert row["precision_per_step"] == marks and row["setting"].endswith(f"{sum(p == 'fp8' for p in marks)} FP8 steps")
+    assert row["psnr_latent"] == pytest.approx(check["psnr"], abs=1e-3)  # the bench's dense eager sample: the reference's
     have = {(e["tokens"], e["precision"]) for e in engines.values()}
     k, p = next(c for c in [(9, "fp8"), (18, "fp8"), (9, "model")] if c not in have)
     with pytest.raises(runtime.EngineError, match=rf"no engine computes \[\({k}, '{p}'\)\]"):
