@@ -280,7 +280,7 @@ def run_searched(out: Path, timesteps: list[float], n: int) -> dict[str, Schedul
         s = Schedule.read(path)
         if s.video_tokens == n and len(s.timesteps) == len(timesteps) and all(
                 abs(a - b) < 1e-3 for a, b in zip(s.timesteps, timesteps)):
-            found[s.name()] = s
+            found[s.name() + (" joint" if _mixed(s) else "")] = s  # a joint search beside a plain one of its budget
     return found
 
 

@@ -406,7 +406,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         if backend == "tensorrt":
             from . import onnx_export
 
-            io = {"inputs": onnx_export.input_names(sig), "outputs": onnx_export.output_names(sig)}
+            io = {"inputs": onnx_export.input_names(call_sig), "outputs": onnx_export.output_names(call_sig)}
         engines[key] = Engine(backend, name, k, io, "fp8" if precision == "fp8" else "model")
         if (folder / name).is_file():
             continue

@@ -259,7 +259,8 @@ def read_schedules(path: str | Path, steps: int, n: int) -> dict[str, Schedule]:
     if not isinstance(raw, dict):
         raise AstraeaError(f"--schedules {path}: give a schedule.json or a JSON object {{name: [budget per step]}}")
     precisions = tuple(raw.get("precision_per_step") or ()) if "budget_per_step" in raw else ()  # joint: a step's
-    named = {f"searched {raw.get('mean_budget', 0):.0%}": raw["budget_per_step"]} if "budget_per_step" in raw else raw
+    joint = " joint" if "fp8" in precisions else ""
+    named = {f"searched {raw.get('mean_budget', 0):.0%}{joint}": raw["budget_per_step"]} if "budget_per_step" in raw else raw
     out = {}
     for name, budgets in named.items():
         if not isinstance(budgets, list) or len(budgets) != steps or not all(

@@ -250,7 +250,7 @@ class TokenwiseTransformer:
         for name, table in (("model", programs), ("fp8", fp8 or {})):
             missing = {k for k, p in zip(schedule, marked) if k and p == name} - set(table)
             if missing:
-                raise ValueError(f"no {name} program for budgets {sorted(missing)}")
+                raise ValueError(f"no {'' if name == 'model' else 'fp8 '}program for budgets {sorted(missing)}")
         self.programs, self.schedule, self.fp8, self.precisions = programs, schedule, fp8 or {}, marked
         self.step, self.state, self.last = 0, None, None
 
