@@ -46,6 +46,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import report
+from .benchplan import (  # noqa: F401  build_engines, plan_schedules: astraea-bench --build-only's
+    Plan,
+    build_engines,
+    invocation_plan,
+    plan_schedules,
+    share_weights,
+)
 from .families import LoadedModel
 from .fitness import is_main
 from .io import stable_hash
@@ -254,45 +261,6 @@ def _mean_quality(per_sample: dict) -> dict:
     return out
 
 
-def _share_weights(transformer, module: torch.nn.Module, fp8_module: torch.nn.Module | None = None) -> bool:
-    """Point the runtime's weights at the model's own tensors (same names, shapes, dtypes),
-    so a benchmark holding both counts the weights once; in a folder mixing precisions the FP8
-    engines' weights at fp8_module's."""
-
-    def point(attr: str, names, source: torch.nn.Module) -> bool:
-        own = dict(source.state_dict(keep_vars=True))
-        if not all(n in own and own[n].shape == w.shape and own[n].dtype == w.dtype
-                   for n, w in zip(names, getattr(transformer, attr))):
-            return False
-        setattr(transformer, attr, [own[n].detach() for n in names])
-        return True
-
-    shared = point("weights", transformer.manifest.weights_order, module)
-    if transformer.fp8_weights is not None and fp8_module is not None:
-        shared = point("fp8_weights", transformer.manifest.fp8_weights["order"], fp8_module) and shared
-    return shared
-
-
-def run_searched(out: Path, timesteps: list[float], n: int) -> dict[str, Schedule]:
-    """The run folder's finished searches for these timesteps and this N."""
-    found = {}
-    for path in sorted((out / "search").glob("*/schedule.json")):
-        s = Schedule.read(path)
-        if s.video_tokens == n and len(s.timesteps) == len(timesteps) and all(
-                abs(a - b) < 1e-3 for a, b in zip(s.timesteps, timesteps)):
-            found[s.name() + (" joint" if _mixed(s) else "")] = s  # a joint search beside a plain one of its budget
-    return found
-
-
-@dataclass
-class Plan:
-    """What one invocation measures: the schedules of the Astraea rows and, given an engine
-    folder, its loaded engines."""
-
-    schedules: dict[str, Schedule]
-    engines: object | None = None  # runtime.EngineTransformer
-
-
 # ---- the methods: each yields the Method of every row it measures ------------------------
 
 def _dense_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
@@ -312,14 +280,10 @@ def _dense_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
     torch._dynamo.reset()
 
 
-def _mixed(s: Schedule) -> bool:
-    return "fp8" in s.precisions
-
-
 def _label(bench: Bench, name: str, s: Schedule) -> tuple[str, dict]:
     """A row's setting and extra fields: a schedule mixing precisions is marked by its FP8 steps
     (not ", fp8": the FP8 cost model reads those rows) and records its precision a step."""
-    if _mixed(s):
+    if s.mixed:
         return f"{name}, {s.fp8_steps} FP8 steps", {"precision_per_step": list(s.precisions)}
     return bench.tag(name), {}
 
@@ -329,11 +293,11 @@ def _astraea(bench: Bench, plan: Plan) -> Iterator[Method]:
 
     wanted = sorted({k for s in plan.schedules.values() for k in s.row_counts})
     programs = build_programs(bench.work, bench.cfg, wanted, bench.progress)  # the FP8 model's with build.precision fp8
-    mixed = sorted({k for s in plan.schedules.values() if _mixed(s) for k in s.row_counts})
+    mixed = sorted({k for s in plan.schedules.values() if s.mixed for k in s.row_counts})
     dense = build_programs(bench.model, bench.cfg, mixed, bench.progress) if mixed else {}  # their model-dtype steps
     for name, s in plan.schedules.items():
         label, info = _label(bench, name, s)
-        if _mixed(s):
+        if s.mixed:
             make = lambda t=list(s.tokens), p=list(s.precisions): TokenwiseTransformer(dense, t, p, programs)  # noqa: E731
         else:
             make = lambda t=list(s.tokens): TokenwiseTransformer(programs, t)  # noqa: E731
@@ -352,11 +316,11 @@ def _astraea_compiled(bench: Bench, plan: Plan) -> Iterator[Method]:
         build_engines(cfg, model, bench.out, plan.schedules, bench.progress, dense=bench.model)
         engines = runtime.load(bench.out / "bench" / "engines", model.device, cuda_graphs=cfg.bench.cuda_graphs)
     mixed_folder = bool(engines.manifest.fp8_weights)  # the model dtype's engines beside the FP8 model's
-    shared = _share_weights(engines, (bench.model if mixed_folder else model).transformer,
+    shared = share_weights(engines, (bench.model if mixed_folder else model).transformer,
                             model.transformer if mixed_folder else None)
     for name, s in plan.schedules.items():
         # in a folder mixing precisions a schedule of the FP8 bench's own runs every step in FP8
-        precisions = list(s.precisions) if _mixed(s) else ["fp8"] * s.steps if mixed_folder and bench.fp8 else None
+        precisions = list(s.precisions) if s.mixed else ["fp8"] * s.steps if mixed_folder and bench.fp8 else None
         engines.use_schedule(list(s.tokens), precisions)
         label, info = _label(bench, f"{name}, CUDA graphs" if engines.cuda_graphs else name, s)  # beside the plain one
         yield Method("astraea-compiled", label, lambda: engines, list(s.tokens),
@@ -433,7 +397,7 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
             log.info("parallel: %s not measured (one-GPU rows: run them without parallel)", ", ".join(skipped))
         methods = tuple(m for m in methods if m in PARALLEL_METHODS)
     bench = Bench(cfg, model, out, progress)
-    plan = _plan(cfg, model, out, extra_schedules, engine_folder)
+    plan = invocation_plan(cfg, model, out, extra_schedules, engine_folder)
     todo = list(dict.fromkeys(("dense", *methods)))
     bar = tqdm(total=len(todo), desc="astraea-bench", unit="method", disable=not progress, leave=False)
     setup = bench.setup = _setup(cfg, model, bench)
@@ -458,75 +422,6 @@ def run(cfg: RunConfig, model: LoadedModel, out: Path, methods: tuple[str, ...] 
     if is_main():  # under torchrun every rank measured in step; rank 0 writes
         report.write(result, out / "bench")
     return result
-
-
-def _plan(cfg: RunConfig, model: LoadedModel, out: Path, extra: dict[str, Schedule] | None,
-          engine_folder: Path | None) -> Plan:
-    steps, levels, n = cfg.sampling.steps, cfg.search.levels, model.layout(cfg.video).video_tokens
-    if engine_folder is not None:  # the folder's own schedule
-        from . import runtime
-
-        engines = runtime.load(engine_folder, model.device, cuda_graphs=cfg.bench.cuda_graphs)
-        m = engines.manifest
-        precisions = tuple(m.engines[s.engine].precision if s.engine else "model" for s in m.steps) \
-            if m.fp8_weights else ()
-        return Plan({"engines": Schedule.from_tokens([s.tokens for s in m.steps], n, precisions=precisions)}, engines)
-    from .sampling import timesteps
-
-    uniform = {f"uniform {b:.0%}": Schedule.uniform(b, steps, levels, n) for b in cfg.bench.budgets}
-    schedules = uniform | run_searched(out, timesteps(model, steps), n) | (extra or {})
-    mixed = [name for name, s in schedules.items() if _mixed(s)]
-    if mixed and cfg.build.precision != "fp8":
-        from .errors import AstraeaError
-
-        raise AstraeaError(f"{mixed[0]!r} runs some steps in FP8 (search.precision joint): time it with build.precision: "
-                           "fp8, which makes the FP8 model")
-    return Plan(schedules)
-
-
-def plan_schedules(cfg: RunConfig, model: LoadedModel, out: Path, extra: dict[str, Schedule] | None = None):
-    """The schedules an invocation without an engine folder measures (uniform, searched, given)."""
-    return _plan(cfg, model, out, extra, None).schedules
-
-
-def build_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dict[str, Schedule], progress: bool,
-                  dense: LoadedModel | None = None):
-    """Build (or keep, where its file is there) the engine of every budget level the schedules
-    use under <out>/bench/engines; returns the manifest. Engines of earlier invocations stay
-    in the folder (one invocation a schedule reuses what another built): astraea-bench
-    --build-only, and the astraea-compiled rows. Schedules that mix precisions (search.precision
-    joint) need `model` the FP8 one (build.precision fp8) and `dense` the model dtype's: the
-    folder then holds the engines of both, each schedule of the FP8 bench's own in FP8."""
-    from . import engines
-    from .errors import AstraeaError
-    from .sampling import timesteps
-
-    steps, n = cfg.sampling.steps, model.layout(cfg.video).video_tokens
-    mixed = any(_mixed(s) for s in schedules.values())
-    if mixed and (dense is None or model.identity.get("precision") != "fp8"):
-        raise AstraeaError("a schedule that mixes precisions (precision_per_step) is timed with build.precision: fp8, "
-                           "which makes its FP8 model")
-    own = "fp8" if mixed else "model"  # the precision of a schedule that gives none, in a mixed folder
-    calls = {(k, p) for s in schedules.values()
-             for k, p in zip(s.tokens[1:], (s.precisions or (own,) * s.steps)[1:]) if k}
-    if mixed and any(not _mixed(s) for s in schedules.values()):
-        calls.add((n, "fp8"))  # their dense first step, in FP8
-    calls = sorted(calls, key=lambda c: (-c[0], c[1])) or [(n, "model")]
-    if len(calls) > steps - 1:
-        raise AstraeaError(f"the schedules use {len(calls)} budget levels, more than one {steps}-step schedule holds "
-                           "(sampling.steps - 1): time them in several invocations")
-    picked = [calls[i % len(calls)] for i in range(steps - 1)]
-    schedule = Schedule.from_tokens([n] + [k for k, _ in picked], n, timesteps=tuple(timesteps(model, steps)),
-                                    key="astraea-bench", precisions=("model", *(p for _, p in picked)) if mixed else ())
-    if mixed:
-        manifest = engines.build(cfg, dense, {}, schedule, out / "bench", progress=progress, prune=False,
-                                 fp8=(model, {}))
-    else:
-        manifest = engines.build(cfg, model, {}, schedule, out / "bench", progress=progress, prune=False)
-    from .parallel import barrier
-
-    barrier()  # under sequence parallelism: every rank's engines in place before any loads the folder
-    return manifest
 
 
 def _setup(cfg: RunConfig, model: LoadedModel, bench: Bench) -> dict:

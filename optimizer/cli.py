@@ -224,12 +224,10 @@ def _build(args) -> None:
     joint = cfg.search.precision == "joint"  # the model-dtype programs beside the FP8 ones, a precision a step
     with stage("rewrite") as line:
         programs, line[0] = _rewrite(one, dense if joint else model, layout, out, args.dump_graphs, not args.quiet)
-        fp8 = None
-        if joint:
-            from .tokenwise import build_programs
+        from .tokenwise import build_programs
 
-            fp8 = (model, build_programs(model, one, sorted(programs), not args.quiet))
-            line[0] += f"; and the FP8 model's {len(fp8[1])}"
+        fp8 = (model, build_programs(model, one, sorted(programs), not args.quiet)) if joint else None
+        line[0] += f"; and the FP8 model's {len(fp8[1])}" if joint else ""
     from . import search
 
     if args.until == "rewrite":
@@ -317,9 +315,7 @@ def _search_line(schedule, out: Path) -> str:
                 log.info("refined at the full video: %d generations, %d candidates in %.0f s, %.2f -> %.2f dB",
                          f["generations"], f["candidates"], f["seconds"], f["start_psnr"], f["psnr"])
     psnr = schedule.quality.psnr if schedule.quality else float("nan")
-    if schedule.precisions:
-        log.info("precision per step: %s", " ".join("f" if p == "fp8" else "m" for p in schedule.precisions))
-    fp8 = f", {schedule.fp8_steps} in FP8" if schedule.precisions else ""
+    fp8 = f", {schedule.fp8_steps} in FP8" if schedule.mixed else ""  # which: schedule.json's precision_per_step
     return (f"mean budget {schedule.mean_budget:.3f}, {schedule.skipped} skipped step(s){fp8}, PSNR {psnr:.2f} dB "
             f"against dense{speed}: {out / 'search' / schedule.key / 'schedule.json'}")
 

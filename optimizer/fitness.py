@@ -17,11 +17,14 @@ batch and `gather` merges the results.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .metrics import psnr
@@ -30,6 +33,7 @@ from .schedule import Choices, level_tokens
 from .schema import RunConfig
 from .tokenwise import TokenwiseProgram, TokenwiseTransformer, build_programs
 
+log = logging.getLogger("astraea")
 Candidate = tuple[int, ...]  # one budget level per step
 
 
@@ -273,3 +277,32 @@ def is_main() -> bool:
 
     return world() == 1 or dist.get_rank() == 0
 
+
+def holdout(cfg: RunConfig, model, programs, chosen: Candidate, out_dir: Path, search_psnr: float,
+            progress: bool = True, choices: Choices | None = None, fp8_programs=None) -> dict:
+    """The chosen schedule sampled on every (prompt, seed) pair of search.holdout_* that the
+    search did not see, against their dense samples: PSNR per sample and the drop from the
+    search's own samples."""
+    from . import reference as dense
+
+    s, spec = cfg.sampling, cfg.search
+    prompts, seeds = tuple(s.prompts) + tuple(spec.holdout_prompts), (*s.seeds, *spec.holdout_seeds)
+    # dense references of the unseen pairs only: every prompt with the new seeds, and the new
+    # prompts (numbered after the search's) with its seeds
+    groups = [(prompts, tuple(spec.holdout_seeds), 0), (tuple(spec.holdout_prompts), tuple(s.seeds), len(s.prompts))]
+    samples = []
+    for group_prompts, group_seeds, first in groups:
+        if not group_prompts or not group_seeds:
+            continue
+        part = dataclasses.replace(cfg, sampling=dataclasses.replace(s, prompts=group_prompts, seeds=group_seeds))
+        names = [dense.sample_name(first + i, seed) for i in range(len(group_prompts)) for seed in group_seeds]
+        found = calibration_samples(model, part, dense.run(part, model, out_dir, progress=progress), out_dir / "embeddings")
+        samples += [dataclasses.replace(x, name=name) for x, name in zip(found, names, strict=True)]
+    n = model.layout(cfg.video).video_tokens
+    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, 0, False, choices=choices, fp8_programs=fp8_programs)
+    mse = ev.evaluate([chosen], math.inf, Counters())[chosen]
+    per_sample = {x.name: psnr(v, x.peak) for x, v in zip(samples, mse)}
+    mean = float(np.mean(list(per_sample.values())))
+    log.info("search: on %d held-out samples %.2f dB (%.2f dB on the search's own)", len(samples), mean, search_psnr)
+    return {"prompts": list(prompts), "seeds": list(seeds), "psnr": mean,
+            "per_sample": per_sample, "search_psnr": search_psnr, "drop_db": search_psnr - mean}

@@ -193,6 +193,11 @@ class Schedule:
         return sum(k == 0 for k in self.tokens)
 
     @property
+    def mixed(self) -> bool:
+        """Whether some steps run in FP8 (search.precision joint)."""
+        return "fp8" in self.precisions
+
+    @property
     def fp8_steps(self) -> int:
         """Steps that compute in FP8 (a skipped step computes nothing)."""
         return sum(p == "fp8" and k > 0 for p, k in zip(self.precisions, self.tokens))

@@ -54,6 +54,7 @@ from .fitness import (
     encode,
     fitness_of,
     gather,
+    holdout,
     is_main,
     ranking,
     shard,
@@ -465,36 +466,6 @@ def _batches(spec, model, samples) -> bool:
     """Whether a candidate's samples run as one batch (search.batch_samples; not with a
     stochastic scheduler, whose noise a batch would draw differently)."""
     return spec.batch_samples and len(samples) > 1 and not model.family.stochastic(model.scheduler)
-
-
-def holdout(cfg: RunConfig, model, programs, chosen: Candidate, out_dir: Path, search_psnr: float,
-            progress: bool = True, choices: Choices | None = None, fp8_programs=None) -> dict:
-    """The chosen schedule sampled on every (prompt, seed) pair of search.holdout_* that the
-    search did not see, against their dense samples: PSNR per sample and the drop from the
-    search's own samples."""
-    from . import reference as dense
-
-    s, spec = cfg.sampling, cfg.search
-    prompts, seeds = tuple(s.prompts) + tuple(spec.holdout_prompts), (*s.seeds, *spec.holdout_seeds)
-    # dense references of the unseen pairs only: every prompt with the new seeds, and the new
-    # prompts (numbered after the search's) with its seeds
-    groups = [(prompts, tuple(spec.holdout_seeds), 0), (tuple(spec.holdout_prompts), tuple(s.seeds), len(s.prompts))]
-    samples = []
-    for group_prompts, group_seeds, first in groups:
-        if not group_prompts or not group_seeds:
-            continue
-        part = dataclasses.replace(cfg, sampling=dataclasses.replace(s, prompts=group_prompts, seeds=group_seeds))
-        names = [dense.sample_name(first + i, seed) for i in range(len(group_prompts)) for seed in group_seeds]
-        found = calibration_samples(model, part, dense.run(part, model, out_dir, progress=progress), out_dir / "embeddings")
-        samples += [dataclasses.replace(x, name=name) for x, name in zip(found, names, strict=True)]
-    n = model.layout(cfg.video).video_tokens
-    ev = Evaluator(model, cfg, programs, samples, spec.levels, n, 0, False, choices=choices, fp8_programs=fp8_programs)
-    mse = ev.evaluate([chosen], math.inf, Counters())[chosen]
-    per_sample = {x.name: psnr(v, x.peak) for x, v in zip(samples, mse)}
-    mean = float(np.mean(list(per_sample.values())))
-    log.info("search: on %d held-out samples %.2f dB (%.2f dB on the search's own)", len(samples), mean, search_psnr)
-    return {"prompts": list(prompts), "seeds": list(seeds), "psnr": mean,
-            "per_sample": per_sample, "search_psnr": search_psnr, "drop_db": search_psnr - mean}
 
 
 def measure_cost(cfg, model, programs, tokens, out_dir, progress, only: set[int] | None = None, fp8: bool = False):
