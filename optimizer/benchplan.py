@@ -18,10 +18,10 @@ from .schema import RunConfig
 def share_weights(transformer, module: torch.nn.Module, fp8_module: torch.nn.Module | None = None) -> bool:
     """Point the runtime's weights at the model's own tensors (same names, shapes, dtypes),
     so a benchmark holding both counts the weights once; in a folder mixing precisions the FP8
-    engines' weights at fp8_module's."""
+    engines' weights at fp8_module's. True when every weight is the model's own tensor."""
 
     def point(attr: str, names, source: torch.nn.Module) -> bool:
-        own = dict(source.state_dict(keep_vars=True))
+        own = dict(source.named_parameters()) | dict(source.named_buffers())  # non-persistent ones too (Wan's rope)
         if not all(n in own and own[n].shape == w.shape and own[n].dtype == w.dtype
                    for n, w in zip(names, getattr(transformer, attr))):
             return False

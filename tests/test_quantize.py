@@ -218,6 +218,7 @@ def test_a_joint_precision_build_runs_each_step_in_its_searched_precision(tmp_pa
     (row,) = [r for r in json.loads((out / "bench" / "bench.json").read_text())["rows"] if r["method"] == "astraea-compiled"]
     assert row["precision_per_step"] == marks and row["setting"].endswith(f"{sum(p == 'fp8' for p in marks)} FP8 steps")
     assert row["psnr_latent"] == pytest.approx(check["psnr"], abs=1e-3)  # the bench's dense eager sample: the reference's
+    assert row["weights_shared"]  # both weight sets are the bench's models' own tensors (counted once)
     have = {(e["tokens"], e["precision"]) for e in engines.values()}
     k, p = next(c for c in [(9, "fp8"), (18, "fp8"), (9, "model")] if c not in have)
     with pytest.raises(runtime.EngineError, match=rf"no engine computes \[\({k}, '{p}'\)\]"):
