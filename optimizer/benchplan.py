@@ -111,7 +111,7 @@ def build_engines(cfg: RunConfig, model: LoadedModel, out: Path, schedules: dict
                            "(sampling.steps - 1): time them in several invocations")
     picked = [calls[i % len(calls)] for i in range(steps - 1)]
     schedule = Schedule.from_tokens([n] + [k for k, _ in picked], n, timesteps=tuple(timesteps(model, steps)),
-                                    key="astraea-bench", precisions=("model", *(p for _, p in picked)) if mixed else ())
+                                    key="astraea-bench", precisions=("model", *(p for _, p in picked)))
     if mixed:
         manifest = engines.build(cfg, dense, {}, schedule, out / "bench", progress=progress, prune=False,
                                  fp8=(model, {}))

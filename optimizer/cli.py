@@ -240,9 +240,9 @@ def _build(args) -> None:
         return
     with stage("engines") as line:
         # joint: the model dtype's engines, and the FP8 model's for the steps the search put in FP8
-        mixed = "fp8" in schedule.precisions
         manifest = engines.build(cfg, dense if joint else model, programs if one is cfg else {}, schedule, out,
-                                 progress=not args.quiet, fp8=(model, fp8[1] if one is cfg else {}) if mixed else None)
+                                 progress=not args.quiet,
+                                 fp8=(model, fp8[1] if one is cfg else {}) if schedule.mixed else None)
         folder = out / "engines"
         par = manifest.build.get("parallel")
         size = sum((folder / (f"rank{par['rank']}" if par else "") / f).stat().st_size for f in manifest.files)

@@ -170,19 +170,24 @@ class AotiBuilder(Builder):
         super().__init__(cfg, progress)
         self.pool: list[Job] = []  # with build.jobs > 1: exported and compiled in finish()
 
+    @staticmethod
+    def _compile_here(job: Job) -> float:
+        """AOTInductor on job's program in this process; its seconds."""
+        t0 = time.perf_counter()
+        _aoti_compile(job.exported(decompose=True), str(job.tmp), _cxx_patch(job.device))
+        return time.perf_counter() - t0
+
     def build(self, job: Job) -> bool:
         if self.cfg.build.jobs > 1:
             self.pool.append(job)
             return False
-        _aoti_compile(job.exported(decompose=True), str(job.tmp), _cxx_patch(job.device))
+        self._compile_here(job)
         return True
 
     def finish(self) -> Iterable[tuple[Job, float]]:
         if len(self.pool) == 1:  # one program: no worker to start
             job, = self.pool
-            t0 = time.perf_counter()
-            _aoti_compile(job.exported(decompose=True), str(job.tmp), _cxx_patch(job.device))
-            return [(job, time.perf_counter() - t0)]
+            return [(job, self._compile_here(job))]
         return _compile_aoti_in_workers(self.pool, self.cfg.build.jobs, self.progress) if self.pool else []
 
 
@@ -360,7 +365,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
         cfg.build.cfg == "auto" and model.family.pipeline_cfg_per_branch))  # CFG parallelism: a branch a rank group
     if per_branch:
         kwargs = one_branch(kwargs)
-    mixed = "fp8" in schedule.precisions
+    mixed = schedule.mixed
     if mixed and fp8 is None:
         raise EngineError("this schedule runs some steps in FP8 (precision_per_step): its engines need the FP8 model")
     marks = schedule.precisions or ("model",) * schedule.steps
@@ -407,7 +412,7 @@ def build(cfg: RunConfig, model, programs: dict[int, TokenwiseProgram], schedule
             from . import onnx_export
 
             io = {"inputs": onnx_export.input_names(call_sig), "outputs": onnx_export.output_names(call_sig)}
-        engines[key] = Engine(backend, name, k, io, "fp8" if precision == "fp8" else "model")
+        engines[key] = Engine(backend, name, k, io, precision)
         if (folder / name).is_file():
             continue
         t0 = time.perf_counter()

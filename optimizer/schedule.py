@@ -137,6 +137,8 @@ class Schedule:
             raise ValueError(f"the first step must be dense ({self.video_tokens} rows): the caches are empty before it")
         if self.precisions and (len(self.precisions) != len(self.tokens) or not set(self.precisions) <= set(PRECISIONS)):
             raise ValueError(f"precision_per_step: one of {', '.join(PRECISIONS)} a step ({len(self.tokens)} steps)")
+        if "fp8" not in self.precisions:  # every step in the model's dtype: as a schedule that gives none
+            object.__setattr__(self, "precisions", ())
 
     # ---- how it is made --------------------------------------------------------------------
     @classmethod
@@ -153,11 +155,9 @@ class Schedule:
 
     @classmethod
     def from_choices(cls, values, choices: Choices, n: int, **kw) -> Schedule:
-        """A searched schedule: each step's gene value in `choices` (its level and precision;
-        no precisions kept when every step is in the model's dtype)."""
-        precisions = tuple(choices.precision(g) for g in values)
+        """A searched schedule: each step's gene value in `choices` (its level and precision)."""
         return cls.from_levels([choices.level(g) for g in values], choices.levels, n,
-                               precisions=precisions if "fp8" in precisions else (), **kw)
+                               precisions=tuple(choices.precision(g) for g in values), **kw)
 
     @classmethod
     def from_tokens(cls, tokens, n: int, **kw) -> Schedule:
@@ -201,10 +201,6 @@ class Schedule:
     def fp8_steps(self) -> int:
         """Steps that compute in FP8 (a skipped step computes nothing)."""
         return sum(p == "fp8" and k > 0 for p, k in zip(self.precisions, self.tokens))
-
-    def precision_list(self) -> list[str] | None:
-        """Each step's precision, or None when every step is in the engines' one."""
-        return list(self.precisions) if self.precisions else None
 
     def name(self, prefix: str = "searched") -> str:
         return f"{prefix} {self.mean_budget:.0%}"
@@ -274,7 +270,7 @@ def read_schedules(path: str | Path, steps: int, n: int) -> dict[str, Schedule]:
         if budgets[0] != 1:
             raise AstraeaError(f"--schedules {path}: {name!r} starts at {budgets[0]}: the first step must be dense (1.0)")
         try:
-            out[name] = Schedule.from_budgets(budgets, n, key=name, precisions=precisions if "fp8" in precisions else ())
+            out[name] = Schedule.from_budgets(budgets, n, key=name, precisions=precisions)
         except ValueError as e:
             raise AstraeaError(f"--schedules {path}: {e}") from None
     return out

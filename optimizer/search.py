@@ -296,7 +296,8 @@ class Search:
         steps = len(best)
         choices = self.ev.choices
         if choices.mixed:  # joint precision: each step at its value's time, of either cost model
-            predicted = sum(choices.step_ms(cost.level_ms, fp8_cost.level_ms)[g] for g in best)
+            step_ms = choices.step_ms(cost.level_ms, fp8_cost.level_ms)
+            predicted = sum(step_ms[g] for g in best)
         else:
             predicted = cost.schedule_ms(best)
         record = SearchRecord(

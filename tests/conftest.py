@@ -152,6 +152,21 @@ def call_in_fresh_process(folder, kwargs: dict, tmp_path):
     return torch.load(tmp_path / "out.pt"), json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def bench_report(path, levels: int, ms: list[float], tag: str = "") -> str:
+    """An astraea-bench report of a card's compiled calls (CUDA graphs) at every budget level,
+    ms[level] each (level 0: the skipped step's call), beside a dense eager step of 1000 ms;
+    its rows' settings end in `tag` (", fp8": FP8 engines). Returns the file's name."""
+    import json
+
+    big, rows = 1000, [{"method": "dense", "step_ms": {"dense": 1000.0}}]  # the bench's model: any size
+    for lv in range(1, levels):
+        k = lv * big // (levels - 1)
+        rows.append({"method": "astraea-compiled", "setting": f"searched{tag}", "cuda_graphs": True,
+                     "tokens_per_step": [big, k, 0], "step_ms": {"100%": ms[-1], f"{k / big:.0%}": ms[lv], "skip": ms[0]}})
+    path.write_text(json.dumps({"setup": {"video_tokens": big, "device": "H100"}, "rows": rows}))
+    return path.name
+
+
 def fixed_schedule(model, cfg, tokens: list[int], key: str = "test"):
     """A Schedule of rows per step (not searched) with the scheduler's timesteps."""
     from astraea.sampling import timesteps

@@ -14,7 +14,7 @@ import yaml
 from astraea import config, loader, plugins, quantize, reference, runtime
 from astraea.cli import bench_main, build_main
 from astraea.plugins import fp8_linear as f8
-from conftest import tiny_config, tiny_raw
+from conftest import bench_report, tiny_config, tiny_raw
 
 modelopt = pytest.importorskip("modelopt.torch.quantization.tensor_quant", reason="nvidia-modelopt (the dev extra)")
 
@@ -171,17 +171,6 @@ def test_the_bundled_models_fp8_is_near_fp32():
 
 
 
-def _bench_file(path, levels: int, ms: list[float], tag: str) -> str:
-    """An astraea-bench report of a card's compiled calls at every level (ms[level]), rows marked as tag."""
-    big, rows = 1000, [{"method": "dense", "step_ms": {"dense": 1000.0}}]
-    for lv in range(1, levels):
-        k = lv * big // (levels - 1)
-        rows.append({"method": "astraea-compiled", "setting": f"searched{tag}", "cuda_graphs": True,
-                     "tokens_per_step": [big, k, 0], "step_ms": {"100%": ms[-1], f"{k / big:.0%}": ms[lv], "skip": ms[0]}})
-    path.write_text(json.dumps({"setup": {"video_tokens": big, "device": "H100"}, "rows": rows}))
-    return path.name
-
-
 def test_a_joint_precision_build_runs_each_step_in_its_searched_precision(tmp_path, capsys):
     """astraea-build with search.precision joint, priced by two reports of a card whose FP8
     calls are 40% cheaper: the FP8 model is calibrated, both program sets rewritten, the
@@ -192,8 +181,8 @@ def test_a_joint_precision_build_runs_each_step_in_its_searched_precision(tmp_pa
     levels = 3
     raw = tiny_raw(target={"speedup": 2.0}, sampling={"steps": 4}, bench={"warmup": 0, "repeats": 1},
                    search={"levels": levels, "population": 4, "children": 2, "generations": 1, "precision": "joint",
-                           "repair_low": 0.5, "cost_from": _bench_file(tmp_path / "bf16.json", levels, [1, 600, 1000], ""),
-                           "fp8_cost_from": _bench_file(tmp_path / "fp8.json", levels, [1, 360, 600], ", fp8")},
+                           "repair_low": 0.5, "cost_from": bench_report(tmp_path / "bf16.json", levels, [1, 600, 1000]),
+                           "fp8_cost_from": bench_report(tmp_path / "fp8.json", levels, [1, 360, 600], ", fp8")},
                    build={"backend": "eager", "precision": "fp8", "fp8_keep": ["proj_out"]})
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -28,7 +28,7 @@ from astraea.search import (
     seed_schedules,
 )
 from astraea.tokenwise import TokenwiseTransformer, build_programs, compiled
-from conftest import interrupt_search_after, tiny_config, tiny_raw
+from conftest import bench_report, interrupt_search_after, tiny_config, tiny_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -593,28 +593,18 @@ def test_a_speedup_target_searches_against_the_deployment_cards_calls(tiny, tmp_
     cfg, model, n, programs, _, out = tiny
     ref = reference.run(cfg, model, out, progress=False)
     level_ms = [1.0, 300.0, 480.0, 640.0, 800.0]  # a card's calls a CFG step at 0, 25, 50, 75, 100%
-    big = 1000  # the bench's model: any size, the levels are fractions
-
-    def bench_file(path, ms):
-        rows = [{"method": "dense", "step_ms": {"dense": 1000.0}}]
-        for lv in range(1, LEVELS):
-            k = lv * big // (LEVELS - 1)
-            rows.append({"method": "astraea-compiled", "cuda_graphs": True, "tokens_per_step": [big, k, 0],
-                         "step_ms": {"100%": ms[-1], f"{k / big:.0%}": ms[lv], "skip": ms[0]}})
-        path.write_text(json.dumps({"setup": {"video_tokens": big, "device": "H100"}, "rows": rows}))
-        return path
 
     raw = {k: v for k, v in json.loads(json.dumps(config.to_dict(cfg))).items() if k in config.SECTIONS}
     raw["target"] = {"speedup": 2.0}
     raw["search"] = {**raw["search"], "cost_from": "bench.json", "repair_high": 1.0}  # at least the speedup
-    bench_file(tmp_path / "bench.json", level_ms)
+    bench_report(tmp_path / "bench.json", LEVELS, level_ms)
     speed = config.from_dict(raw, base=tmp_path)
     result = plan(speed, model, ref, out, progress=False, programs=programs).to_json()
     levels = [round(b * (LEVELS - 1)) for b in result["budget_per_step"]]
     assert result["predicted_ms"] == pytest.approx(sum(level_ms[v] for v in levels))
     assert result["predicted_ms"] <= STEPS * 1000.0 / 2.0 + 1e-6 and result["dense_ms"] == STEPS * 1000.0
     assert result["cost_source"] == str(tmp_path / "bench.json") and result["device"] == "H100"
-    bench_file(tmp_path / "bench.json", [1.0, 200.0, 400.0, 600.0, 800.0])  # another card: another search
+    bench_report(tmp_path / "bench.json", LEVELS, [1.0, 200.0, 400.0, 600.0, 800.0])  # another card: another search
     assert plan(speed, model, ref, out, progress=False, programs=programs).key != result["key"]
     raw["search"]["cost_from"] = "missing.json"
     with pytest.raises(config.ConfigError, match="search.cost_from"):
@@ -694,20 +684,10 @@ def test_a_joint_search_picks_precision_and_budget_per_step_against_both_cost_mo
 
     cfg, model, n, programs, samples, out = tiny
     ref = reference.run(cfg, model, out, progress=False)
-    model_ms, big = [1.0, 300.0, 480.0, 640.0, 800.0], 1000
+    model_ms = [1.0, 300.0, 480.0, 640.0, 800.0]
     fp8_ms = [1.0] + [0.7 * v for v in model_ms[1:]]
-
-    def bench_file(path, ms, tag):
-        rows = [{"method": "dense", "step_ms": {"dense": 1000.0}}]
-        for lv in range(1, LEVELS):
-            k = lv * big // (LEVELS - 1)
-            rows.append({"method": "astraea-compiled", "setting": f"searched{tag}", "cuda_graphs": True,
-                         "tokens_per_step": [big, k, 0],
-                         "step_ms": {"100%": ms[-1], f"{k / big:.0%}": ms[lv], "skip": ms[0]}})
-        path.write_text(json.dumps({"setup": {"video_tokens": big, "device": "H100"}, "rows": rows}))
-
-    bench_file(tmp_path / "bf16.json", model_ms, "")
-    bench_file(tmp_path / "fp8.json", fp8_ms, ", fp8")
+    bench_report(tmp_path / "bf16.json", LEVELS, model_ms)
+    bench_report(tmp_path / "fp8.json", LEVELS, fp8_ms, ", fp8")
     raw = {k: v for k, v in json.loads(json.dumps(config.to_dict(cfg))).items() if k in config.SECTIONS}
     raw["target"] = {"speedup": 2.5}
     raw["build"] = {**raw["build"], "precision": "fp8"}
