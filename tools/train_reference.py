@@ -4,7 +4,9 @@ Run on the GPU (device tool): `python3 tools/train_reference.py --out $OUT/train
 `--family opensora` trains the second one, Open-Sora's STDiT3 at the same size
 (bundled.STDIT3_CONFIG), on the same data with Open-Sora's conventions: velocity x0 - noise,
 timesteps moved by its sampler's resolution/length transform, caption mask, fps and size
-inputs; it writes astraea-tiny-stdit3.safetensors.
+inputs; it writes astraea-tiny-stdit3.safetensors. The transform's scale (`--transform-scale`;
+by default the one that moves the bundled video's noise levels as the Wan model's shift 2 does,
+where Open-Sora's own would move them down) is recorded in the file, which is sampled at it.
 Deterministic for a seed on a given device: the data pool is rendered from a seeded scene
 list, each step draws its batch, noise and timesteps from generators seeded by (seed, step),
 so a resumed run continues exactly where a checkpoint stopped. Writes, atomically:
@@ -59,6 +61,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--family", choices=("wan", "opensora"), default="wan", help="the architecture trained")
+    p.add_argument("--transform-scale", type=float, default=None,
+                   help="opensora: the scale on Open-Sora's noise shift, recorded in the weights file (default: "
+                        "the one that samples the bundled video at the Wan model's shift)")
     return p.parse_args(argv)
 
 
@@ -81,27 +86,30 @@ def lr_at(step: int, args, elapsed_s: float = 0.0) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def export(ema: dict, path: Path) -> None:
+def export(ema: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in ema.items()}
     with atomic_file(path, "wb") as fh:
         from safetensors.torch import save
 
-        fh.write(save(tensors, metadata={"format": "pt", "model": path.stem}))
+        fh.write(save(tensors, metadata={"format": "pt", "model": path.stem, **(metadata or {})}))
 
 
 class Objective:
     """What the trained architecture is fed and asked for, per family."""
 
-    def __init__(self, family: str, device: torch.device, seed: int):
+    def __init__(self, family: str, device: torch.device, seed: int, transform_scale: float | None = None):
         from astraea.families.base import Preset
 
         self.family = family
+        self.metadata: dict[str, str] = {}
         frames, height, width = bundled.VIDEO
         if family == "opensora":
-            from astraea.families.opensora import RFlow
+            from astraea.families.opensora import BUNDLED_SCALE, RFlow
 
             preset = Preset("bundled-training", bundled.STDIT3_CONFIG, bundled.TEXT_LENGTH, bundled.VIDEO)
-            self.rflow = RFlow(height, width, frames)
+            scale = BUNDLED_SCALE if transform_scale is None else transform_scale
+            self.rflow = RFlow(height, width, frames, scale=scale)  # the file records it: sampled at the same levels
+            self.metadata = {bundled.TRANSFORM_SCALE_KEY: repr(scale)}
             self.size = torch.tensor([float(height)], device=device), torch.tensor([float(width)], device=device)
             self.weights = bundled.STDIT3_WEIGHTS.name
         else:
@@ -160,7 +168,7 @@ def train(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
-    objective = Objective(args.family, device, args.seed)
+    objective = Objective(args.family, device, args.seed, args.transform_scale)
     model = objective.model
     torch.manual_seed(args.seed)
     text = TextEncoder(bundled.TEXT_DIM, bundled.TEXT_LENGTH).to(device)
@@ -228,7 +236,7 @@ def train(args: argparse.Namespace) -> None:
     save()
     # the EMA parameters, and the model's persistent buffers (STDiT3's rotary frequencies: its checkpoint holds them)
     buffers = {f"transformer.{k}": v for k, v in model.state_dict().items() if f"transformer.{k}" not in params}
-    export(ema | buffers, args.out / objective.weights)
+    export(ema | buffers, args.out / objective.weights, objective.metadata)
     if log.is_file():
         plot_loss(log, args.out / "loss.png")
     print(json.dumps({"step": step, "minutes": (time.time() - start) / 60, "out": str(args.out)}))

@@ -35,6 +35,16 @@ SHIFT = 2.0  # flow shift the model is sampled with
 STDIT3_CONFIG = dict(depth=3, hidden_size=192, num_heads=3, in_channels=codec.CHANNELS, patch_size=(1, 2, 2),
                      caption_channels=TEXT_DIM, model_max_length=TEXT_LENGTH, pred_sigma=False)
 STDIT3_WEIGHTS = Path(__file__).with_name("astraea-tiny-stdit3.safetensors")
+TRANSFORM_SCALE_KEY = "transform_scale"  # a trained STDiT3 file's metadata: the scale it was trained at
+
+
+def transform_scale(path: Path) -> float:
+    """The Open-Sora transform scale a trained STDiT3 file was trained at, and so is sampled
+    at (its safetensors metadata; 1, Open-Sora's own, for a file that records none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return float((fh.metadata() or {}).get(TRANSFORM_SCALE_KEY, 1.0))
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:

@@ -5,7 +5,10 @@ its VAE (8x in space, 17 frames -> 5 latent frames in time).
 The sampler is Open-Sora's RFLOW: timesteps (1 - i/N) x 1000, each moved by the resolution
 and length transform (ratio = sqrt(H W / 512^2) x sqrt(latent frames), t' = ratio t /
 (1 + (ratio - 1) t)), Euler steps z += v (t_i - t_i+1) / 1000 with the velocity the first
-half of the output's channels. The frame rate and the pixel size are model inputs.
+half of the output's channels. The frame rate and the pixel size are model inputs. The
+transform is a flow shift of `ratio`; `sampling.shift` is Open-Sora's `transform_scale`, a
+factor on that ratio (1 by default, as released; the bundled model is sampled at the scale its
+weights file records having been trained at).
 
 STDiT3's factored attention (within a frame, or across the frames at a position) is one op on
 token-ordered tensors, `astraea::factored_attention`; below the dense budget the rewrite makes
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,18 +50,25 @@ class RFlow:
     order = 1
     init_noise_sigma = 1.0
 
-    def __init__(self, height: int, width: int, frames: int, num_timesteps: int = 1000):
+    def __init__(self, height: int, width: int, frames: int, num_timesteps: int = 1000, scale: float = 1.0):
         self.height, self.width, self.frames, self.num_timesteps = height, width, frames, num_timesteps
+        self.scale = scale
         self.timesteps = torch.zeros(0)
 
     @property
     def config(self) -> dict:
-        return {"height": self.height, "width": self.width, "frames": self.frames, "num_timesteps": self.num_timesteps}
+        return {"height": self.height, "width": self.width, "frames": self.frames, "num_timesteps": self.num_timesteps,
+                "transform_scale": self.scale}
+
+    @staticmethod
+    def base_ratio(height: int, width: int, frames: int) -> float:
+        """Open-Sora's shift for a video: sqrt(pixels / 512^2) x sqrt(latent frames)."""
+        latent = MicroFrameGeometry().latent_frames(frames) if frames > 1 else 1
+        return math.sqrt(height * width / 512**2) * math.sqrt(latent)
 
     def transform(self, t):
-        """t (a float or a tensor, 0-1000) moved by the resolution and the latent length."""
-        latent = MicroFrameGeometry().latent_frames(self.frames) if self.frames > 1 else 1
-        ratio = math.sqrt(self.height * self.width / 512**2) * math.sqrt(latent)
+        """t (a float or a tensor, 0-1000) moved by the resolution and the latent length (times the scale)."""
+        ratio = self.base_ratio(self.height, self.width, self.frames) * self.scale
         t = t / self.num_timesteps
         return ratio * t / (1 + (ratio - 1) * t) * self.num_timesteps
 
@@ -76,11 +87,19 @@ _XL = dict(depth=28, hidden_size=1152, num_heads=16, in_channels=4, patch_size=(
            model_max_length=300)
 
 
-# the second bundled reference model (tools/train_reference.py --family opensora): offered once its
-# weights ship in the package
-BUNDLED = Preset("bundled", bundled.STDIT3_CONFIG, bundled.TEXT_LENGTH, bundled.VIDEO,
-                 "the STDiT3 reference model trained here (docs/reference-model.md): pixel-patchify codec",
-                 geometry=Geometry(bundled.codec.SPATIAL, bundled.codec.TEMPORAL), weights=str(bundled.STDIT3_WEIGHTS))
+# Open-Sora's transform at the bundled 17x64x64 pixels shifts the noise levels down (ratio 0.28: few
+# steps, and little training, at the high noise where shape and motion form); this transform_scale
+# brings the ratio to the Wan reference model's shift, the one tools/train_reference.py trains at
+BUNDLED_SCALE = bundled.SHIFT / RFlow.base_ratio(*bundled.VIDEO[1:], bundled.VIDEO[0])
+
+
+def bundled_preset(weights: Path = bundled.STDIT3_WEIGHTS) -> Preset:
+    """The second bundled reference model (tools/train_reference.py --family opensora), sampled at
+    the transform scale its weights file records having been trained at."""
+    return Preset("bundled", bundled.STDIT3_CONFIG, bundled.TEXT_LENGTH, bundled.VIDEO,
+                  "the STDiT3 reference model trained here (docs/reference-model.md): pixel-patchify codec",
+                  geometry=Geometry(bundled.codec.SPATIAL, bundled.codec.TEMPORAL), weights=str(weights),
+                  shift=bundled.transform_scale(weights))
 
 
 @FAMILIES.register("opensora")
@@ -101,7 +120,7 @@ class OpenSora(Family):
         "tiny": Preset("tiny", dict(_XL, depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=16),
                        16, (17, 64, 64), "2 spatial + 2 temporal blocks, 4 heads x 16, random weights: tests",
                        geometry=MicroFrameGeometry()),
-        **({"bundled": BUNDLED} if bundled.STDIT3_WEIGHTS.is_file() else {}),
+        **({"bundled": bundled_preset()} if bundled.STDIT3_WEIGHTS.is_file() else {}),
     }
 
     @staticmethod
@@ -134,7 +153,7 @@ class OpenSora(Family):
             raise ConfigError("sampling.embedded_guidance", "only hunyuan_video has embedded guidance, not opensora")
 
     def make_scheduler(self, name, shift, config, video):
-        return RFlow(video.height, video.width, video.frames)
+        return RFlow(video.height, video.width, video.frames, scale=1.0 if shift is None else shift)
 
     def pseudo_condition(self, prompt, config, text_length):
         embeds, mask = pseudo_embedding(prompt, text_length, self.text_dim(config))

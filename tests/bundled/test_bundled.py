@@ -137,11 +137,10 @@ def test_a_trained_stdit3_loads_as_the_opensora_bundled_preset(tmp_path, monkeyp
     """The trainer's STDiT3 file (one CPU step here) loads through the opensora family's
     `bundled` preset (offered once astraea-tiny-stdit3.safetensors ships): the pixel codec's
     geometry, the caption mask from the fixed vocabulary, and the rectified-flow sampler."""
-    import dataclasses
     import importlib.util
 
     from astraea.families import get_family
-    from astraea.families.opensora import BUNDLED
+    from astraea.families.opensora import BUNDLED_SCALE, bundled_preset
 
     spec = importlib.util.spec_from_file_location("train_reference", ROOT / "tools" / "train_reference.py")
     train = importlib.util.module_from_spec(spec)
@@ -149,14 +148,16 @@ def test_a_trained_stdit3_loads_as_the_opensora_bundled_preset(tmp_path, monkeyp
     train.main(["--device", "cpu", "--batch", "1", "--pool", "2", "--steps", "1", "--family", "opensora",
                 "--out", str(tmp_path)])
     family = get_family("opensora")
-    monkeypatch.setitem(family.presets, "bundled", dataclasses.replace(
-        BUNDLED, weights=str(tmp_path / bundled.STDIT3_WEIGHTS.name)))
+    trained = tmp_path / bundled.STDIT3_WEIGHTS.name
+    assert bundled.transform_scale(trained) == BUNDLED_SCALE  # the noise levels it was trained at, recorded
+    monkeypatch.setitem(family.presets, "bundled", bundled_preset(trained))
     frames, height, width = bundled.VIDEO
     cfg = config.from_dict({"model": {"family": "opensora", "preset": "bundled", "dtype": "fp32", "device": "cpu"},
                             "video": {"frames": frames, "height": height, "width": width},
                             "sampling": {"steps": 3, "prompts": [PROMPT, "a blue square"]}})
     model = loader.load_model(cfg)
     assert model.layout(cfg.video).video_tokens == 2304 and model.identity["weights"] != "random"
+    assert model.scheduler.scale == BUNDLED_SCALE  # and is sampled at them
     cond = model.encoder([PROMPT, "a blue square"])
     assert cond.mask.shape == (2, bundled.TEXT_LENGTH) and cond.mask.sum(1).tolist() == [len(PROMPT.split()), 3]
     out = _sample(cfg, model)

@@ -35,6 +35,26 @@ def test_rflow_is_open_soras_sampler():
     torch.testing.assert_close(last, z + v[:, :4] * want[3] / 1000)
 
 
+def test_sampling_shift_is_open_soras_transform_scale():
+    """`sampling.shift` multiplies the transform's ratio (Open-Sora's transform_scale): the
+    timesteps are a flow shift of ratio x scale, the same formula as Wan's shift."""
+    cfg = _cfg(sampling={"steps": 4, "shift": 3.0})
+    model = loader.load_model(cfg)
+    ratio = 3.0 * math.sqrt(32 * 48 / 512**2) * math.sqrt(5)
+    want = [ratio * t / (1 + (ratio - 1) * t) * 1000 for t in (1.0, 0.75, 0.5, 0.25)]
+    got = model.family.set_timesteps(model.scheduler, 4, "cpu")
+    torch.testing.assert_close(got, torch.tensor(want), atol=1e-3, rtol=1e-6)
+    from astraea import bundled
+    from astraea.families.opensora import BUNDLED_SCALE, RFlow
+
+    # the scale the bundled STDiT3 is trained at samples its video at the Wan reference model's shift
+    rflow = RFlow(*bundled.VIDEO[1:], bundled.VIDEO[0], scale=BUNDLED_SCALE)
+    rflow.set_timesteps(10)
+    sigmas = torch.linspace(1, 0, 11)[:-1].double()
+    shifted = bundled.SHIFT * sigmas / (1 + (bundled.SHIFT - 1) * sigmas) * 1000
+    torch.testing.assert_close(rflow.timesteps.double(), shifted, atol=1e-3, rtol=1e-6)
+
+
 def test_dense_sampling_and_a_checkpoint_in_the_public_layout(tmp_path):
     from safetensors.torch import save_file
 
