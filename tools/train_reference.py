@@ -188,6 +188,11 @@ def train(args: argparse.Namespace) -> None:
         opt.load_state_dict(state["opt"])
         ema = state["ema"]
         step = state["step"]
+        old = {bundled.TRANSFORM_SCALE_KEY: repr(1.0)} if args.family == "opensora" else {}  # before it was recorded
+        trained = state.get("metadata", old)
+        if trained != objective.metadata:
+            raise SystemExit(f"train_reference: {ckpt} was trained with {trained or 'no transform scale'}, "
+                             f"not {objective.metadata or 'none'}; pass its --transform-scale or start a new --out")
         print(f"resumed at step {step}")
     pool, captions = render_pool(args.pool, args.seed, device)
     forward = torch.compile(model) if args.compile else model
@@ -198,7 +203,8 @@ def train(args: argparse.Namespace) -> None:
     def save():
         with atomic_file(ckpt, "wb") as fh:
             torch.save({"model": model.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
-                        "ema": ema, "step": step, "args": vars(args) | {"out": str(args.out)}}, fh)
+                        "ema": ema, "step": step, "args": vars(args) | {"out": str(args.out)},
+                        "metadata": objective.metadata}, fh)
 
     while step < args.steps and (time.time() - start) < args.minutes * 60:
         rng = np.random.default_rng([args.seed, step])

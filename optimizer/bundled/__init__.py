@@ -40,11 +40,15 @@ TRANSFORM_SCALE_KEY = "transform_scale"  # a trained STDiT3 file's metadata: the
 
 def transform_scale(path: Path) -> float:
     """The Open-Sora transform scale a trained STDiT3 file was trained at, and so is sampled
-    at (its safetensors metadata; 1, Open-Sora's own, for a file that records none)."""
+    at (its safetensors metadata; 1, Open-Sora's own, for a file that records none). An
+    unreadable file gives 1 too: loading its weights then says what is wrong, in one line."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as fh:
-        return float((fh.metadata() or {}).get(TRANSFORM_SCALE_KEY, 1.0))
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return float((fh.metadata() or {}).get(TRANSFORM_SCALE_KEY, 1.0))
+    except Exception:  # safetensors raises its own error type for a corrupt header
+        return 1.0
 
 
 def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
