@@ -60,10 +60,11 @@ def search_progress(path: Path, history: list[dict], evaluated: list[tuple[float
     b.legend(fontsize=8)
     if proxy is not None:
         ax = axes[2]
-        for role, colour in (("best", "tab:red"), ("spread", "tab:blue")):
+        labels = {"best": "proxy's best", "spread": "spread over its ranking", "seed": "hand-made seeds"}
+        for (role, label), colour in zip(labels.items(), ("tab:red", "tab:blue", "tab:green")):
             rows = [x for x in proxy["candidates"] if x["role"] == role]
-            ax.scatter([x["proxy_psnr"] for x in rows], [x["psnr"] for x in rows], s=14, c=colour,
-                       label="proxy's best" if role == "best" else "spread over its ranking")
+            if rows:
+                ax.scatter([x["proxy_psnr"] for x in rows], [x["psnr"] for x in rows], s=14, c=colour, label=label)
         if refine:
             ax.axhline(refine["psnr"], ls="--", c="tab:red", lw=1,
                        label=f"refined at the full video: {refine['psnr']:.2f} dB")

@@ -287,7 +287,7 @@ class Search:
                 c.add(refined.counters)
                 proxy["refine"] = {
                     "generations": refined.generation, "children": self.spec.refine_children or self.spec.children,
-                    "parents": len(rescored.top) + len(rescored.spread), "candidates": refined.counters.candidates,
+                    "parents": len(rescored.candidates), "candidates": refined.counters.candidates,
                     "stopped_early": refined.counters.stopped, "steps": refined.counters.steps,
                     "seconds": refined.counters.seconds, "start_psnr": start_psnr,
                     "psnr": float(np.mean([psnr(v, x.peak) for x, v in named])), "history": refined.history}
@@ -430,7 +430,8 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
     if search.state.is_file() and not resume and search._finished() is None:
         log.info("search: an unfinished search of this configuration exists; starting over (--resume continues it)")
     st = search.run(resume=resume, progress=progress)
-    rescored = rescore(spec, ranking(st.memo, search.n), full, stage, stage_key, progress) if spec.proxy_video else None
+    rescored = rescore(spec, ranking(st.memo, search.n), full, stage, stage_key, progress,
+                       seeds=seed_schedules(c, cfg.sampling.steps, spec.gene_steps)) if spec.proxy_video else None
     refined = refine(cfg, full, c, rescored, folder, key, stage, stage_key, resume, progress) if spec.refine_generations else None
     chosen = refined.population[0][0] if refined else rescored.chosen if rescored else st.population[0][0]
     if cost is None:
@@ -452,7 +453,7 @@ def refine(cfg: RunConfig, full: Evaluator, c: Constraint, rescored: Rescored, f
     mutation rate. Its checkpoint, <stage>/refine-<children>.json beside the proxy stage's,
     is continued by a run that asks for more generations."""
     spec = cfg.search
-    parents = list(dict.fromkeys(rescored.top + rescored.spread))
+    parents = list(dict.fromkeys(rescored.candidates))
     r = dataclasses.replace(spec, population=len(parents), children=spec.refine_children or spec.children,
                             generations=spec.refine_generations, mutation_start=spec.mutation_end)
     s = Search(dataclasses.replace(cfg, search=r), full, c, folder, key, early_stop=spec.early_stop,

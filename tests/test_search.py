@@ -389,8 +389,16 @@ def test_a_proxy_search_is_rescored_and_chosen_at_the_full_video(tiny, tmp_path)
     proxy = result["proxy"]
     assert proxy["video"] == [5, 16, 32] and proxy["tokens"] < n == result["tokens"]
     assert proxy["samples_a_batch"] == len(samples) == 2  # search.batch_samples: both seeds in one batch
-    assert proxy["rescored"] == 6 and sum(r["role"] == "best" for r in proxy["candidates"]) == 3
+    roles = [r["role"] for r in proxy["candidates"]]
+    assert roles.count("best") == roles.count("spread") == 3 and proxy["rescored"] == len(roles)
     assert [r["proxy_rank"] for r in proxy["candidates"] if r["role"] == "best"] == [0, 1, 2]
+    # the hand-made schedules the search started from (those already in the band) are re-scored too, as a floor
+    c = Constraint("budget", cfg.target.budget, cfg.search.repair_low, cfg.search.repair_high, LEVELS)
+    hand = list(dict.fromkeys(seed_schedules(c, cfg.sampling.steps)))
+    started = [s for s in hand[: max(1, cfg.search.population // 2)] if c.low * c.target <= c.value(s) <= c.high * c.target]
+    rescored = {tuple(r["schedule"]) for r in proxy["candidates"]}
+    assert started and set(started) <= rescored
+    assert {tuple(r["schedule"]) for r in proxy["candidates"] if r["role"] == "seed"} <= set(hand)
     chosen = tuple(round(b * (LEVELS - 1)) for b in result["budget_per_step"])
     assert result["mse"] == min(r["mse"] for r in proxy["candidates"])
     assert list(chosen) == min(proxy["candidates"], key=lambda r: r["mse"])["schedule"]
@@ -451,7 +459,8 @@ def test_a_refined_proxy_search_evolves_on_at_the_full_video(tiny, tmp_path):
     folder = tmp_path / "search" / result["key"]
     assert (stage / "refine-3.json").is_file() and not (folder / "state.json").exists()
     f = result["proxy"]["refine"]
-    assert f["generations"] == 2 and f["parents"] == 4 and f["children"] == 3 and 0 < f["candidates"] <= 6
+    assert f["parents"] == first["proxy"]["rescored"] >= 4  # the proxy's 2 best, 2 spread, the hand-made seeds
+    assert f["generations"] == 2 and f["children"] == 3 and 0 < f["candidates"] <= 6
     assert f["start_psnr"] == pytest.approx(first["psnr"])
     assert f["psnr"] == pytest.approx(result["psnr"]) and result["mse"] <= first["mse"]
     chosen = tuple(round(b * (LEVELS - 1)) for b in result["budget_per_step"])
@@ -735,3 +744,27 @@ def test_joint_precision_is_refused_where_it_cannot_mean_anything(tmp_path):
     raw["search"]["cost_from"] = "b.json"
     with pytest.raises(config.ConfigError, match="search.fp8_cost_from: with precision joint give both"):
         config.from_dict(raw, base=tmp_path)
+
+
+def test_a_hand_made_seed_that_beats_the_proxys_picks_is_chosen_and_flagged(caplog):
+    """The re-scored set's floor: when a hand-made seed is better at the full video than every
+    schedule the proxy chose (a proxy blind to what the full video pays), it is the schedule,
+    and the proxy is reported invalid whatever its finalists' rank correlation."""
+    import types
+
+    from astraea.proxy import Rescored
+
+    top, spread, seed = (4, 2, 1, 0), (4, 0, 0, 0), (4, 4, 1, 0)
+    full_mse = {top: [0.02, 0.02], spread: [0.05, 0.05], seed: [0.01, 0.01]}
+    proxy_mse = {top: 0.001, spread: 0.004, seed: 0.002}  # the proxy ranks the three as the full video does not
+    full = types.SimpleNamespace(samples=[types.SimpleNamespace(peak=1.0)] * 2)
+    rescored = Rescored(full, [top], [spread], full_mse, Counters(), [seed])
+    assert rescored.chosen == seed
+    ranked = sorted((f, s) for s, f in proxy_mse.items())
+    spec = dataclasses.replace(config.SearchSpec(), proxy_video=(1, 8, 8), proxy_min_spearman=-1.0)
+    proxy = types.SimpleNamespace(tokens=64, groups=[[0, 1]])
+    with caplog.at_level("WARNING", logger="astraea"):
+        report = rescored.report(spec, proxy, ranked, lambda s: 40.0, 1.0)
+    assert report["seed_chosen"] and not report["valid"] and report["chosen_proxy_rank"] == 1
+    assert [r["role"] for r in report["candidates"]] == ["best", "spread", "seed"]
+    assert "a hand-made seed (20.00 dB) beats every schedule the proxy video [1, 8, 8] chose (best 16.99 dB)" in caplog.text
