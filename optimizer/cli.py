@@ -308,8 +308,8 @@ def _search_line(schedule, out: Path) -> str:
             p = r.proxy
             log.info("proxy %s: %d candidates re-scored at the full video in %.0f s, Spearman %.2f%s; the chosen one "
                      "was the proxy's #%d", "x".join(map(str, p["video"])), p["rescored"], p["rescore_seconds"],
-                     p["spearman"], "" if p["valid"] else f" (below {p['min_spearman']}: not validated)",
-                     p["chosen_proxy_rank"] + 1)
+                     p["spearman"], "" if p["valid"] else " (a hand-made seed won: not validated)" if p.get("seed_chosen")
+                     else f" (below {p['min_spearman']}: not validated)", p["chosen_proxy_rank"] + 1)
             if p.get("refine"):
                 f = p["refine"]
                 log.info("refined at the full video: %d generations, %d candidates in %.0f s, %.2f -> %.2f dB",
