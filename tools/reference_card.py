@@ -4,7 +4,9 @@
 (colour x shape x motion x background, deterministic), judges each decoded video with
 `astraea.bundled.judge`, and writes samples.png (a row of frames per prompt) and judge.json.
 Runs on the CPU (about 15 s a prompt on 2 cores) or a GPU. `--family opensora` does the same
-for the bundled STDiT3 model (docs/reference-model/stdit3/).
+for the bundled STDiT3 model (docs/reference-model/stdit3/). `--golden FILE` writes instead
+the 4-step sample of the first prompt (seed 0, the bundled config's defaults, CPU) that
+tests/bundled pins a shipped weights file with: run it when new weights ship.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from astraea import bundled, config, loader  # noqa: E402
 from astraea.bundled import data, judge  # noqa: E402
+from astraea.io import atomic_file  # noqa: E402
 from astraea.sampling import denoise, prompt_inputs  # noqa: E402
 
 PROMPTS = [
@@ -72,7 +75,14 @@ def grid(videos: list[torch.Tensor], captions: list[str], path: Path, frames: in
     out.save(path)
 
 
-def main() -> None:
+def golden_sample(family: str) -> torch.Tensor:
+    """The shipped model's 4-step latents for PROMPTS[0], seed 0: what its golden file stores."""
+    cfg = config.bundled_config([PROMPTS[0]], 4, family=family)
+    model = loader.load_model(cfg)
+    return denoise(model, cfg.video, cfg.sampling, prompt_inputs(model, cfg.video, cfg.sampling, PROMPTS[0], 0))
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/reference-model"))
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
@@ -80,7 +90,15 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--family", default="wan", choices=("wan", "opensora"), help="which bundled model")
-    args = p.parse_args()
+    p.add_argument("--golden", type=Path, help="write the golden 4-step sample to this file instead")
+    args = p.parse_args(argv)
+    if args.golden:
+        from safetensors.torch import save
+
+        with atomic_file(args.golden, "wb") as fh:
+            fh.write(save({"latents": golden_sample(args.family).contiguous()}))
+        print(f"golden sample of the bundled {args.family} model: {args.golden}")
+        return
     prompts = PROMPTS[: args.prompts]
     videos = sample_videos(prompts, args.steps, args.guidance, args.device, family=args.family)
     verdicts = [judge.judge(v, c) for v, c in zip(videos, prompts)]

@@ -84,6 +84,21 @@ def test_bundled_preset_samples_the_golden_output(family):
     assert err < 1e-4, f"relative error {err:.2e} against the stored golden sample"
 
 
+def test_the_card_tool_writes_the_golden_sample_the_test_pins(tmp_path):
+    """tools/reference_card.py --golden (run when new weights ship) writes what the golden test
+    compares against: for the shipped Wan model, its stored file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_card", ROOT / "tools" / "reference_card.py")
+    card = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(card)
+    assert card.PROMPTS[0] == PROMPT
+    card.main(["--golden", str(tmp_path / "golden.safetensors")])
+    written = load_file(str(tmp_path / "golden.safetensors"))["latents"]
+    golden = load_file(str(GOLDEN["wan"]))["latents"]
+    assert (written - golden).norm() / golden.norm() < 1e-4
+
+
 @pytest.mark.parametrize("family", ["wan", "opensora"])
 def test_bundled_weights_are_small_and_complete(family):
     weights = WEIGHTS[family]
