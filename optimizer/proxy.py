@@ -72,14 +72,15 @@ class Rescored:
                          "proxy_psnr": proxy_psnr(s), "mse": fitness_of(self.mse[s], n), "psnr": full,
                          "role": "best" if s in self.top else "spread" if s in self.spread else "seed"})
         rho = spearman([r["proxy_mse"] for r in rows], [r["mse"] for r in rows]) if len(rows) > 2 else float("nan")
-        seed_won = self.chosen in self.seeds
+        chosen = self.chosen
+        seed_won = chosen in self.seeds
         valid = bool(rho >= bound) and not seed_won
         if seed_won:
-            best = {r["role"]: r["psnr"] for r in sorted(rows, key=lambda r: -r["mse"])}  # each role's best
+            picked = min((r for r in rows if r["role"] != "seed"), key=lambda r: r["mse"])  # the proxy's best there
             log.warning("search: at the full video a hand-made seed (%.2f dB) beats every schedule the proxy video %s "
                         "chose (best %.2f dB): the proxy does not see what a schedule costs the full video; the "
                         "schedule is the seed, and a search at the full video (search.proxy_video: []) is the remedy",
-                        best["seed"], video, max(best.get("best", -math.inf), best.get("spread", -math.inf)))
+                        rows[self.candidates.index(chosen)]["psnr"], video, picked["psnr"])
         elif not valid:
             log.warning("search: the proxy video %s does not rank schedules like the full video (Spearman %.2f < "
                         "search.proxy_min_spearman %.2f over %d candidates); the schedule is still the best of them at the "
@@ -87,7 +88,7 @@ class Rescored:
                         video, rho, bound, len(rows))
         return {"video": video, "tokens": proxy.tokens, "samples_a_batch": len(proxy.groups[0]),
                 "rescored": len(rows), "spearman": rho,
-                "valid": valid, "min_spearman": bound, "chosen_proxy_rank": rank[self.chosen], "seed_chosen": seed_won,
+                "valid": valid, "min_spearman": bound, "chosen_proxy_rank": rank[chosen], "seed_chosen": seed_won,
                 "rescore_steps": self.counters.steps, "rescore_seconds": self.counters.seconds,
                 "search_seconds": search_seconds, "candidates": rows}
 
@@ -101,7 +102,8 @@ def rescore(spec: SearchSpec, ranked: list[tuple[float, Candidate]], full: Evalu
     top, rest = finite[: spec.rescore], finite[spec.rescore:]
     picks = sorted({int(round(i)) for i in np.linspace(0, len(rest) - 1, min(spec.validate, len(rest)))}) if rest else []
     spread = [rest[i] for i in picks]
-    seeds = [s for s in dict.fromkeys(seeds) if s in set(finite) and s not in top and s not in spread]
+    evaluated = set(finite)
+    seeds = [s for s in dict.fromkeys(seeds) if s in evaluated and s not in top and s not in spread]
     path = folder / "rescore.json"
     done: dict[Candidate, list] = {}
     counters = Counters()

@@ -21,6 +21,16 @@ GOLDEN = {"wan": Path(__file__).with_name("golden_p0_s0_4steps.safetensors"),
 PROMPT = "a red circle moving left over a striped background"
 
 
+def _tool(name: str):
+    """tools/<name>.py as a module, in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_scenes_are_seeded_and_captions_say_what_is_drawn():
     a, b = data.scenes_for(7, 20), data.scenes_for(7, 20)
     assert a == b and a != data.scenes_for(8, 20)
@@ -87,11 +97,7 @@ def test_bundled_preset_samples_the_golden_output(family):
 def test_the_card_tool_writes_the_golden_sample_the_test_pins(tmp_path):
     """tools/reference_card.py --golden (run when new weights ship) writes what the golden test
     compares against: for the shipped Wan model, its stored file."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reference_card", ROOT / "tools" / "reference_card.py")
-    card = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(card)
+    card = _tool("reference_card")
     assert card.PROMPTS[0] == PROMPT
     card.main(["--golden", str(tmp_path / "golden.safetensors")])
     written = load_file(str(tmp_path / "golden.safetensors"))["latents"]
@@ -113,11 +119,7 @@ def test_bundled_weights_are_small_and_complete(family):
 def test_training_resumes_to_the_same_weights(tmp_path, family):
     """tools/train_reference.py, in this process: 3 steps straight equal 2 steps, stopped,
     then resumed to 3 (the optimizer, EMA and data order restored); for both architectures."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_reference", ROOT / "tools" / "train_reference.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = _tool("train_reference")
     args = ["--device", "cpu", "--batch", "1", "--pool", "2", "--log-every", "1", "--warmup", "2", "--decay-steps", "4",
             "--family", family]
     weights = WEIGHTS[family].name
@@ -156,14 +158,10 @@ def test_a_trained_stdit3_loads_as_the_opensora_bundled_preset(tmp_path, monkeyp
     """The trainer's STDiT3 file (one CPU step here) loads through the opensora family's
     `bundled` preset (offered once astraea-tiny-stdit3.safetensors ships): the pixel codec's
     geometry, the caption mask from the fixed vocabulary, and the rectified-flow sampler."""
-    import importlib.util
-
     from astraea.families import get_family
     from astraea.families.opensora import BUNDLED_SCALE, bundled_preset
 
-    spec = importlib.util.spec_from_file_location("train_reference", ROOT / "tools" / "train_reference.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = _tool("train_reference")
     train.main(["--device", "cpu", "--batch", "1", "--pool", "2", "--steps", "1", "--family", "opensora",
                 "--out", str(tmp_path)])
     family = get_family("opensora")
