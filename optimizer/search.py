@@ -153,11 +153,15 @@ class Search:
                            "candidates": st.counters.candidates, "steps": st.counters.steps,
                            "naive_steps": st.counters.naive_steps, "seconds": st.counters.seconds})
 
+    def hand_made(self) -> list[Candidate]:
+        """The hand-made schedules the search starts from (seed_schedules), before repair."""
+        return seed_schedules(self.c, self.cfg.sampling.steps, self.spec.gene_steps)
+
     def _initial(self, rng: np.random.Generator) -> list[Candidate]:
-        """The hand-made seeds (seed_schedules, repaired into the band; at most half the
-        population, so that random schedules keep it diverse), then random repaired ones."""
+        """The hand-made seeds (repaired into the band; at most half the population, so that
+        random schedules keep it diverse), then random repaired ones."""
         steps, levels, w = self.cfg.sampling.steps, self.c.levels, self.spec.gene_steps  # c.levels: a gene's values
-        seeds = list(dict.fromkeys(repair(s, self.c, rng, w) for s in seed_schedules(self.c, steps, w)))
+        seeds = list(dict.fromkeys(repair(s, self.c, rng, w) for s in self.hand_made()))
         pop = seeds[: max(1, self.spec.population // 2)]
         while len(pop) < self.spec.population * 4 and len(set(pop)) < self.spec.population:
             pop.append(repair(random_schedule(steps, levels, rng, w), self.c, rng, w))
@@ -431,7 +435,7 @@ def plan(cfg: RunConfig, model, reference, out_dir: Path, resume: bool = False, 
         log.info("search: an unfinished search of this configuration exists; starting over (--resume continues it)")
     st = search.run(resume=resume, progress=progress)
     rescored = rescore(spec, ranking(st.memo, search.n), full, stage, stage_key, progress,
-                       seeds=seed_schedules(c, cfg.sampling.steps, spec.gene_steps)) if spec.proxy_video else None
+                       seeds=search.hand_made()) if spec.proxy_video else None
     refined = refine(cfg, full, c, rescored, folder, key, stage, stage_key, resume, progress) if spec.refine_generations else None
     chosen = refined.population[0][0] if refined else rescored.chosen if rescored else st.population[0][0]
     if cost is None:
