@@ -153,16 +153,20 @@ class Search:
                            "candidates": st.counters.candidates, "steps": st.counters.steps,
                            "naive_steps": st.counters.naive_steps, "seconds": st.counters.seconds})
 
-    def hand_made(self) -> list[Candidate]:
-        """The hand-made schedules the search starts from (seed_schedules), before repair."""
-        return seed_schedules(self.c, self.cfg.sampling.steps, self.spec.gene_steps)
+    def hand_made(self, rng: np.random.Generator | None = None) -> list[Candidate]:
+        """The hand-made schedules the search starts from (seed_schedules) as its first population
+        holds them: repaired into the band, at most half the population (so that random schedules
+        keep it diverse). Without `rng` they are replayed from search.seed: the first population's
+        generator repairs them first, so they come out the same."""
+        rng = np.random.default_rng(self.spec.seed) if rng is None else rng
+        made = seed_schedules(self.c, self.cfg.sampling.steps, self.spec.gene_steps)
+        seeds = list(dict.fromkeys(repair(s, self.c, rng, self.spec.gene_steps) for s in made))
+        return seeds[: max(1, self.spec.population // 2)]
 
     def _initial(self, rng: np.random.Generator) -> list[Candidate]:
-        """The hand-made seeds (repaired into the band; at most half the population, so that
-        random schedules keep it diverse), then random repaired ones."""
+        """The hand-made seeds, then random repaired schedules."""
         steps, levels, w = self.cfg.sampling.steps, self.c.levels, self.spec.gene_steps  # c.levels: a gene's values
-        seeds = list(dict.fromkeys(repair(s, self.c, rng, w) for s in self.hand_made()))
-        pop = seeds[: max(1, self.spec.population // 2)]
+        pop = self.hand_made(rng)
         while len(pop) < self.spec.population * 4 and len(set(pop)) < self.spec.population:
             pop.append(repair(random_schedule(steps, levels, rng, w), self.c, rng, w))
         return list(dict.fromkeys(pop))[: self.spec.population]

@@ -195,10 +195,15 @@ def test_a_search_never_ends_worse_than_its_hand_made_seeds(tiny, tmp_path):
     c = Constraint("latency", 0.5 * STEPS * ms[-1], 0.8, 1.2, LEVELS, ms)
     ev = _evaluator(tiny)
     ev.cfg = cfg
-    st = Search(cfg, ev, c, tmp_path, "k").run(progress=False)
+    search = Search(cfg, ev, c, tmp_path, "k")
+    st = search.run(progress=False)
     seeds = [s for s in seed_schedules(c, STEPS)[: cfg.search.population // 2] if c.ok(s)]
     assert len(seeds) >= 2  # in the band, so repair leaves them as they are
     assert all(s in st.memo for s in seeds)
+    # hand_made() replays the first population's seeds, repaired, without its generator (the proxy's re-scoring)
+    replayed = search.hand_made()
+    assert set(seeds) <= set(replayed) <= set(st.memo)
+    assert replayed == search._initial(np.random.default_rng(cfg.search.seed))[: len(replayed)]
     own = _evaluator(tiny, share=False).evaluate(seeds, math.inf, Counters())
     best = st.population[0][1]
     for s in seeds:
@@ -392,13 +397,16 @@ def test_a_proxy_search_is_rescored_and_chosen_at_the_full_video(tiny, tmp_path)
     roles = [r["role"] for r in proxy["candidates"]]
     assert roles.count("best") == roles.count("spread") == 3 and proxy["rescored"] == len(roles)
     assert [r["proxy_rank"] for r in proxy["candidates"] if r["role"] == "best"] == [0, 1, 2]
-    # the hand-made schedules the search started from (those already in the band) are re-scored too, as a floor
+    # the hand-made schedules the search started from are re-scored too, as a floor: as its first
+    # population held them, repaired into the band (here the uniform one is over it and repaired)
     c = Constraint("budget", cfg.target.budget, cfg.search.repair_low, cfg.search.repair_high, LEVELS)
-    hand = list(dict.fromkeys(seed_schedules(c, cfg.sampling.steps)))
-    started = [s for s in hand[: max(1, cfg.search.population // 2)] if c.low * c.target <= c.value(s) <= c.high * c.target]
+    rng = np.random.default_rng(cfg.search.seed)
+    hand = list(dict.fromkeys(seed_schedules(c, cfg.sampling.steps)))[: max(1, cfg.search.population // 2)]
+    started = [repair(s, c, rng) for s in hand]
+    assert not c.ok(hand[0]) and c.ok(started[0]) and started[0] != hand[0]
     rescored = {tuple(r["schedule"]) for r in proxy["candidates"]}
-    assert started and set(started) <= rescored
-    assert {tuple(r["schedule"]) for r in proxy["candidates"] if r["role"] == "seed"} <= set(hand)
+    assert set(started) <= rescored
+    assert {tuple(r["schedule"]) for r in proxy["candidates"] if r["role"] == "seed"} <= set(started)
     chosen = tuple(round(b * (LEVELS - 1)) for b in result["budget_per_step"])
     assert result["mse"] == min(r["mse"] for r in proxy["candidates"])
     assert list(chosen) == min(proxy["candidates"], key=lambda r: r["mse"])["schedule"]
