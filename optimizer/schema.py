@@ -79,7 +79,8 @@ class SearchSpec:
     mutation_start: float = spec(0.1, lo=0.0, hi=1.0)
     mutation_end: float = spec(0.01, lo=0.0, hi=1.0)
     repair_low: float = spec(0.9, lo=0.0, hi=1.0, doc="repair into [low, high] x target")
-    repair_high: float = spec(1.1, lo=1.0, hi=10.0)
+    repair_high: float | None = spec(None, lo=1.0, hi=10.0, doc="default: 1.1 with target.budget (the paper's band), "
+                                     "1.0 with target.speedup (at least the speedup asked)")
     seed: int = spec(0, lo=0)
     early_stop: bool = spec(True, doc="stop a child once its partial fitness cannot survive (exact)")
     share_prefixes: bool = spec(True, doc="children with a common schedule prefix share its sampling state (exact)")
@@ -349,6 +350,8 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         raise ConfigError("target", "set budget or speedup, not both")
     if t.budget == 0.0:
         raise ConfigError("target.budget", "must be above 0 (the first step is always dense)")
+    if se.repair_high is None:  # a speedup is a floor: the band's slow end would otherwise give up to 10% of it back
+        se = dataclasses.replace(se, repair_high=1.0 if t.speedup is not None else 1.1)
     if t.budget is not None and t.budget * se.repair_high < 1 / s.steps:
         raise ConfigError("target.budget", f"{t.budget} cannot be met with {s.steps} steps: the dense first step "
                           f"alone is a mean budget of {1 / s.steps:.3g}")

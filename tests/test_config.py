@@ -26,6 +26,10 @@ def test_defaults_are_the_papers_search():
     s = cfg.search
     assert (s.population, s.children, s.generations, s.levels) == (50, 30, 30, 11)
     assert (s.mutation_start, s.mutation_end, s.repair_low, s.repair_high) == (0.1, 0.01, 0.9, 1.1)
+    # a speedup target's band ends at its time (the speedup is a floor); a band given is kept
+    assert config.from_dict(tiny_raw(target={"speedup": 2.0})).search.repair_high == 1.0
+    assert config.from_dict(tiny_raw(target={"speedup": 2.0}, search={"repair_high": 1.1})).search.repair_high == 1.1
+    assert config.from_dict(tiny_raw(target={"budget": 0.4})).search.repair_high == 1.1
     assert cfg.output_dir == Path("runs/run")
 
 
