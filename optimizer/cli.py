@@ -300,6 +300,8 @@ def _search_line(schedule, out: Path) -> str:
     log.info("schedule (budget per step): %s", " ".join(f"{b:.1f}" for b in schedule.budgets))
     speed = "" if r is None or r.predicted_speedup is None else (
         f", predicted {r.predicted_speedup:.2f}x ({'eager here' if r.cost_source == 'eager' else Path(r.cost_source).name})")
+    if speed and r.constraint.get("kind") == "latency" and r.constraint["value"] > r.constraint["target"] * (1 + 1e-9):
+        speed += f", under the {r.dense_ms / r.constraint['target']:.2f}x asked (search.repair_high above 1)"
     if r is not None:
         c = r.cost
         log.info("search: %d candidates (%d stopped early), %d of a naive %d denoising steps, %.0f s",

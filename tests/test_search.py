@@ -622,6 +622,14 @@ def test_a_speedup_target_searches_against_the_deployment_cards_calls(tiny, tmp_
     assert result["predicted_ms"] == pytest.approx(sum(level_ms[v] for v in levels))
     assert result["predicted_ms"] <= STEPS * 1000.0 / 2.0 + 1e-6 and result["dense_ms"] == STEPS * 1000.0
     assert result["cost_source"] == str(tmp_path / "bench.json") and result["device"] == "H100"
+    from astraea.cli import _search_line
+    from astraea.schedule import Schedule
+
+    assert ", predicted " in _search_line(Schedule.from_json(result), out) and "asked" not in _search_line(
+        Schedule.from_json(result), out)
+    slower = json.loads(json.dumps(result))  # a band over the target (repair_high > 1) lets the time exceed it: said
+    slower["constraint"]["value"] = slower["predicted_ms"] = 1.05 * result["constraint"]["target"]
+    assert "under the 2.00x asked" in _search_line(Schedule.from_json(slower), out)
     bench_report(tmp_path / "bench.json", LEVELS, [1.0, 200.0, 400.0, 600.0, 800.0])  # another card: another search
     assert plan(speed, model, ref, out, progress=False, programs=programs).key != result["key"]
     raw["search"]["cost_from"] = "missing.json"
