@@ -625,8 +625,8 @@ def test_a_speedup_target_searches_against_the_deployment_cards_calls(tiny, tmp_
     from astraea.cli import _search_line
     from astraea.schedule import Schedule
 
-    assert ", predicted " in _search_line(Schedule.from_json(result), out) and "asked" not in _search_line(
-        Schedule.from_json(result), out)
+    line = _search_line(Schedule.from_json(result), out)
+    assert ", predicted " in line and "asked" not in line
     slower = json.loads(json.dumps(result))  # a band over the target (repair_high > 1) lets the time exceed it: said
     slower["constraint"]["value"] = slower["predicted_ms"] = 1.05 * result["constraint"]["target"]
     assert "under the 2.00x asked" in _search_line(Schedule.from_json(slower), out)
