@@ -306,6 +306,12 @@ def _build(cls: type, raw: Any, path: str):
     return cls(**values)
 
 
+def default_repair_high(target: TargetSpec) -> float:
+    """search.repair_high when model.yaml leaves it out: the paper's 1.1 for a mean budget; 1.0
+    for a speedup, which is a floor (the band's slow end would otherwise give up to 10% of it back)."""
+    return 1.0 if target.speedup is not None else 1.1
+
+
 def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
     m, s, t, se = cfg.model, cfg.sampling, cfg.target, cfg.search
     for i, text in enumerate(cfg.bench.peers):
@@ -350,8 +356,8 @@ def _check_cross_fields(cfg: RunConfig, base: Path) -> RunConfig:
         raise ConfigError("target", "set budget or speedup, not both")
     if t.budget == 0.0:
         raise ConfigError("target.budget", "must be above 0 (the first step is always dense)")
-    if se.repair_high is None:  # a speedup is a floor: the band's slow end would otherwise give up to 10% of it back
-        se = dataclasses.replace(se, repair_high=1.0 if t.speedup is not None else 1.1)
+    if se.repair_high is None:
+        se = dataclasses.replace(se, repair_high=default_repair_high(t))
     if t.budget is not None and t.budget * se.repair_high < 1 / s.steps:
         raise ConfigError("target.budget", f"{t.budget} cannot be met with {s.steps} steps: the dense first step "
                           f"alone is a mean budget of {1 / s.steps:.3g}")

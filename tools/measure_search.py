@@ -29,6 +29,7 @@ from astraea import config, loader, reference  # noqa: E402
 from astraea.fitness import Counters, Evaluator, calibration_samples  # noqa: E402
 from astraea.metrics import psnr  # noqa: E402
 from astraea.schedule import level_tokens  # noqa: E402
+from astraea.schema import default_repair_high  # noqa: E402
 from astraea.search import Constraint, Search, measure_cost, plan  # noqa: E402
 from astraea.tokenwise import build_programs  # noqa: E402
 
@@ -91,10 +92,11 @@ def main() -> None:
               "rows": []}
     goals = [("budget", t) for t in args.targets] + [("speedup", t) for t in args.speedups]
     for ti, (kind, target) in enumerate(goals):
-        cfg = dataclasses.replace(base, target=config.TargetSpec(**{kind: target}), search=dataclasses.replace(
+        goal = config.TargetSpec(**{kind: target})
+        cfg = dataclasses.replace(base, target=goal, search=dataclasses.replace(
             base.search, population=args.population, children=args.children, generations=args.generations,
             seed=args.seed, proxy_video=tuple(args.proxy or ()), rescore=args.rescore, validate=args.validate,
-            repair_high=args.repair_high or (1.0 if kind == "speedup" else 1.1)))  # model.yaml's defaults
+            repair_high=args.repair_high or default_repair_high(goal)))  # model.yaml's
         t0 = time.perf_counter()
         result = plan(cfg, model, ref, work, programs=programs).to_json()
         wall = time.perf_counter() - t0
