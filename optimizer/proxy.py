@@ -112,7 +112,8 @@ def rescore(spec: SearchSpec, ranked: list[tuple[float, Candidate]], full: Evalu
         if raw.get("key") == key:
             done = {decode(k): v for k, v in raw["mse"].items()}
             counters = Counters(**raw["counters"])
-    todo = sorted(s for s in top + spread + seeds if s not in done)
+    wanted = top + spread + seeds
+    todo = sorted(s for s in wanted if s not in done)
     steps = full.cfg.sampling.steps
     bar = tqdm(total=len(todo) * len(full.samples) * steps, desc="re-score at the full video", unit="step",
                disable=not progress or not is_main(), leave=False)
@@ -129,4 +130,4 @@ def rescore(spec: SearchSpec, ranked: list[tuple[float, Candidate]], full: Evalu
                 write_json(path, {"key": key, "mse": {encode(s): v for s, v in done.items()}, "counters": vars(counters)})
     finally:
         bar.close()
-    return Rescored(full, top, spread, {s: done[s] for s in top + spread + seeds}, counters, seeds)
+    return Rescored(full, top, spread, {s: done[s] for s in wanted}, counters, seeds)
